@@ -1,0 +1,138 @@
+"""Activations: SAE features of every sample, stored sparse per (layer, dataset)."""
+
+
+import time
+
+import dagster as dg
+
+from dagster_project.config import ExtractionConfig, load_profile
+from dagster_project.lib.datasets import parse_registry
+from dagster_project.lib.extraction import (
+    POOLED_SCHEMA,
+    TOKEN_ACTS_SCHEMA,
+    extract,
+    residual_schema,
+    tokenize,
+    tokens_table,
+)
+from dagster_project.lib.lake import Lake
+from dagster_project.partitions import layer_dataset_partitions, split_keys
+from dagster_project.resources import LakeResource, ModelResource, SAEResource
+
+
+def provenance(model: ModelResource, sae_id: str, hook: str) -> dict[str, object]:
+    return {
+        "model_id": model.model_id,
+        "sae_id": sae_id,
+        "hook": hook,
+        "dtype": model.dtype,
+        "max_tokens": model.max_tokens,
+        "config_hash": load_profile().config_hash(),
+    }
+
+
+PROVENANCE_KEYS = ("model_id", "sae_id", "hook", "dtype", "max_tokens", "config_hash")
+
+
+def extract_dataset(
+    context: dg.AssetExecutionContext,
+    lake: Lake,
+    model: ModelResource,
+    sae: SAEResource,
+    dataset: str,
+    layers: list[int],
+    cfg: ExtractionConfig,
+) -> dict[str, float]:
+    """One forward pass over ``dataset`` for all ``layers``; writes each (layer, dataset) partition atomically."""
+    lm = model.load()
+    for layer in layers:
+        lm.check_layer(layer)
+    spec = parse_registry()[dataset]
+    samples = lake.read("samples", dataset=dataset, columns=["sample_id", "text"])
+    texts = dict(zip(samples.column("sample_id").to_pylist(), samples.column("text").to_pylist(), strict=True))
+    saes = {layer: sae.load(layer, lake, device=str(lm.device), d_model=lm.d_model) for layer in layers}
+    items = tokenize(lm.tokenizer, list(texts.values()), list(texts), model.max_tokens)
+    t0 = time.time()
+    metas = {layer: {**provenance(model, saes[layer].sae_id, sae.hook), "layer": layer, "dataset": dataset,
+                     "role": spec.role} for layer in layers}
+    lake.write("tokens", tokens_table(items, texts, lm.tokenizer), dataset=dataset,
+               meta={"model_id": model.model_id, "max_tokens": model.max_tokens})
+    active_total = {layer: 0 for layer in layers}
+    last_log = [0.0]
+
+    def progress(done: int, total: int) -> None:
+        if time.time() - last_log[0] > 10 or done == total:
+            last_log[0] = time.time()
+            context.log.info(f"{dataset} layers {layers}: {done}/{total} samples")
+
+    from contextlib import ExitStack
+
+    with ExitStack() as stack:
+        writers = {}
+        for layer in layers:
+            writers[("activations", layer)] = stack.enter_context(
+                lake.writer("activations", POOLED_SCHEMA, layer, dataset, metas[layer]))
+            if cfg.write_token_activations:
+                writers[("token_activations", layer)] = stack.enter_context(
+                    lake.writer("token_activations", TOKEN_ACTS_SCHEMA, layer, dataset, metas[layer]))
+            if cfg.write_residuals:
+                writers[("residuals", layer)] = stack.enter_context(
+                    lake.writer("residuals", residual_schema(lm.d_model), layer, dataset, metas[layer]))
+        stats = None
+        for out, stats in extract(lm, saes, items, model.batch_tokens, cfg.write_token_activations,
+                                  cfg.write_residuals, progress):
+            for layer, lb in out.items():
+                writers[("activations", layer)].write_table(lb.pooled.sort_by([("feature_id", "ascending")]))
+                active_total[layer] += lb.pooled.num_rows
+                if lb.token_acts is not None:
+                    writers[("token_activations", layer)].write_table(lb.token_acts)
+                if lb.residuals is not None:
+                    writers[("residuals", layer)].write_table(lb.residuals)
+    seconds = time.time() - t0
+    assert stats is not None
+    return {
+        "samples": stats.n_samples,
+        "tokens": stats.n_tokens,
+        "truncated_texts": stats.n_truncated,
+        "seconds": seconds,
+        "tokens_per_s": stats.n_tokens / max(seconds, 1e-9),
+        "padding_fraction": 1 - stats.n_tokens / max(stats.padded_tokens, 1),
+        **{f"active_features_per_sample_L{layer}": active_total[layer] / max(stats.n_samples, 1) for layer in layers},
+        **{f"pooled_rows_L{layer}": active_total[layer] for layer in layers},
+    }
+
+
+@dg.asset(
+    partitions_def=layer_dataset_partitions,
+    group_name="activations",
+    deps=["samples", "sae"],
+    backfill_policy=dg.BackfillPolicy.single_run(),
+    kinds={"parquet", "pytorch"},
+    pool="model",
+)
+def activations(context: dg.AssetExecutionContext, config: ExtractionConfig, lake: LakeResource,
+                model: ModelResource, sae: SAEResource) -> dg.MaterializeResult:
+    """SAE activations of every sample at one layer, stored sparse: pooled rows per active feature
+    (max, mean over tokens, argmax token, active-token count), per-token rows, the tokens themselves, and
+    pooled residual vectors for the dense baseline. Texts of similar length share a batch; the model runs
+    only up to the deepest layer asked for; a run over several layers of one dataset does one forward pass.
+    Each file records the model, SAE, hook, dtype and config hash it was made with."""
+    by_dataset = split_keys(context.partition_keys)
+    lk = lake.lake
+    lk.clean_temp()
+    summary: dict[str, float] = {}
+    for dataset, layers in by_dataset.items():
+        m = extract_dataset(context, lk, model, sae, dataset, layers, config)
+        context.log.info(f"{dataset} layers {layers}: {m['tokens']} tokens at {m['tokens_per_s']:.0f} tok/s, "
+                         f"{m['truncated_texts']} truncated")
+        for k, v in m.items():
+            summary[k] = summary.get(k, 0) + v if k in ("samples", "tokens", "truncated_texts", "seconds") else v
+    summary["tokens_per_s"] = summary["tokens"] / max(summary["seconds"], 1e-9)
+    return dg.MaterializeResult(
+        metadata={
+            **{k: float(v) if isinstance(v, float) else int(v) for k, v in summary.items()},
+            "partitions": dg.MetadataValue.json({d: v for d, v in by_dataset.items()}),
+            "model_id": model.model_id,
+            "sae_source": sae.source,
+        }
+    )

@@ -1,0 +1,69 @@
+"""SAE: one per layer. Trained here with sae-lens when the profile asks for it, else loaded and checked."""
+
+
+import time
+
+import dagster as dg
+
+from dagster_project.lib.datasets import parse_registry
+from dagster_project.lib.extraction import collect_vectors, tokenize
+from dagster_project.lib.sae import train_topk
+from dagster_project.partitions import layer_partitions
+from dagster_project.resources import LakeResource, ModelResource, SAEResource
+
+
+def train_texts(lake: LakeResource) -> tuple[list[str], list[int]]:
+    """The texts of every ``train``-role dataset, read from the lake."""
+    texts: list[str] = []
+    for name, spec in parse_registry().items():
+        if spec.role == "train":
+            texts += lake.lake.read("samples", dataset=name, columns=["text"]).column("text").to_pylist()
+    if not texts:
+        raise dg.Failure("no train-role dataset in the registry: the SAE is trained on train-role texts")
+    return texts, list(range(len(texts)))
+
+
+@dg.asset(
+    partitions_def=layer_partitions,
+    group_name="sae",
+    deps=["samples"],
+    kinds={"pytorch"},
+)
+def sae(context: dg.AssetExecutionContext, lake: LakeResource, model: ModelResource,
+        sae: SAEResource) -> dg.MaterializeResult:
+    """The SAE of one layer. Profile ``default`` trains a TopK SAE (sae-lens) on the residual stream
+    (``resid_post``) of the train-role texts, decoder bias started at the data mean, and reports the
+    variance explained on held-out vectors; other profiles load a release or a folder and check its
+    ``d_in`` against the model."""
+    layer = int(context.partition_key)
+    lm = model.load()
+    lm.check_layer(layer)
+    if sae.source != "train":
+        loaded = sae.load(layer, lake.lake, device=str(lm.device), d_model=lm.d_model)
+        return dg.MaterializeResult(metadata={"sae_id": loaded.sae_id, "d_in": loaded.d_in, "d_sae": loaded.d_sae})
+    t0 = time.time()
+    texts, ids = train_texts(lake)
+    items = tokenize(lm.tokenizer, texts, ids, model.max_tokens)
+    vectors = collect_vectors(lm, layer, items, model.batch_tokens, sae.train_tokens, seed=sae.seed)
+    context.log.info(f"collected {vectors.shape[0]} activation vectors at layer {layer} in {time.time() - t0:.1f}s")
+
+    def progress(step: int, total: int) -> None:
+        if step % 500 == 0 or step == total:
+            context.log.info(f"SAE training step {step}/{total}")
+
+    res = train_topk(
+        vectors, lake.lake.sae_dir(layer), width=sae.width, k=sae.k, epochs=sae.epochs,
+        batch_size=sae.batch_size, lr=sae.lr, seed=sae.seed, progress=progress,
+    )
+    return dg.MaterializeResult(
+        metadata={
+            "sae_id": res.sae_id,
+            "variance_explained_heldout": float(res.variance_explained),
+            "l0": float(res.l0),
+            "dead_fraction": float(res.dead_fraction),
+            "train_vectors": res.n_train,
+            "heldout_vectors": res.n_heldout,
+            "train_seconds": float(res.seconds),
+            "path": dg.MetadataValue.path(str(res.path)),
+        }
+    )

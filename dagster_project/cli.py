@@ -1,0 +1,262 @@
+"""The ``featurelake`` command: run the demo, query the lake, manage and backfill layers.
+
+    featurelake demo                       materialize every asset for the active profile
+    featurelake sql "select ..."           read-only SQL over the lake's views (--format table|csv|json)
+    featurelake layers add 6 [12 ...]      register layers (dynamic partitions)
+    featurelake layers list
+    featurelake backfill --layer 6         activations for every dataset at that layer, then downstream
+    featurelake ui [--port 3000]           the Dagster UI on 127.0.0.1
+
+Runs are recorded in the persistent Dagster instance (``DAGSTER_HOME``, default ``.dagster_home/``), so
+the UI shows what the CLI did.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from dagster_project.config import REPO_ROOT
+
+log = logging.getLogger("featurelake")
+
+
+def ensure_dagster_home() -> Path:
+    home = Path(os.environ.setdefault("DAGSTER_HOME", str(REPO_ROOT / ".dagster_home"))).resolve()
+    os.environ["DAGSTER_HOME"] = str(home)
+    home.mkdir(parents=True, exist_ok=True)
+    yaml_path = home / "dagster.yaml"
+    if not yaml_path.exists():
+        yaml_path.write_text(
+            "telemetry:\n  enabled: false\n"
+            "concurrency:\n  pools:\n    default_limit: 1\n"
+        )
+    return home
+
+
+def _instance():  # noqa: ANN202
+    import dagster as dg
+
+    ensure_dagster_home()
+    return dg.DagsterInstance.get()
+
+
+def _emit(text: str) -> None:
+    sys.stdout.write(text + ("\n" if not text.endswith("\n") else ""))
+
+
+# ------------------------------------------------------------------------------------------ pipeline
+
+
+def materialize_steps(layers: Sequence[int] | None = None, datasets: Sequence[str] | None = None,
+                      stages: Sequence[str] = ("corpus", "sae", "activations", "downstream"),
+                      instance=None, lake_root: str | None = None) -> list[str]:  # noqa: ANN001
+    """Materialize the pipeline step by step in the persistent instance; returns the run ids.
+
+    Each step is one Dagster run. Activations run one (dataset, all layers) run at a time, so several
+    layers of one dataset share one forward pass.
+    """
+    import dagster as dg
+    from tqdm import tqdm
+
+    from dagster_project.definitions import build_defs
+    from dagster_project.lib.datasets import parse_registry
+    from dagster_project.partitions import LAYER_PARTITIONS_NAME, multi_key
+
+    instance = instance or _instance()
+    defs = build_defs(lake_root=lake_root)
+    from dagster_project.config import load_profile
+
+    profile = load_profile()
+    layers = list(layers or profile.layers)
+    specs = parse_registry()
+    datasets = list(datasets or sorted(specs))
+    instance.add_dynamic_partitions(LAYER_PARTITIONS_NAME, [str(x) for x in layers])
+    job = defs.resolve_implicit_global_asset_job_def()
+    graph = defs.resolve_asset_graph()
+    steps: list[tuple[str, list[dg.AssetKey], dict[str, str]]] = []
+    if "corpus" in stages:
+        steps += [(f"samples {d}", [dg.AssetKey("samples")], {"dagster/partition": d}) for d in datasets]
+    if "sae" in stages:
+        steps += [(f"sae layer {x}", [dg.AssetKey("sae")], {"dagster/partition": str(x)}) for x in layers]
+    if "activations" in stages:
+        for d in datasets:
+            keys = sorted(multi_key(x, d) for x in layers)
+            tags = ({"dagster/partition": str(keys[0])} if len(keys) == 1 else
+                    {"dagster/asset_partition_range_start": str(keys[0]),
+                     "dagster/asset_partition_range_end": str(keys[-1])})
+            steps.append((f"activations {d} layers {layers}", [dg.AssetKey("activations")], tags))
+    if "downstream" in stages:
+        per_layer = [k for k in graph.get_all_asset_keys()
+                     if graph.get(k).partitions_def is not None
+                     and getattr(graph.get(k).partitions_def, "name", None) == LAYER_PARTITIONS_NAME
+                     and k != dg.AssetKey("sae")]
+        for x in layers:
+            if per_layer:
+                steps.append((f"per-layer assets layer {x}", sorted(per_layer, key=lambda k: k.to_user_string()),
+                              {"dagster/partition": str(x)}))
+        unpart = [k for k in graph.get_all_asset_keys() if graph.get(k).partitions_def is None]
+        steps.append(("catalog and report", unpart, {}))
+    run_ids = []
+    for name, keys, tags in tqdm(steps, desc="featurelake", unit="step", file=sys.stderr):
+        tqdm.write(f"-> {name}", file=sys.stderr)
+        result = _execute(job, keys, tags, instance)
+        run_ids.append(result.run_id)
+    return run_ids
+
+
+def _execute(job, keys, tags, instance):  # noqa: ANN001, ANN202
+    partition_key = tags.get("dagster/partition")
+    other = {k: v for k, v in tags.items() if k != "dagster/partition"}
+    return job.execute_in_process(
+        instance=instance, asset_selection=list(keys), partition_key=partition_key, tags=other,
+        raise_on_error=True,
+    )
+
+
+# ------------------------------------------------------------------------------------------ commands
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    run_ids = materialize_steps(layers=args.layer or None)
+    _emit(f"demo finished: {len(run_ids)} runs. Try: featurelake sql \"select layer, dataset, count(*) "
+          "from activations group by all\"")
+    return 0
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    from dagster_project.config import load_profile
+    from dagster_project.lib.catalog import ReadOnlyError, query
+    from dagster_project.lib.lake import Lake
+    from dagster_project.resources import default_lake_root
+
+    query_text = args.query if args.query != "-" else sys.stdin.read()
+    lake = Lake(default_lake_root(), load_profile().name)
+    try:
+        rel = query(lake, query_text)
+    except ReadOnlyError as e:
+        sys.stderr.write(f"featurelake sql: {e}\n")
+        return 2
+    except Exception as e:  # duckdb errors: show them plainly
+        sys.stderr.write(f"featurelake sql: {e}\n")
+        return 1
+    if rel is None:
+        return 0
+    if args.format == "csv":
+        _emit(rel.pl().write_csv())
+    elif args.format == "json":
+        _emit(json.dumps(rel.pl().to_dicts(), default=str, indent=1))
+    else:
+        import polars as pl
+
+        with pl.Config(tbl_rows=args.max_rows, tbl_cols=-1, fmt_str_lengths=60, tbl_width_chars=200):
+            _emit(str(rel.pl()))
+    return 0
+
+
+def cmd_layers(args: argparse.Namespace) -> int:
+    from dagster_project.partitions import LAYER_PARTITIONS_NAME
+
+    instance = _instance()
+    if args.action == "add":
+        if not args.layers:
+            sys.stderr.write("featurelake layers add: give at least one layer number\n")
+            return 2
+        _check_layers(args.layers)
+        instance.add_dynamic_partitions(LAYER_PARTITIONS_NAME, [str(x) for x in args.layers])
+        _emit(f"layers registered: {sorted(int(x) for x in instance.get_dynamic_partitions(LAYER_PARTITIONS_NAME))}")
+    elif args.action == "remove":
+        for x in args.layers:
+            instance.delete_dynamic_partition(LAYER_PARTITIONS_NAME, str(x))
+        _emit(f"layers registered: {sorted(int(x) for x in instance.get_dynamic_partitions(LAYER_PARTITIONS_NAME))}")
+    else:
+        _emit(" ".join(str(x) for x in sorted(int(x) for x in instance.get_dynamic_partitions(LAYER_PARTITIONS_NAME))))
+    return 0
+
+
+def _check_layers(layers: Sequence[int]) -> None:
+    bad = [x for x in layers if x < 0]
+    if bad:
+        raise SystemExit(f"featurelake: layers must be >= 0, got {bad}")
+
+
+def cmd_backfill(args: argparse.Namespace) -> int:
+    from dagster_project.partitions import LAYER_PARTITIONS_NAME
+
+    instance = _instance()
+    known = {int(x) for x in instance.get_dynamic_partitions(LAYER_PARTITIONS_NAME)}
+    unknown = [x for x in args.layer if x not in known]
+    if unknown:
+        sys.stderr.write(f"featurelake backfill: unknown layer(s) {unknown}; add them first: "
+                         f"featurelake layers add {' '.join(map(str, unknown))}\n")
+        return 2
+    stages = ["sae", "activations", "downstream"]
+    run_ids = materialize_steps(layers=args.layer, datasets=args.dataset or None, stages=stages, instance=instance)
+    _emit(f"backfill of layers {args.layer} finished: {len(run_ids)} runs")
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    import signal
+    import subprocess
+
+    ensure_dagster_home()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # a shell in the background may have left these ignored
+        signal.signal(sig, signal.SIG_DFL)
+    cmd = [sys.executable, "-m", "dagster", "dev", "-w", str(REPO_ROOT / "workspace.yaml"),
+           "-h", args.host, "-p", str(args.port)]
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, preexec_fn=_reset_signals)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGINT)
+        return proc.wait(timeout=30)
+
+
+def _reset_signals() -> None:
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="featurelake", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("demo", help="materialize every asset for the active profile")
+    d.add_argument("--layer", type=int, action="append", help="layer(s) to run (default: the profile's)")
+    d.set_defaults(fn=cmd_demo)
+    s = sub.add_parser("sql", help="read-only SQL over the lake")
+    s.add_argument("query", help="a SELECT statement, or - to read it from stdin")
+    s.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    s.add_argument("--max-rows", type=int, default=50)
+    s.set_defaults(fn=cmd_sql)
+    la = sub.add_parser("layers", help="list, add or remove layers (dynamic partitions)")
+    la.add_argument("action", choices=["list", "add", "remove"], nargs="?", default="list")
+    la.add_argument("layers", type=int, nargs="*")
+    la.set_defaults(fn=cmd_layers)
+    b = sub.add_parser("backfill", help="materialize a layer for every dataset, then the per-layer assets")
+    b.add_argument("--layer", type=int, action="append", required=True)
+    b.add_argument("--dataset", action="append")
+    b.set_defaults(fn=cmd_backfill)
+    u = sub.add_parser("ui", help="the Dagster UI")
+    u.add_argument("--host", default="127.0.0.1")
+    u.add_argument("--port", type=int, default=3000)
+    u.set_defaults(fn=cmd_ui)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    return int(args.fn(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
