@@ -1,0 +1,1035 @@
+"""Linear probes on pooled SAE features (and on pooled residuals, as the dense baseline).
+
+Pure functions and small classes, no dagster import. The flow an asset follows:
+
+1. ``sparse_design(rows, samples, feature_ids)`` turns pooled sparse rows from the lake into a CSR
+   sample x feature matrix (columns restricted to ``feature_ids``, in that order), never building a
+   dense array of the full SAE width. ``dense_design(residuals, samples, pooling)`` does the same for
+   the pooled residual vectors of the baseline.
+2. ``probe_grid(config, selectivity, active_feature_ids, classification_scores)`` expands the
+   feature sets x penalties x C values to try; ``search_probes`` runs it (cross-validated on the
+   training set), sweeps the transforms on the best setting, and fits each spec on all of it.
+3. ``FittedProbe.decision_function(X)`` scores any set built with the probe's own feature ids;
+   ``FittedProbe.save(dir)`` / ``load_probe(dir)`` round-trip it exactly.
+
+Scores are logistic-regression decision values (log-odds); a sample is flagged when its score is
+strictly greater than a threshold (see ``metrics``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import uuid
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal, Protocol, TypeAlias
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import scipy.sparse as sp
+import sklearn
+from numpy.typing import ArrayLike, NDArray
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold
+from sklearn.preprocessing import QuantileTransformer, StandardScaler
+
+from dagster_project.lib.metrics import auroc, evaluate_scores, threshold_at_fpr
+
+logger = logging.getLogger(__name__)
+
+Matrix: TypeAlias = sp.csr_matrix | NDArray[np.float64]
+TableLike: TypeAlias = pl.DataFrame | pl.LazyFrame | pa.Table
+Key: TypeAlias = tuple[str, int]
+
+PROBE_FORMAT_VERSION = 1
+PROBE_JSON = "probe.json"
+PROBE_ARRAYS = "arrays.npz"
+
+SPARSE_VALUES = ("max_act", "mean_act")
+DENSE_VALUES = ("resid_mean", "resid_max", "resid_both")
+TRANSFORMS = ("raw", "binary", "log1p", "zscore", "quantile")
+PENALTIES = ("l1", "l2")
+
+
+# ---------------------------------------------------------------------------------------------
+# Design matrices
+# ---------------------------------------------------------------------------------------------
+
+
+def _to_polars(table: TableLike, what: str) -> pl.DataFrame:
+    if isinstance(table, pl.LazyFrame):
+        return table.collect()
+    if isinstance(table, pl.DataFrame):
+        return table
+    if isinstance(table, pa.Table):
+        out = pl.from_arrow(table)
+        assert isinstance(out, pl.DataFrame)
+        return out
+    raise TypeError(f"{what} must be a polars DataFrame/LazyFrame or a pyarrow Table, got {type(table)}")
+
+
+def _require(df: pl.DataFrame, cols: Iterable[str], what: str) -> None:
+    missing = [c for c in cols if c not in df.columns]
+    if missing:
+        raise ValueError(f"{what} is missing column(s) {missing}; it has {df.columns}")
+
+
+def _sample_index(samples: TableLike) -> tuple[pl.DataFrame, NDArray[np.int8], list[Key]]:
+    """Samples in their given order with a row number, their 0/1 labels and their keys."""
+    df = _to_polars(samples, "samples")
+    _require(df, ("dataset", "sample_id", "is_positive"), "samples")
+    df = df.with_columns(
+        pl.col("dataset").cast(pl.String), pl.col("sample_id").cast(pl.Int64)
+    ).with_row_index("_row")
+    if df.select(pl.struct("dataset", "sample_id").is_duplicated().any()).item():
+        raise ValueError("samples has duplicate (dataset, sample_id) keys")
+    n_null = df["is_positive"].null_count()
+    if n_null:
+        raise ValueError(f"samples has {n_null} row(s) with a null is_positive; label them or drop them")
+    y = df["is_positive"].cast(pl.Int8).to_numpy().astype(np.int8)
+    keys = list(zip(df["dataset"].to_list(), df["sample_id"].to_list(), strict=True))
+    return df.select("_row", "dataset", "sample_id"), y, keys
+
+
+def active_feature_ids(rows: TableLike) -> NDArray[np.int64]:
+    """Sorted distinct ``feature_id`` values present in pooled sparse rows (the active features)."""
+    df = _to_polars(rows, "rows")
+    _require(df, ("feature_id",), "rows")
+    return np.sort(df["feature_id"].unique().cast(pl.Int64).to_numpy())
+
+
+def sparse_design(
+    rows: TableLike,
+    samples: TableLike,
+    feature_ids: Sequence[int] | NDArray[np.integer[Any]],
+    value: str = "max_act",
+) -> tuple[sp.csr_matrix, NDArray[np.int8], list[Key]]:
+    """Sample x feature CSR matrix straight from pooled sparse rows.
+
+    Rows follow the order of ``samples`` (so ``samples["label"]`` lines up with them), columns the
+    order of ``feature_ids``. Rows of features outside ``feature_ids`` or of samples outside
+    ``samples`` are dropped; a sample with no rows is an all-zero row (no feature fired). Returns
+    ``(X, y, keys)`` with ``y`` from ``samples.is_positive`` and ``keys`` the ``(dataset,
+    sample_id)`` of each row.
+    """
+    if value not in SPARSE_VALUES:
+        raise ValueError(f"value must be one of {SPARSE_VALUES}, got {value!r}")
+    index, y, keys = _sample_index(samples)
+    fids = np.asarray(feature_ids, dtype=np.int64)
+    if fids.ndim != 1:
+        raise ValueError(f"feature_ids must be one-dimensional, got shape {fids.shape}")
+    if np.unique(fids).size != fids.size:
+        raise ValueError("feature_ids has duplicates")
+    df = _to_polars(rows, "rows")
+    _require(df, ("dataset", "sample_id", "feature_id", value), "rows")
+    cols = pl.DataFrame({"feature_id": fids, "_col": np.arange(fids.size, dtype=np.int64)})
+    joined = (
+        df.lazy()
+        .select(
+            pl.col("dataset").cast(pl.String),
+            pl.col("sample_id").cast(pl.Int64),
+            pl.col("feature_id").cast(pl.Int64),
+            pl.col(value).cast(pl.Float64).alias("_value"),
+        )
+        .join(cols.lazy(), on="feature_id", how="inner")
+        .join(index.lazy(), on=["dataset", "sample_id"], how="inner")
+        .select("_row", "_col", "_value")
+        .collect()
+    )
+    if joined["_value"].null_count():
+        raise ValueError(f"rows has null {value} values")
+    if joined.select(pl.struct("_row", "_col").is_duplicated().any()).item():
+        raise ValueError("rows has more than one row for some (dataset, sample_id, feature_id)")
+    dropped = df.height - joined.height
+    if dropped:
+        logger.debug("sparse_design: %d rows outside the samples/feature set were left out", dropped)
+    X = sp.csr_matrix(
+        (
+            joined["_value"].to_numpy(),
+            (joined["_row"].cast(pl.Int64).to_numpy(), joined["_col"].to_numpy()),
+        ),
+        shape=(len(keys), fids.size),
+        dtype=np.float64,
+    )
+    X.sort_indices()
+    return X, y, keys
+
+
+def dense_design(
+    residuals: TableLike, samples: TableLike, pooling: Literal["mean", "max", "both"] = "mean"
+) -> tuple[NDArray[np.float64], NDArray[np.int8], list[Key]]:
+    """Sample x d_model matrix of pooled residuals (``both``: mean then max, concatenated).
+
+    Rows follow the order of ``samples``; every sample must have a residual row (a missing one is
+    an extraction gap, not a zero vector) and every vector the same width.
+    """
+    if pooling not in ("mean", "max", "both"):
+        raise ValueError(f"pooling must be 'mean', 'max' or 'both', got {pooling!r}")
+    index, y, keys = _sample_index(samples)
+    cols = ["resid_mean", "resid_max"] if pooling == "both" else [f"resid_{pooling}"]
+    df = _to_polars(residuals, "residuals")
+    _require(df, ("dataset", "sample_id", *cols), "residuals")
+    joined = index.join(
+        df.select(pl.col("dataset").cast(pl.String), pl.col("sample_id").cast(pl.Int64), *cols),
+        on=["dataset", "sample_id"],
+        how="left",
+    ).sort("_row")
+    if joined.height != len(keys):
+        raise ValueError("residuals has more than one row for some (dataset, sample_id)")
+    parts = []
+    for c in cols:
+        missing = joined[c].null_count()
+        if missing:
+            raise ValueError(f"{missing} sample(s) have no {c} vector in residuals")
+        widths = joined[c].list.len().unique()
+        if widths.len() != 1:
+            raise ValueError(f"{c} vectors have different lengths: {sorted(widths.to_list())}")
+        width = int(widths[0])
+        parts.append(joined[c].cast(pl.Array(pl.Float64, width)).to_numpy().astype(np.float64, copy=False))
+    X = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+    return X, y, keys
+
+
+def select_columns(
+    X: sp.csr_matrix, feature_ids: Sequence[int] | NDArray[np.integer[Any]], wanted: Sequence[int]
+) -> sp.csr_matrix:
+    """Columns of ``X`` (whose columns are ``feature_ids``) for ``wanted``, in that order."""
+    pos = {int(f): i for i, f in enumerate(np.asarray(feature_ids).tolist())}
+    missing = [int(f) for f in wanted if int(f) not in pos]
+    if missing:
+        raise ValueError(f"{len(missing)} wanted feature(s) are not columns of X, e.g. {missing[:5]}")
+    return sp.csr_matrix(X[:, [pos[int(f)] for f in wanted]])
+
+
+# ---------------------------------------------------------------------------------------------
+# Transforms: fit on train, apply to anything, save and load
+# ---------------------------------------------------------------------------------------------
+
+
+class Transform(Protocol):
+    """A feature transform fitted on training data and applied unchanged to evaluation data."""
+
+    name: str
+
+    def fit(self, X: Matrix) -> Transform: ...
+
+    def apply(self, X: Matrix) -> Matrix: ...
+
+    def state(self) -> tuple[dict[str, Any], dict[str, NDArray[Any]]]:
+        """JSON-ready parameters and arrays that ``from_state`` rebuilds this transform from."""
+        ...
+
+
+def _sparse_or_dense(X: Matrix) -> Matrix:
+    return sp.csr_matrix(X, dtype=np.float64) if sp.issparse(X) else np.asarray(X, dtype=np.float64)
+
+
+class RawTransform:
+    """Identity."""
+
+    name = "raw"
+
+    def fit(self, X: Matrix) -> RawTransform:
+        return self
+
+    def apply(self, X: Matrix) -> Matrix:
+        return _sparse_or_dense(X)
+
+    def state(self) -> tuple[dict[str, Any], dict[str, NDArray[Any]]]:
+        return {}, {}
+
+
+class BinaryTransform:
+    """1 where the feature fired (> 0), else 0. Keeps sparsity."""
+
+    name = "binary"
+
+    def fit(self, X: Matrix) -> BinaryTransform:
+        return self
+
+    def apply(self, X: Matrix) -> Matrix:
+        if sp.issparse(X):
+            out = sp.csr_matrix(X, dtype=np.float64, copy=True)
+            out.data = (out.data > 0).astype(np.float64)
+            out.eliminate_zeros()
+            return out
+        return (np.asarray(X) > 0).astype(np.float64)
+
+    def state(self) -> tuple[dict[str, Any], dict[str, NDArray[Any]]]:
+        return {}, {}
+
+
+class Log1pTransform:
+    """``sign(x) * log1p(|x|)``: ``log1p`` for the non-negative pooled activations. Keeps sparsity."""
+
+    name = "log1p"
+
+    def fit(self, X: Matrix) -> Log1pTransform:
+        return self
+
+    def apply(self, X: Matrix) -> Matrix:
+        if sp.issparse(X):
+            out = sp.csr_matrix(X, dtype=np.float64, copy=True)
+            out.data = np.sign(out.data) * np.log1p(np.abs(out.data))
+            return out
+        arr = np.asarray(X, dtype=np.float64)
+        return np.sign(arr) * np.log1p(np.abs(arr))
+
+    def state(self) -> tuple[dict[str, Any], dict[str, NDArray[Any]]]:
+        return {}, {}
+
+
+class ZScoreTransform:
+    """Per-sample z-score across the chosen features: ``(x - row mean) / row std``.
+
+    Stateless (each sample is normalised by itself). The output is dense, of size samples x chosen
+    features (never the full SAE width); a row with zero spread becomes all zeros.
+    """
+
+    name = "zscore"
+
+    def fit(self, X: Matrix) -> ZScoreTransform:
+        return self
+
+    def apply(self, X: Matrix) -> Matrix:
+        arr = X.toarray() if sp.issparse(X) else np.array(X, dtype=np.float64)
+        arr = arr.astype(np.float64, copy=False)
+        mu = arr.mean(axis=1, keepdims=True)
+        sd = arr.std(axis=1, keepdims=True)
+        safe = np.where(sd > 0, sd, 1.0)
+        return np.where(sd > 0, (arr - mu) / safe, 0.0)
+
+    def state(self) -> tuple[dict[str, Any], dict[str, NDArray[Any]]]:
+        return {}, {}
+
+
+class QuantileTransform:
+    """sklearn ``QuantileTransformer`` (uniform output) fitted on the training samples.
+
+    On sparse input sklearn maps only the stored (non-zero) entries and keeps implicit zeros at 0;
+    zero is the floor of pooled activations, so the map stays monotone and the output stays sparse.
+    """
+
+    name = "quantile"
+
+    def __init__(self, n_quantiles: int = 1000, seed: int = 0) -> None:
+        self.n_quantiles = n_quantiles
+        self.seed = seed
+        self._qt: QuantileTransformer | None = None
+
+    def fit(self, X: Matrix) -> QuantileTransform:
+        n = X.shape[0]
+        qt = QuantileTransformer(
+            n_quantiles=max(2, min(self.n_quantiles, n)),
+            output_distribution="uniform",
+            subsample=max(10_000, n),
+            random_state=self.seed,
+        )
+        qt.fit(sp.csc_matrix(X) if sp.issparse(X) else np.asarray(X, dtype=np.float64))
+        self._qt = qt
+        return self
+
+    def apply(self, X: Matrix) -> Matrix:
+        if self._qt is None:
+            raise RuntimeError("QuantileTransform.apply called before fit")
+        out = self._qt.transform(sp.csc_matrix(X, dtype=np.float64) if sp.issparse(X) else X)
+        return sp.csr_matrix(out) if sp.issparse(out) else np.asarray(out, dtype=np.float64)
+
+    def state(self) -> tuple[dict[str, Any], dict[str, NDArray[Any]]]:
+        if self._qt is None:
+            raise RuntimeError("QuantileTransform.state called before fit")
+        params = {"n_quantiles": self.n_quantiles, "seed": self.seed, "n_quantiles_": self._qt.n_quantiles_}
+        return params, {"quantiles": self._qt.quantiles_, "references": self._qt.references_}
+
+    @classmethod
+    def from_state(cls, params: Mapping[str, Any], arrays: Mapping[str, NDArray[Any]]) -> QuantileTransform:
+        obj = cls(n_quantiles=int(params["n_quantiles"]), seed=int(params["seed"]))
+        qt = QuantileTransformer(
+            n_quantiles=int(params["n_quantiles_"]), output_distribution="uniform", random_state=obj.seed
+        )
+        qt.n_quantiles_ = int(params["n_quantiles_"])
+        qt.quantiles_ = np.asarray(arrays["quantiles"], dtype=np.float64)
+        qt.references_ = np.asarray(arrays["references"], dtype=np.float64)
+        qt.n_features_in_ = qt.quantiles_.shape[1]
+        obj._qt = qt
+        return obj
+
+
+_STATELESS: dict[str, type[RawTransform | BinaryTransform | Log1pTransform | ZScoreTransform]] = {
+    "raw": RawTransform,
+    "binary": BinaryTransform,
+    "log1p": Log1pTransform,
+    "zscore": ZScoreTransform,
+}
+
+
+def make_transform(name: str, seed: int = 0) -> Transform:
+    """A fresh, unfitted transform by name (one of ``TRANSFORMS``)."""
+    if name == "quantile":
+        return QuantileTransform(seed=seed)
+    if name in _STATELESS:
+        return _STATELESS[name]()
+    raise ValueError(f"transform must be one of {TRANSFORMS}, got {name!r}")
+
+
+def transform_from_state(
+    name: str, params: Mapping[str, Any], arrays: Mapping[str, NDArray[Any]]
+) -> Transform:
+    """Rebuild a fitted transform from what its ``state()`` returned."""
+    if name == "quantile":
+        return QuantileTransform.from_state(params, arrays)
+    return make_transform(name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Probe specs and fitted probes
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    """One probe configuration.
+
+    ``feature_ids`` are SAE feature ids (the columns of the design, in order) for SAE probes; for
+    the residual baselines (``value`` one of ``DENSE_VALUES``) they are empty and the columns are
+    the residual dimensions. ``scale`` standardises columns after the transform (no centring on
+    sparse input, so sparsity survives).
+    """
+
+    name: str
+    feature_set: str
+    feature_ids: tuple[int, ...]
+    penalty: Literal["l1", "l2"] = "l1"
+    C: float = 1.0
+    transform: str = "raw"
+    value: str = "max_act"
+    scale: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("ProbeSpec.name must be non-empty")
+        if self.penalty not in PENALTIES:
+            raise ValueError(f"ProbeSpec.penalty must be one of {PENALTIES}, got {self.penalty!r}")
+        try:
+            C = float(self.C)
+        except (TypeError, ValueError):
+            raise ValueError(f"ProbeSpec.C must be a positive finite number, got {self.C!r}") from None
+        if not (math.isfinite(C) and C > 0):
+            raise ValueError(f"ProbeSpec.C must be a positive finite number, got {self.C!r}")
+        object.__setattr__(self, "C", C)
+        if self.transform not in TRANSFORMS:
+            raise ValueError(f"ProbeSpec.transform must be one of {TRANSFORMS}, got {self.transform!r}")
+        if self.value not in SPARSE_VALUES + DENSE_VALUES:
+            raise ValueError(
+                f"ProbeSpec.value must be one of {SPARSE_VALUES + DENSE_VALUES}, got {self.value!r}"
+            )
+        object.__setattr__(self, "feature_ids", tuple(int(f) for f in self.feature_ids))
+        if self.is_dense:
+            if self.feature_ids:
+                raise ValueError("ProbeSpec.feature_ids must be empty for a residual baseline")
+        elif not self.feature_ids:
+            raise ValueError(f"ProbeSpec.feature_ids is empty for SAE probe {self.name!r}")
+        if len(set(self.feature_ids)) != len(self.feature_ids):
+            raise ValueError(f"ProbeSpec.feature_ids has duplicates in {self.name!r}")
+
+    @property
+    def is_dense(self) -> bool:
+        """True for a residual-stream baseline."""
+        return self.value in DENSE_VALUES
+
+    @property
+    def pooling(self) -> Literal["mean", "max", "both"]:
+        """``dense_design`` pooling of a residual baseline."""
+        if not self.is_dense:
+            raise ValueError(f"{self.name!r} is not a residual baseline")
+        return self.value.removeprefix("resid_")  # type: ignore[return-value]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self) | {"feature_ids": list(self.feature_ids)}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> ProbeSpec:
+        return cls(**{**d, "feature_ids": tuple(d["feature_ids"])})
+
+
+def spec_name(feature_set: str, penalty: str, C: float, transform: str, value: str) -> str:
+    """The canonical probe name, e.g. ``top50|l1|C=0.1|raw|max_act``."""
+    return f"{feature_set}|{penalty}|C={C:g}|{transform}|{value}"
+
+
+@dataclass
+class FittedProbe:
+    """A probe fitted on training data: transform, column scaling and logistic weights.
+
+    ``decision_function`` computes ``T(X) @ (coef / scale) + (intercept - (mean / scale) @ coef)``
+    with numpy, so a loaded probe reproduces the scores bit for bit.
+    """
+
+    spec: ProbeSpec
+    coef: NDArray[np.float64]
+    intercept: float
+    transform: Transform
+    scaler_mean: NDArray[np.float64]
+    scaler_scale: NDArray[np.float64]
+    train_threshold: float
+    fpr1_threshold: float
+    threshold_source: str
+    n_train: int
+    n_train_pos: int
+    n_iter: int
+    converged: bool
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_features(self) -> int:
+        return int(self.coef.size)
+
+    @property
+    def n_nonzero(self) -> int:
+        """Number of non-zero weights (the features an L1 probe kept)."""
+        return int(np.count_nonzero(self.coef))
+
+    @property
+    def feature_ids(self) -> tuple[int, ...]:
+        return self.spec.feature_ids
+
+    def effective_weights(self) -> tuple[NDArray[np.float64], float]:
+        """Weights and intercept on the transformed (unscaled) features."""
+        w = self.coef / self.scaler_scale
+        return w, float(self.intercept - float(self.scaler_mean @ w))
+
+    def decision_function(self, X: Matrix) -> NDArray[np.float64]:
+        """Scores (log-odds) for a design whose columns are this probe's features, in order."""
+        if X.shape[1] != self.n_features:
+            raise ValueError(f"X has {X.shape[1]} columns but probe {self.spec.name!r} has {self.n_features}")
+        Xt = self.transform.apply(X)
+        w, b = self.effective_weights()
+        return np.asarray(Xt @ w, dtype=np.float64).ravel() + b
+
+    def top_features(self, k: int = 20) -> list[tuple[int, float]]:
+        """The ``k`` largest weights by magnitude (standardised scale) as ``(feature_id, weight)``."""
+        if self.spec.is_dense:
+            ids: Sequence[int] = range(self.n_features)
+        else:
+            ids = self.spec.feature_ids
+        order = np.argsort(-np.abs(self.coef), kind="stable")[:k]
+        return [(int(ids[i]), float(self.coef[i])) for i in order if self.coef[i] != 0]
+
+    def score_rows(self, rows: TableLike, samples: TableLike) -> tuple[NDArray[np.float64], list[Key]]:
+        """Scores for the samples of an SAE-probe eval set, straight from its pooled sparse rows."""
+        if self.spec.is_dense:
+            raise ValueError(f"{self.spec.name!r} is a residual baseline; score it on dense_design output")
+        X, _, keys = sparse_design(rows, samples, self.spec.feature_ids, self.spec.value)
+        return self.decision_function(X), keys
+
+    # -- persistence ------------------------------------------------------------------------
+
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        """Write ``probe.json`` and ``arrays.npz`` into ``directory``, replacing it whole.
+
+        Written into a sibling temp folder first and renamed into place, so a reader never sees a
+        half-written probe.
+        """
+        target = Path(directory)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        t_params, t_arrays = self.transform.state()
+        arrays: dict[str, NDArray[Any]] = {
+            "feature_ids": np.asarray(self.spec.feature_ids, dtype=np.int64),
+            "coef": self.coef,
+            "scaler_mean": self.scaler_mean,
+            "scaler_scale": self.scaler_scale,
+            **{f"transform__{k}": v for k, v in t_arrays.items()},
+        }
+        tmp = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            np.savez_compressed(tmp / PROBE_ARRAYS, **arrays)  # type: ignore[arg-type]
+            digest = hashlib.sha256((tmp / PROBE_ARRAYS).read_bytes()).hexdigest()
+            ids = self.spec.feature_ids if not self.spec.is_dense else tuple(range(self.n_features))
+            doc = {
+                "format_version": PROBE_FORMAT_VERSION,
+                "spec": self.spec.to_json(),
+                "intercept": self.intercept,
+                "n_features": self.n_features,
+                "n_nonzero": self.n_nonzero,
+                "weights": [
+                    {"feature_id": int(ids[i]), "weight": float(self.coef[i])}
+                    for i in np.argsort(-np.abs(self.coef), kind="stable")
+                    if self.coef[i] != 0
+                ],
+                "weights_note": "logistic weights on standardised features, non-zero only, by |weight|",
+                "transform": {"name": self.transform.name, "params": t_params},
+                "scaler": {"scale": self.spec.scale, "centred": bool(np.any(self.scaler_mean != 0))},
+                "train_threshold": self.train_threshold,
+                "fpr1_threshold": self.fpr1_threshold,
+                "threshold_source": self.threshold_source,
+                "n_train": self.n_train,
+                "n_train_pos": self.n_train_pos,
+                "n_iter": self.n_iter,
+                "converged": self.converged,
+                "sklearn_version": sklearn.__version__,
+                "provenance": self.provenance,
+                "arrays": {"file": PROBE_ARRAYS, "sha256": digest},
+            }
+            (tmp / PROBE_JSON).write_text(json.dumps(doc, indent=2, sort_keys=False) + "\n")
+            old: Path | None = None
+            if target.exists():
+                old = target.parent / f".old-{target.name}-{uuid.uuid4().hex[:8]}"
+                target.rename(old)
+            tmp.rename(target)
+            if old is not None:
+                shutil.rmtree(old)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return target
+
+
+def load_probe(directory: str | os.PathLike[str]) -> FittedProbe:
+    """Load a probe written by ``FittedProbe.save``; checks the array file's hash and feature ids."""
+    d = Path(directory)
+    doc = json.loads((d / PROBE_JSON).read_text())
+    if doc.get("format_version") != PROBE_FORMAT_VERSION:
+        raise ValueError(
+            f"{d / PROBE_JSON} has format_version {doc.get('format_version')!r}, expected {PROBE_FORMAT_VERSION}"
+        )
+    raw = (d / doc["arrays"]["file"]).read_bytes()
+    if hashlib.sha256(raw).hexdigest() != doc["arrays"]["sha256"]:
+        raise ValueError(f"{d / doc['arrays']['file']} does not match the hash recorded in {PROBE_JSON}")
+    with np.load(d / doc["arrays"]["file"], allow_pickle=False) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    spec = ProbeSpec.from_json(doc["spec"])
+    if tuple(arrays["feature_ids"].tolist()) != spec.feature_ids:
+        raise ValueError(f"feature ids in {doc['arrays']['file']} differ from the spec in {PROBE_JSON}")
+    t = doc["transform"]
+    t_arrays = {k.removeprefix("transform__"): v for k, v in arrays.items() if k.startswith("transform__")}
+    return FittedProbe(
+        spec=spec,
+        coef=arrays["coef"].astype(np.float64),
+        intercept=float(doc["intercept"]),
+        transform=transform_from_state(t["name"], t["params"], t_arrays),
+        scaler_mean=arrays["scaler_mean"].astype(np.float64),
+        scaler_scale=arrays["scaler_scale"].astype(np.float64),
+        train_threshold=float(doc["train_threshold"]),
+        fpr1_threshold=float(doc["fpr1_threshold"]),
+        threshold_source=str(doc["threshold_source"]),
+        n_train=int(doc["n_train"]),
+        n_train_pos=int(doc["n_train_pos"]),
+        n_iter=int(doc["n_iter"]),
+        converged=bool(doc["converged"]),
+        provenance=dict(doc.get("provenance", {})),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Fitting and cross-validation
+# ---------------------------------------------------------------------------------------------
+
+
+def _make_classifier(spec: ProbeSpec, seed: int) -> LogisticRegression:
+    if spec.penalty == "l1":
+        # liblinear: exact zeros, fast on a few thousand samples; it regularises the intercept
+        # as a synthetic feature, so give that feature a large scale to leave it nearly free.
+        return LogisticRegression(
+            l1_ratio=1.0,
+            C=spec.C,
+            solver="liblinear",
+            class_weight="balanced",
+            max_iter=5000,
+            intercept_scaling=10.0,
+            random_state=seed,
+        )
+    return LogisticRegression(
+        l1_ratio=0.0, C=spec.C, solver="lbfgs", class_weight="balanced", max_iter=5000, random_state=seed
+    )
+
+
+def fit_probe(
+    spec: ProbeSpec,
+    X: Matrix,
+    y: ArrayLike,
+    seed: int = 0,
+    *,
+    threshold_scores: ArrayLike | None = None,
+    fpr: float = 0.01,
+    provenance: Mapping[str, Any] | None = None,
+) -> FittedProbe:
+    """Fit ``spec`` on ``(X, y)``; ``X``'s columns are ``spec.feature_ids`` in order.
+
+    Logistic regression with balanced class weights (liblinear for L1, lbfgs for L2), after the
+    spec's transform and, if ``spec.scale``, a ``StandardScaler`` (``with_mean=False`` on sparse
+    input). ``train_threshold`` is 0, the decision boundary of the balanced fit; ``fpr1_threshold``
+    is ``threshold_at_fpr`` on the training negatives' scores, taken from ``threshold_scores``
+    (e.g. the out-of-fold scores from ``cross_validate``, which are not flattered by the fit) when
+    given, else from the in-sample scores. A convergence warning is logged, not hidden.
+    """
+    yy = np.asarray(y).astype(np.int8)
+    if yy.ndim != 1 or yy.size != X.shape[0]:
+        raise ValueError(f"y has {yy.size} entries but X has {X.shape[0]} rows")
+    if not spec.is_dense and X.shape[1] != len(spec.feature_ids):
+        raise ValueError(f"X has {X.shape[1]} columns but spec {spec.name!r} has {len(spec.feature_ids)}")
+    n_pos = int(yy.sum())
+    if n_pos == 0 or n_pos == yy.size:
+        raise ValueError(f"fit_probe needs both classes, got {n_pos} positive of {yy.size}")
+
+    transform = make_transform(spec.transform, seed=seed).fit(X)
+    Xt = transform.apply(X)
+    sparse = sp.issparse(Xt)
+    n_cols = Xt.shape[1]
+    if spec.scale:
+        scaler = StandardScaler(with_mean=not sparse).fit(Xt)
+        mean = np.asarray(scaler.mean_, dtype=np.float64) if not sparse else np.zeros(n_cols)
+        scale = np.asarray(scaler.scale_, dtype=np.float64)
+    else:
+        mean, scale = np.zeros(n_cols), np.ones(n_cols)
+    Xs = sp.csr_matrix(Xt @ sp.diags(1.0 / scale)) if sparse else (Xt - mean) / scale
+
+    clf = _make_classifier(spec, seed)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        clf.fit(Xs, yy)
+    converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+    for w in caught:
+        if issubclass(w.category, ConvergenceWarning):
+            logger.warning("probe %s did not converge: %s", spec.name, w.message)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+    probe = FittedProbe(
+        spec=spec,
+        coef=np.asarray(clf.coef_, dtype=np.float64).ravel().copy(),
+        intercept=float(np.asarray(clf.intercept_).ravel()[0]),
+        transform=transform,
+        scaler_mean=mean,
+        scaler_scale=scale,
+        train_threshold=0.0,
+        fpr1_threshold=float("nan"),
+        threshold_source="",
+        n_train=int(yy.size),
+        n_train_pos=n_pos,
+        n_iter=int(np.max(clf.n_iter_)),
+        converged=converged,
+        provenance=dict(provenance or {}),
+    )
+    if threshold_scores is not None:
+        ts = np.asarray(threshold_scores, dtype=np.float64)
+        if ts.shape != yy.shape:
+            raise ValueError(f"threshold_scores has {ts.size} entries but y has {yy.size}")
+        probe.threshold_source = "out_of_fold"
+    else:
+        ts = probe.decision_function(X)
+        probe.threshold_source = "in_sample"
+    probe.fpr1_threshold = threshold_at_fpr(ts[yy == 0], fpr)
+    return probe
+
+
+def evaluate_probe(
+    probe: FittedProbe,
+    X: Matrix,
+    y: ArrayLike,
+    raw_labels: Sequence[Any] | NDArray[Any] | None = None,
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """``metrics.evaluate_scores`` of ``probe`` on one eval design, with the probe's own training
+    thresholds, plus ``probe`` (name) and ``n_nonzero``: one row of ``probe_metrics``."""
+    scores = probe.decision_function(X)
+    m = evaluate_scores(
+        y, scores, raw_labels, probe.train_threshold, probe.fpr1_threshold, n_boot=n_boot, seed=seed
+    )
+    return {"probe": probe.spec.name, "n_nonzero": probe.n_nonzero, **m}
+
+
+@dataclass(frozen=True)
+class CVResult:
+    """Stratified k-fold result: per-fold AUROC, its mean and spread, and out-of-fold scores."""
+
+    fold_aurocs: tuple[float, ...]
+    oof_scores: NDArray[np.float64]
+    mean_n_nonzero: float
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.fold_aurocs))
+
+    @property
+    def std(self) -> float:
+        return float(np.std(self.fold_aurocs))
+
+
+def cross_validate(spec: ProbeSpec, X: Matrix, y: ArrayLike, folds: int = 5, seed: int = 0) -> CVResult:
+    """Stratified, shuffled k-fold CV of ``spec`` (``folds`` capped at the smaller class's count).
+
+    Transforms and scaling are re-fitted inside each fold. Feature *selection* (which features a
+    spec uses) is not: top-N by selectivity on the whole training set makes these numbers
+    optimistic, which is why held-out eval sets are the real measure.
+    """
+    yy = np.asarray(y).astype(np.int8)
+    k = min(folds, int(yy.sum()), int((1 - yy).sum()))
+    if k < 2:
+        raise ValueError(
+            f"cross-validation needs at least 2 samples of each class, got y counts {np.bincount(yy)}"
+        )
+    skf = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    oof = np.zeros(yy.size, dtype=np.float64)
+    aurocs: list[float] = []
+    nonzero: list[int] = []
+    Xr = X.tocsr() if sp.issparse(X) else np.asarray(X)
+    for train_idx, test_idx in skf.split(np.zeros(yy.size), yy):
+        probe = fit_probe(spec, Xr[train_idx], yy[train_idx], seed=seed)
+        scores = probe.decision_function(Xr[test_idx])
+        oof[test_idx] = scores
+        aurocs.append(auroc(yy[test_idx], scores))
+        nonzero.append(probe.n_nonzero)
+    return CVResult(fold_aurocs=tuple(aurocs), oof_scores=oof, mean_n_nonzero=float(np.mean(nonzero)))
+
+
+def cv_auroc(spec: ProbeSpec, X: Matrix, y: ArrayLike, folds: int = 5, seed: int = 0) -> float:
+    """Mean per-fold AUROC of ``cross_validate``."""
+    return cross_validate(spec, X, y, folds=folds, seed=seed).mean
+
+
+# ---------------------------------------------------------------------------------------------
+# The grid
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProbeGridConfig:
+    """Which probes to try. The default grid is feature sets x penalties x C with the default
+    transform, then every transform on the single best setting; ``full=True`` crosses transforms
+    with everything instead (about five times the work)."""
+
+    top_n: tuple[int, ...] = (10, 20, 50, 100, 200, 500)
+    include_all: bool = True
+    relevant_threshold: float | None = 0.5
+    penalties: tuple[str, ...] = ("l1", "l2")
+    Cs: tuple[float, ...] = (10.0, 1.0, 0.1, 0.01)
+    default_transform: str = "raw"
+    transforms: tuple[str, ...] = TRANSFORMS
+    value: str = "max_act"
+    full: bool = False
+    dense_poolings: tuple[str, ...] = ("mean", "max", "both")
+    dense_Cs: tuple[float, ...] = (1.0, 0.1, 0.01)
+    folds: int = 5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if any(n < 1 for n in self.top_n):
+            raise ValueError(f"ProbeGridConfig.top_n must be positive, got {self.top_n}")
+        bad = [p for p in self.penalties if p not in PENALTIES]
+        if bad or not self.penalties:
+            raise ValueError(
+                f"ProbeGridConfig.penalties must be a non-empty subset of {PENALTIES}, got {self.penalties}"
+            )
+        if not self.Cs or any(not (c > 0 and math.isfinite(c)) for c in self.Cs):
+            raise ValueError(f"ProbeGridConfig.Cs must be positive finite numbers, got {self.Cs}")
+        if any(not (c > 0 and math.isfinite(c)) for c in self.dense_Cs):
+            raise ValueError(f"ProbeGridConfig.dense_Cs must be positive finite numbers, got {self.dense_Cs}")
+        bad = [t for t in (*self.transforms, self.default_transform) if t not in TRANSFORMS]
+        if bad:
+            raise ValueError(f"ProbeGridConfig transforms must be in {TRANSFORMS}, got {bad}")
+        if self.value not in SPARSE_VALUES:
+            raise ValueError(f"ProbeGridConfig.value must be one of {SPARSE_VALUES}, got {self.value!r}")
+        bad = [p for p in self.dense_poolings if p not in ("mean", "max", "both")]
+        if bad:
+            raise ValueError(f"ProbeGridConfig.dense_poolings must be in ('mean', 'max', 'both'), got {bad}")
+        if self.folds < 2:
+            raise ValueError(f"ProbeGridConfig.folds must be >= 2, got {self.folds}")
+
+
+def _as_score_map(scores: Mapping[int, float] | TableLike, value_col: str) -> dict[int, float]:
+    if isinstance(scores, Mapping):
+        return {int(k): float(v) for k, v in scores.items()}
+    df = _to_polars(scores, value_col)
+    _require(df, ("feature_id", value_col), f"{value_col} table")
+    df = df.drop_nulls(value_col)
+    if df["feature_id"].is_duplicated().any():
+        raise ValueError(f"{value_col} table has more than one row per feature_id (filter to one layer)")
+    return dict(
+        zip(df["feature_id"].cast(pl.Int64).to_list(), df[value_col].cast(pl.Float64).to_list(), strict=True)
+    )
+
+
+def feature_sets(
+    config: ProbeGridConfig,
+    selectivity: Mapping[int, float] | TableLike,
+    active_feature_ids: Sequence[int] | NDArray[np.integer[Any]],
+    classification_scores: Mapping[int, float] | TableLike | None = None,
+) -> dict[str, tuple[int, ...]]:
+    """Named feature sets, each sorted by feature id, duplicates of an earlier set dropped.
+
+    ``topN``: the N active features of largest ``|selectivity|`` (ties by feature id);
+    ``relevant``: active features whose classification score is ``>= relevant_threshold``;
+    ``all``: every active feature. ``selectivity`` and ``classification_scores`` are mappings
+    ``feature_id -> value`` or tables with ``feature_id`` and ``selectivity`` / ``score``.
+    """
+    active = {int(f) for f in np.asarray(active_feature_ids).tolist()}
+    sel = {f: v for f, v in _as_score_map(selectivity, "selectivity").items() if f in active}
+    ranked = sorted(sel, key=lambda f: (-abs(sel[f]), f))
+    candidates: list[tuple[str, tuple[int, ...]]] = [
+        (f"top{n}", tuple(sorted(ranked[:n]))) for n in sorted(set(config.top_n))
+    ]
+    if classification_scores is not None and config.relevant_threshold is not None:
+        cls = _as_score_map(classification_scores, "score")
+        ids = (f for f, s in cls.items() if s >= config.relevant_threshold and f in active)
+        candidates.append(("relevant", tuple(sorted(ids))))
+    if config.include_all:
+        candidates.append(("all", tuple(sorted(active))))
+    # Duplicates keep the most meaningful name: "all" over "relevant" over the smallest topN.
+    priority = {"all": 0, "relevant": 1}
+    keep: dict[tuple[int, ...], str] = {}
+    for name, ids_t in sorted(candidates, key=lambda c: (priority.get(c[0], 2), len(c[1]))):
+        if not ids_t:
+            logger.warning("feature set %s is empty; skipped", name)
+        elif ids_t in keep:
+            logger.info("feature set %s equals %s; skipped", name, keep[ids_t])
+        else:
+            keep[ids_t] = name
+    kept = set(keep.values())
+    return {name: ids_t for name, ids_t in candidates if name in kept}
+
+
+def probe_grid(
+    config: ProbeGridConfig,
+    selectivity: Mapping[int, float] | TableLike,
+    active_feature_ids: Sequence[int] | NDArray[np.integer[Any]],
+    classification_scores: Mapping[int, float] | TableLike | None = None,
+) -> list[ProbeSpec]:
+    """The SAE probe specs of the first stage: feature sets x penalties x Cs, with the default
+    transform (``config.full``: x every transform too). See ``transform_sweep`` for stage two."""
+    sets = feature_sets(config, selectivity, active_feature_ids, classification_scores)
+    transforms = config.transforms if config.full else (config.default_transform,)
+    specs = []
+    for fs_name, ids in sets.items():
+        for penalty in config.penalties:
+            for C in config.Cs:
+                for t in transforms:
+                    specs.append(
+                        ProbeSpec(
+                            name=spec_name(fs_name, penalty, C, t, config.value),
+                            feature_set=fs_name,
+                            feature_ids=ids,
+                            penalty=penalty,  # type: ignore[arg-type]
+                            C=float(C),
+                            transform=t,
+                            value=config.value,
+                        )
+                    )
+    return specs
+
+
+def transform_sweep(best: ProbeSpec, config: ProbeGridConfig) -> list[ProbeSpec]:
+    """``best`` with each of ``config.transforms`` other than its own (stage two of the default grid)."""
+    return [
+        replace(best, transform=t, name=spec_name(best.feature_set, best.penalty, best.C, t, best.value))
+        for t in config.transforms
+        if t != best.transform
+    ]
+
+
+def dense_baseline_specs(config: ProbeGridConfig) -> list[ProbeSpec]:
+    """L2 logistic regression on standardised pooled residuals, per pooling and C."""
+    return [
+        ProbeSpec(
+            name=spec_name(f"resid_{p}", "l2", C, "raw", f"resid_{p}"),
+            feature_set=f"resid_{p}",
+            feature_ids=(),
+            penalty="l2",
+            C=float(C),
+            transform="raw",
+            value=f"resid_{p}",
+        )
+        for p in config.dense_poolings
+        for C in config.dense_Cs
+    ]
+
+
+@dataclass
+class ProbeResult:
+    """One spec of a search: its CV result on the training set and its fit on all of it."""
+
+    spec: ProbeSpec
+    cv: CVResult
+    probe: FittedProbe
+    stage: str
+
+    def summary(self) -> dict[str, Any]:
+        """A flat row for a table of the search."""
+        return {
+            "probe": self.spec.name,
+            "feature_set": self.spec.feature_set,
+            "n_features": self.probe.n_features,
+            "penalty": self.spec.penalty,
+            "C": self.spec.C,
+            "transform": self.spec.transform,
+            "value": self.spec.value,
+            "stage": self.stage,
+            "cv_auroc": self.cv.mean,
+            "cv_auroc_std": self.cv.std,
+            "n_nonzero": self.probe.n_nonzero,
+            "converged": self.probe.converged,
+        }
+
+
+def _run(spec: ProbeSpec, X: Matrix, y: NDArray[np.int8], config: ProbeGridConfig, stage: str) -> ProbeResult:
+    cv = cross_validate(spec, X, y, folds=config.folds, seed=config.seed)
+    probe = fit_probe(spec, X, y, seed=config.seed, threshold_scores=cv.oof_scores)
+    logger.info("%s: cv auroc %.4f +/- %.4f, %d non-zero", spec.name, cv.mean, cv.std, probe.n_nonzero)
+    return ProbeResult(spec=spec, cv=cv, probe=probe, stage=stage)
+
+
+def _rank_key(r: ProbeResult) -> tuple[float, int, str]:
+    return (-r.cv.mean, r.probe.n_features, r.spec.name)
+
+
+def search_probes(
+    config: ProbeGridConfig,
+    X: sp.csr_matrix,
+    feature_ids: Sequence[int] | NDArray[np.integer[Any]],
+    y: ArrayLike,
+    selectivity: Mapping[int, float] | TableLike,
+    classification_scores: Mapping[int, float] | TableLike | None = None,
+) -> list[ProbeResult]:
+    """Cross-validate and fit every SAE probe of the grid; best first.
+
+    ``X`` is a training design over ``feature_ids`` (e.g. every active feature); the active set is
+    the columns with at least one non-zero. Unless ``config.full``, the transforms are then swept
+    on the best (feature set, penalty, C). Each final probe's 1%-FPR threshold comes from its
+    out-of-fold training scores.
+    """
+    yy = np.asarray(y).astype(np.int8)
+    fids = np.asarray(feature_ids, dtype=np.int64)
+    Xc = sp.csr_matrix(X)
+    active = fids[np.asarray(Xc.getnnz(axis=0)) > 0]
+    specs = probe_grid(config, selectivity, active, classification_scores)
+    results = [_run(s, select_columns(Xc, fids, s.feature_ids), yy, config, "grid") for s in specs]
+    if not config.full and results and len(config.transforms) > 1:
+        best = min(results, key=_rank_key).spec
+        for s in transform_sweep(best, config):
+            results.append(_run(s, select_columns(Xc, fids, s.feature_ids), yy, config, "transform_sweep"))
+    return sorted(results, key=_rank_key)
+
+
+def search_dense_baselines(
+    config: ProbeGridConfig, designs: Mapping[str, NDArray[np.float64]], y: ArrayLike
+) -> list[ProbeResult]:
+    """Cross-validate and fit the residual baselines; ``designs`` maps a pooling (``mean``,
+    ``max``, ``both``) to its ``dense_design`` matrix. Poolings absent from ``designs`` are skipped."""
+    yy = np.asarray(y).astype(np.int8)
+    results = [
+        _run(s, designs[s.pooling], yy, config, "baseline")
+        for s in dense_baseline_specs(config)
+        if s.pooling in designs
+    ]
+    return sorted(results, key=_rank_key)
