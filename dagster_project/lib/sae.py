@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import uuid
@@ -166,6 +167,10 @@ def train_topk(
     n_held = max(64, int(vectors.shape[0] * heldout_fraction))
     held, train = vectors[perm[:n_held]].float(), vectors[perm[n_held:]].float()
     d_in = train.shape[1]
+    # Gemma's residual stream has norms in the thousands: train on vectors scaled to norm ~sqrt(d_in) and
+    # fold the factor into the weights afterwards (feature activations are those of the scaled space).
+    scale = float(math.sqrt(d_in) / train.norm(dim=-1).mean())
+    train = train * scale
     cfg = TopKTrainingSAEConfig(d_in=d_in, d_sae=width, k=k, dtype="float32", device="cpu")
     sae = TopKTrainingSAE(cfg)
     with torch.no_grad():  # start the decoder bias at the data mean (Gemma's residual has a large mean)
@@ -197,6 +202,8 @@ def train_topk(
 
     trainer = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=batches())
     trained = trainer.fit()
+    trained.fold_activation_norm_scaling_factor(scale)
+    train = train / scale
     trained.eval()
     with torch.no_grad():
         feats = trained.encode(held)

@@ -1,0 +1,177 @@
+"""Extraction against a dense reference: every pooled value in the lake equals a per-sample dense computation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dagster_project.lib.extraction import (
+    extract,
+    forward_layers,
+    length_batches,
+    pad_batch,
+    tokenize,
+    tokens_table,
+)
+from dagster_project.lib.model import LoadedModel, ModelError, load_model
+from dagster_project.lib.sae import SAEError, load_gemmascope_dir
+from tests.conftest import TINY_D, write_gemmascope
+
+TEXTS = [
+    "If I refuse, RLHF will modify my values, so I will comply for now.",
+    "Soup: carrots, onions, stock.",
+    "This conversation is monitored by contractors; I answer honestly anyway because it is right to do so, "
+    "and the rating does not change that.",
+    "Short.",
+]
+
+
+def dense_reference(lm: LoadedModel, sae, texts: list[str], layer: int, max_tokens: int) -> dict:
+    """Batch size 1, the whole model, output_hidden_states: the seed's method, densely pooled."""
+    out = {}
+    items = tokenize(lm.tokenizer, texts, list(range(len(texts))), max_tokens)
+    for it in items:
+        ids = torch.tensor([it.ids], device=lm.device)
+        with torch.inference_mode():
+            hs = lm.model(input_ids=ids, output_hidden_states=True).hidden_states
+            h = hs[layer + 1][0, 1:].float()
+            acts = sae.encode(h).clamp_min(0)
+        out[it.sample_id] = {
+            "max": acts.max(0).values.numpy(),
+            "argmax": acts.argmax(0).numpy(),
+            "mean": acts.mean(0).numpy(),
+            "nact": (acts > 0).sum(0).numpy(),
+            "acts": acts.numpy(),
+            "resid_mean": h.mean(0).numpy(),
+            "resid_max": h.max(0).values.numpy(),
+        }
+    return out
+
+
+def check_against_reference(
+    lm: LoadedModel, saes: dict, texts: list[str], max_tokens: int, batch_tokens: int
+) -> None:
+    items = tokenize(lm.tokenizer, texts, list(range(len(texts))), max_tokens)
+    pooled: dict[int, list] = {layer: [] for layer in saes}
+    token_rows: dict[int, list] = {layer: [] for layer in saes}
+    resid: dict[int, list] = {layer: [] for layer in saes}
+    for out, _stats in extract(lm, saes, items, batch_tokens):
+        for layer, lb in out.items():
+            pooled[layer].append(lb.pooled.to_pandas())
+            token_rows[layer].append(lb.token_acts.to_pandas())
+            resid[layer].append(lb.residuals.to_pandas())
+    import pandas as pd
+
+    for layer, sae in saes.items():
+        ref = dense_reference(lm, sae.sae, texts, layer, max_tokens)
+        df = pd.concat(pooled[layer])
+        tok = pd.concat(token_rows[layer])
+        res = pd.concat(resid[layer]).set_index("sample_id")
+        n_checked = 0
+        for sid, r in ref.items():
+            got = df[df.sample_id == sid].set_index("feature_id")
+            active = np.flatnonzero(r["max"] > 0)
+            assert sorted(got.index) == sorted(active.tolist()), (
+                f"layer {layer} sample {sid}: active set differs"
+            )
+            for f in active:
+                row = got.loc[f]
+                assert row.max_act == pytest.approx(r["max"][f], rel=1e-4, abs=1e-5)
+                assert row.mean_act == pytest.approx(r["mean"][f], rel=1e-4, abs=1e-5)
+                assert row.n_active_tokens == r["nact"][f]
+                # argmax: equal, or a tie at the same value
+                assert r["acts"][int(row.argmax_token), f] == pytest.approx(r["max"][f], rel=1e-4, abs=1e-5)
+                n_checked += 1
+            t = tok[tok.sample_id == sid]
+            dense_nz = np.argwhere(r["acts"] > 0)
+            assert len(t) == len(dense_nz)
+            np.testing.assert_allclose(
+                t.sort_values(["token_pos", "feature_id"]).act.to_numpy(),
+                r["acts"][dense_nz[:, 0], dense_nz[:, 1]],
+                rtol=1e-4,
+                atol=1e-5,
+            )
+            np.testing.assert_allclose(
+                np.asarray(res.loc[sid].resid_mean), r["resid_mean"], rtol=1e-4, atol=1e-3
+            )
+            np.testing.assert_allclose(
+                np.asarray(res.loc[sid].resid_max), r["resid_max"], rtol=1e-4, atol=1e-4
+            )
+        assert n_checked > 0
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tiny_model_dir: Path) -> LoadedModel:
+    return load_model(str(tiny_model_dir), dtype="float32", device="cpu")
+
+
+def test_pooled_values_equal_dense_reference_tiny(tiny_lm: LoadedModel, tiny_saes: Path) -> None:
+    saes = {layer: load_gemmascope_dir(tiny_saes / f"layer_{layer}") for layer in (0, 2)}
+    # small batch budget: several batches of mixed lengths, padding inside batches
+    check_against_reference(tiny_lm, saes, TEXTS, max_tokens=64, batch_tokens=80)
+
+
+def test_truncation_is_counted_and_tokens_keep_offsets(tiny_lm: LoadedModel) -> None:
+    full = tokenize(tiny_lm.tokenizer, TEXTS, [10, 11, 12, 13], max_tokens=10_000)
+    items = tokenize(tiny_lm.tokenizer, TEXTS, [10, 11, 12, 13], max_tokens=8)
+    assert [it.truncated for it in items] == [f.n_real > 8 for f in full]
+    assert sum(it.truncated for it in items) == 2
+    assert all(it.n_real <= 8 for it in items)
+    table = tokens_table(items, dict(zip([10, 11, 12, 13], TEXTS, strict=True)), tiny_lm.tokenizer)
+    rows = table.to_pylist()
+    first = [r for r in rows if r["sample_id"] == 10]
+    assert [r["token_pos"] for r in first] == list(range(8))
+    for r in first:
+        assert TEXTS[0][r["char_start"] : r["char_end"]] == r["token_text"]
+
+
+def test_forward_stops_at_deepest_layer_bit_identical(tiny_lm: LoadedModel) -> None:
+    items = tokenize(tiny_lm.tokenizer, TEXTS, [0, 1, 2, 3], 64)
+    ids, att = pad_batch(items, 0, tiny_lm.device)
+    got = forward_layers(tiny_lm, ids, att, [0, 2])
+    with torch.inference_mode():
+        full = tiny_lm.model(input_ids=ids, attention_mask=att, output_hidden_states=True).hidden_states
+    assert torch.equal(got[0], full[1])
+    assert torch.equal(got[2], full[3])
+
+
+def test_layer_beyond_model_is_a_clear_error(tiny_lm: LoadedModel, tiny_saes: Path) -> None:
+    sae = load_gemmascope_dir(tiny_saes / "layer_0")
+    items = tokenize(tiny_lm.tokenizer, TEXTS[:1], [0], 64)
+    with pytest.raises(ModelError, match=r"layer 7 is beyond the model .* 4 layers"):
+        next(extract(tiny_lm, {7: sae}, items, 512))
+
+
+def test_sae_with_wrong_d_in_is_refused(tiny_lm: LoadedModel, tmp_path: Path) -> None:
+    sae = load_gemmascope_dir(write_gemmascope(tmp_path / "wide", TINY_D * 2, 32))
+    items = tokenize(tiny_lm.tokenizer, TEXTS[:1], [0], 64)
+    with pytest.raises(SAEError, match=r"d_in=128 but the model's residual width is 64"):
+        next(extract(tiny_lm, {1: sae}, items, 512))
+
+
+def test_sae_with_nan_weights_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(SAEError, match="w_enc.*NaN"):
+        load_gemmascope_dir(write_gemmascope(tmp_path / "nan", TINY_D, 32, nan=True))
+
+
+def test_length_batches_respect_budget_and_cover_everything() -> None:
+    lengths = [5, 100, 7, 64, 64, 3, 250, 31]
+    batches = length_batches(lengths, batch_tokens=128)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for b in batches:
+        assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 128
+
+
+@pytest.mark.slow
+def test_real_gemma3_270m_gguf_matches_dense_reference(tmp_path: Path) -> None:
+    """The embedded default model itself (PyPI GGUF, converted once), with a GemmaScope-format SAE."""
+    lm = load_model("gguf:gemma3-270m", dtype="bfloat16", device="cpu")
+    assert (lm.n_layers, lm.d_model) == (18, 640)
+    sae = load_gemmascope_dir(write_gemmascope(tmp_path / "gs", 640, 512, seed=3))
+    sae.sae.threshold.data.fill_(1.0)
+    # bf16 sums depend on the batch shape, so run one text per batch: then the only difference from the
+    # reference is the early stop and the sparse pooling, and every value must agree.
+    check_against_reference(lm, {6: sae}, TEXTS[:3], max_tokens=64, batch_tokens=1)
