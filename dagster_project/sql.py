@@ -21,6 +21,7 @@ _PLACEHOLDER = re.compile(r"\{\{\s*([a-z_][a-z0-9_]*)\s*\}\}")
 # Identifiers we fill in: view/table names, or quoted paths/globs that come from the lake resource.
 _SAFE_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _SAFE_PATH = re.compile(r"^[A-Za-z0-9_./*=:+@~\-]+$")
+_SQL_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*(/[A-Za-z0-9_][A-Za-z0-9_.\-]*)*$")
 
 
 class SQLError(ValueError):
@@ -32,6 +33,8 @@ def load_sql(name: str) -> str:
     """Return the text of ``sql/<name>.sql`` (``name`` like ``stats/feature_stats``)."""
     if ".." in Path(name).parts:
         raise SQLError(f"SQL name {name!r} may not contain '..'")
+    if not _SQL_NAME.match(name):  # an absolute name would make SQL_DIR / name point outside sql/
+        raise SQLError(f"SQL name {name!r} must be a relative name like 'stats/feature_stats'")
     path = SQL_DIR / f"{name}.sql"
     if not path.is_file():
         raise SQLError(f"no SQL file {path}")
@@ -66,17 +69,48 @@ def render(name: str, idents: dict[str, str] | None = None) -> str:
     return _PLACEHOLDER.sub(fill, text)
 
 
+def bind(
+    name: str,
+    params: dict[str, Any] | None = None,
+    idents: dict[str, str] | None = None,
+) -> tuple[str, dict[str, Any]]:
+    """Render ``sql/<name>.sql`` and keep the ``$params`` it uses; error naming any that are missing."""
+    text = render(name, idents)
+    params = params or {}
+    # Ask DuckDB's parser which $params the statement uses: a regex would also find them in comments and
+    # string literals, and binding a parameter the statement does not use is an error in DuckDB.
+    try:
+        with duckdb.connect() as parser:
+            statements = parser.extract_statements(text)
+    except duckdb.Error as e:
+        raise SQLError(f"sql/{name}.sql does not parse: {e}") from e
+    used = {p.lower() for st in statements for p in st.named_parameters}  # DuckDB ignores their case
+    missing = used - {k.lower() for k in params}
+    if missing:
+        raise SQLError(f"sql/{name}.sql needs parameters {sorted(missing)}")
+    return text, {k: v for k, v in params.items() if k.lower() in used}
+
+
 def run(
     con: duckdb.DuckDBPyConnection,
     name: str,
     params: dict[str, Any] | None = None,
     idents: dict[str, str] | None = None,
 ) -> duckdb.DuckDBPyConnection:
-    """Execute one SQL file with ``$params`` bound; returns the connection (call ``.arrow()``/``.pl()``)."""
-    text = render(name, idents)
-    params = params or {}
-    used = set(re.findall(r"\$([a-z_][a-z0-9_]*)", text))
-    missing = used - params.keys()
-    if missing:
-        raise SQLError(f"sql/{name}.sql needs parameters {sorted(missing)}")
-    return con.execute(text, {k: v for k, v in params.items() if k in used})
+    """Execute one SQL file with ``$params`` bound; returns the connection (``.fetchall()``, ``.df()``).
+
+    For Arrow output use :func:`relation` (DuckDB 2 warns that Arrow from an ``execute`` result copies).
+    """
+    text, bound = bind(name, params, idents)
+    return con.execute(text, bound)
+
+
+def relation(
+    con: duckdb.DuckDBPyConnection,
+    name: str,
+    params: dict[str, Any] | None = None,
+    idents: dict[str, str] | None = None,
+) -> duckdb.DuckDBPyRelation:
+    """One SQL file (a query) as a relation with ``$params`` bound: ``.to_arrow_table()``, ``.pl()``."""
+    text, bound = bind(name, params, idents)
+    return con.sql(text, params=bound)

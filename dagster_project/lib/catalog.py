@@ -40,13 +40,25 @@ def table_globs(lake: Lake) -> dict[str, str]:
     return out
 
 
+# Partition columns get fixed types: hive autocast alone would turn a dataset slug such as "2024" into a number.
+HIVE_TYPES = {"layer": "BIGINT", "dataset": "VARCHAR"}
+
+
+def _hive_types(glob: str) -> str:
+    table_dir = Path(glob).parent.parent  # <table>/**/*.parquet
+    first = next(table_dir.rglob("*.parquet"), None)
+    keys = [] if first is None else [p.split("=", 1)[0] for p in first.relative_to(table_dir).parts[:-1] if "=" in p]
+    types = [f"'{k}': {HIVE_TYPES[k]}" for k in keys if k in HIVE_TYPES]
+    return f", hive_types = {{{', '.join(types)}}}" if types else ""
+
+
 def create_views(con: duckdb.DuckDBPyConnection, lake: Lake) -> list[str]:
     names = []
     for name, glob in table_globs(lake).items():
         path = glob.replace("'", "''")
         con.execute(
             f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM "
-            f"read_parquet('{path}', hive_partitioning = true, union_by_name = true)"
+            f"read_parquet('{path}', hive_partitioning = true, union_by_name = true{_hive_types(glob)})"
         )
         names.append(name)
     return names
@@ -89,6 +101,30 @@ def check_read_only(con: duckdb.DuckDBPyConnection, query: str) -> None:
             raise ReadOnlyError(
                 f"featurelake sql is read-only: {kind} statements are refused (only SELECT / EXPLAIN run)"
             )
+        if kind == "EXPLAIN":  # EXPLAIN ANALYZE runs its statement: EXPLAIN ANALYZE COPY ... TO writes a file
+            check_read_only(con, _explained(st.query))
+
+
+def _explained(text: str) -> str:
+    """The statement an ``EXPLAIN [ANALYZE | (options)]`` statement wraps."""
+    every = duckdb.tokenize(text)
+    ends = [pos for pos, _ in every[1:]] + [len(text)]
+    spans = [(a, b) for (a, kind), b in zip(every, ends, strict=True) if kind != duckdb.token_type.comment]
+    toks = [a for a, _ in spans]
+    words = [text[a:b].strip().lower() for a, b in spans]
+    i = 1  # words[0] is EXPLAIN
+    if i < len(words) and words[i] in ("analyze", "analyse"):
+        i += 1
+    elif i < len(words) and words[i] == "(":
+        depth = 0
+        while i < len(words):
+            depth += words[i].count("(") - words[i].count(")")
+            i += 1
+            if depth <= 0:
+                break
+    if i >= len(words):
+        raise ReadOnlyError("EXPLAIN without a statement")
+    return text[toks[i]:]
 
 
 def query(lake: Lake, sql: str) -> duckdb.DuckDBPyRelation | None:

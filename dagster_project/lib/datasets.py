@@ -160,11 +160,22 @@ def parse_registry(path: str | Path | None = None) -> dict[str, DatasetSpec]:
         labels = _require(entry, "labels", where)
         if not isinstance(labels, dict) or not labels.get("positive") and not labels.get("negative"):
             raise DatasetError(f"{where}: field 'labels' needs 'positive' and/or 'negative' lists")
+        for side in ("positive", "negative"):
+            if not isinstance(labels.get(side) or [], list):
+                raise DatasetError(f"{where}: field 'labels.{side}' must be a list of raw labels, "
+                                   f"got {labels[side]!r}")
         pos = tuple(str(x) for x in labels.get("positive") or ())
         neg = tuple(str(x) for x in labels.get("negative") or ())
         both = set(pos) & set(neg)
         if both:
             raise DatasetError(f"{where}: labels {sorted(both)} are both positive and negative")
+        if not isinstance(entry.get("exclude_overlap_with") or [], list):
+            raise DatasetError(f"{where}: field 'exclude_overlap_with' must be a list of dataset names, "
+                               f"got {entry['exclude_overlap_with']!r}")
+        default_label = entry.get("default_label")
+        if default_label is not None and str(default_label) not in (*pos, *neg):
+            raise DatasetError(f"{where}: field 'default_label' is {default_label!r}, which 'labels' does not map "
+                               f"(mapped: {sorted((*pos, *neg))})")
         specs[name] = DatasetSpec(
             name=name,
             source=str(_require(entry, "source", where)),
@@ -175,7 +186,7 @@ def parse_registry(path: str | Path | None = None) -> dict[str, DatasetSpec]:
             negative=neg,
             role=role,
             id_field=entry.get("id_field"),
-            default_label=entry.get("default_label"),
+            default_label=None if default_label is None else str(default_label),
             exclude_overlap_with=tuple(entry.get("exclude_overlap_with") or ()),
             description=str(entry.get("description", "")),
             registry_path=str(path),
@@ -187,6 +198,19 @@ def parse_registry(path: str | Path | None = None) -> dict[str, DatasetSpec]:
                 raise DatasetError(
                     f"{path}, dataset {spec.name!r}: field 'exclude_overlap_with' names unknown dataset {other!r}"
                 )
+    for spec in specs.values():  # loading follows these edges recursively: a cycle would never end
+        todo = list(spec.exclude_overlap_with)
+        seen: set[str] = set()
+        while todo:
+            other = todo.pop()
+            if other == spec.name:
+                raise DatasetError(
+                    f"{path}, dataset {spec.name!r}: field 'exclude_overlap_with' forms a cycle through "
+                    f"{sorted(seen | {spec.name})}"
+                )
+            if other not in seen:
+                seen.add(other)
+                todo.extend(specs[other].exclude_overlap_with)
     if not specs:
         raise DatasetError(f"{path}: the registry lists no datasets")
     return specs
@@ -195,7 +219,8 @@ def parse_registry(path: str | Path | None = None) -> dict[str, DatasetSpec]:
 def get_spec(name: str, specs: dict[str, DatasetSpec] | None = None) -> DatasetSpec:
     specs = specs if specs is not None else parse_registry()
     if name not in specs:
-        raise DatasetError(f"unknown dataset {name!r}; the registry {registry_path()} has {sorted(specs)}")
+        where = next(iter(specs.values())).registry_path if specs else registry_path()
+        raise DatasetError(f"unknown dataset {name!r}; the registry {where} has {sorted(specs)}")
     return specs[name]
 
 
@@ -244,14 +269,17 @@ def iter_raw_rows(spec: DatasetSpec) -> Iterator[tuple[str, dict[str, Any]]]:
         return
     text = _decode(path, raw)
     if spec.format == "jsonl":
-        lines = text.splitlines()
+        # JSON Lines ends records at "\n" only: str.splitlines() would also split inside strings that hold a
+        # raw U+2028, U+0085 or form feed (valid unescaped in JSON), and its line numbers would drift.
+        lines = text.split("\n")
+        last_n = max((n for n, line in enumerate(lines, start=1) if line.strip()), default=0)
         for n, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                last = " (truncated last line?)" if n == len(lines) else ""
+                last = " (truncated last line?)" if n == last_n else ""
                 raise DatasetError(f"{path}: line {n}: malformed JSON{last}: {e.msg} at column {e.colno}") from e
             if not isinstance(rec, dict):
                 raise DatasetError(f"{path}: line {n}: expected a JSON object, got {type(rec).__name__}")

@@ -180,6 +180,7 @@ class LayerBatch:
     n_tokens: int
 
 
+@torch.inference_mode()
 def encode_pool(
     hidden: torch.Tensor, mask: torch.Tensor, sample_ids: torch.Tensor, sae: LoadedSAE,
     with_tokens: bool = True, with_residuals: bool = True,

@@ -13,7 +13,9 @@ SAE, hook, dtype, config hash) in their Parquet key-value metadata under ``featu
 from __future__ import annotations
 
 import json
+import operator
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -21,8 +23,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -50,19 +50,45 @@ class LakeError(RuntimeError):
     """A lake file is missing, corrupt, or was made with another model / SAE / config."""
 
 
+TABLE_NAME = re.compile(r"^[a-z][a-z0-9_]*(/[a-z][a-z0-9_]*)*$")
+
+
+def _check_table(table: str) -> str:
+    if not isinstance(table, str) or not TABLE_NAME.match(table):
+        raise LakeError(f"unsafe table name {table!r}: use lowercase words like 'activations' or 'stats/feature_stats'")
+    return table
+
+
+def _layer_value(v: Any) -> int:
+    if isinstance(v, str) and v.isdecimal():
+        return int(v)
+    try:
+        if isinstance(v, bool):
+            raise TypeError
+        layer = operator.index(v)  # ints and numpy ints; not floats, not bools
+    except TypeError:
+        raise LakeError(f"layer must be an integer >= 0, got {v!r}") from None
+    if layer < 0:
+        raise LakeError(f"layer must be >= 0, got {v}")
+    return layer
+
+
 def _part_dirs(table: str, layer: int | None, dataset: str | None) -> list[str]:
-    keys = TABLES.get(table, ("layer",) if layer is not None else ())
+    # Known tables have fixed keys; others (stats/...) are partitioned by whichever keys are given, so a
+    # per-(layer, dataset) statistic never silently drops its dataset and overwrites another's file.
+    keys = TABLES.get(table) or tuple(k for k, v in (("layer", layer), ("dataset", dataset)) if v is not None)
     out = []
     for k in keys:
         v = layer if k == "layer" else dataset
         if v is None:
             raise LakeError(f"table {table!r} is partitioned by {keys}; {k} not given")
         if k == "layer":
-            if int(v) < 0:
-                raise LakeError(f"layer must be >= 0, got {v}")
-            out.append(f"layer={int(v)}")
+            out.append(f"layer={_layer_value(v)}")
         else:
-            out.append(f"dataset={check_slug(str(v))}")
+            try:
+                out.append(f"dataset={check_slug(str(v))}")
+            except ValueError as e:
+                raise LakeError(str(e)) from e
     return out
 
 
@@ -80,7 +106,7 @@ class Lake:
         return Path(self.root).expanduser().resolve() / self.namespace
 
     def table_dir(self, table: str) -> Path:
-        return self.base / table
+        return self.base / _check_table(table)
 
     def partition_dir(self, table: str, layer: int | None = None, dataset: str | None = None) -> Path:
         return self.table_dir(table).joinpath(*_part_dirs(table, layer, dataset))
@@ -139,8 +165,10 @@ class Lake:
                 os.fsync(fh.fileno())
             os.replace(tmp, final)
         except BaseException:
-            w.close()
-            tmp.unlink(missing_ok=True)
+            try:
+                w.close()
+            finally:
+                tmp.unlink(missing_ok=True)
             raise
 
     def remove_partition(self, table: str, layer: int | None = None, dataset: str | None = None) -> None:
@@ -171,7 +199,10 @@ class Lake:
         except (pa.ArrowInvalid, OSError) as e:
             raise LakeError(f"{path} is not a readable Parquet file ({e}); rerun that partition to rewrite it") from e
         raw = md.get(META_KEY)
-        return json.loads(raw) if raw else {}
+        try:
+            return json.loads(raw) if raw else {}
+        except ValueError as e:
+            raise LakeError(f"{path}: its provenance record is not valid JSON ({e}); rerun that partition") from e
 
     def read(self, table: str, layer: int | None = None, dataset: str | None = None, **kw: Any) -> pa.Table:
         path = self.file(table, layer, dataset)

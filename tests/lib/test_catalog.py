@@ -1,0 +1,244 @@
+"""DuckDB over the lake (dagster_project/lib/catalog.py) and ``featurelake sql`` (dagster_project/cli.py)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pytest
+
+from dagster_project.lib.catalog import ReadOnlyError, build_catalog, query, views_connection
+from dagster_project.lib.lake import Lake
+
+SAMPLES = {
+    "train_a": [("AF text one", "alignment_faking", True), ("aligned text", "aligned", False)],
+    "ood_b": [("AF text two", "alignment_faking", True), ("AF text three", "alignment_faking", True),
+              ("AF text four", "alignment_faking", True)],
+}
+ROLES = {"train_a": "train", "ood_b": "ood"}
+# (layer, dataset) -> rows of (sample_id, feature_id, max_act)
+ACTS = {
+    (1, "train_a"): [(0, 5, 2.0), (0, 9, 1.0), (1, 9, 3.0)],
+    (1, "ood_b"): [(0, 5, 1.5), (2, 5, 0.5)],
+    (12, "train_a"): [(0, 7, 4.0)],
+}
+N_ACTS = sum(len(v) for v in ACTS.values())
+
+
+def _samples(name: str) -> pa.Table:
+    rows = SAMPLES[name]
+    return pa.table({"sample_id": pa.array(range(len(rows)), pa.int32()), "text": [r[0] for r in rows],
+                     "label": [r[1] for r in rows], "is_positive": [r[2] for r in rows],
+                     "role": [ROLES[name]] * len(rows)})
+
+
+def _acts(rows: list[tuple[int, int, float]]) -> pa.Table:
+    return pa.table({"sample_id": pa.array([r[0] for r in rows], pa.int32()),
+                     "feature_id": pa.array([r[1] for r in rows], pa.int32()),
+                     "max_act": pa.array([r[2] for r in rows], pa.float32())})
+
+
+@pytest.fixture
+def lake(tmp_path: Path) -> Lake:
+    lk = Lake(str(tmp_path / "lake"), "default")
+    for name in SAMPLES:
+        lk.write("samples", _samples(name), dataset=name)
+    for (layer, name), rows in ACTS.items():
+        lk.write("activations", _acts(rows), layer=layer, dataset=name, meta={"model": "m"})
+    lk.write("stats/feature_stats", pa.table({"feature_id": pa.array([5, 9], pa.int32()),
+                                              "selectivity": [0.25, -1.0]}), layer=1)
+    return lk
+
+
+def _types(con: duckdb.DuckDBPyConnection, view: str) -> dict[str, str]:
+    return {r[0]: r[1] for r in con.sql(f"describe {view}").fetchall()}
+
+
+def test_build_catalog_views(lake: Lake) -> None:
+    path, names = build_catalog(lake)
+    assert path == lake.base / "lake.duckdb" and path.is_file()
+    assert sorted(names) == ["activations", "feature_stats", "samples"]
+    assert not list(lake.base.glob(".tmp-*")), "the catalog is written aside and renamed"
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        acts = _types(con, "activations")
+        assert acts["layer"] in ("BIGINT", "INTEGER") and acts["dataset"] == "VARCHAR", acts
+        assert _types(con, "samples")["dataset"] == "VARCHAR"
+        assert _types(con, "feature_stats")["layer"] in ("BIGINT", "INTEGER")
+        got = con.sql("select layer, dataset, count(*) from activations group by all order by all").fetchall()
+        assert got == sorted((layer, d, len(rows)) for (layer, d), rows in ACTS.items())
+        assert con.sql("select count(*) from activations where layer = 12").fetchall() == [(1,)]
+        pos = con.sql("select dataset, sum(is_positive::int), count(*), any_value(role) from samples "
+                      "group by all order by all").fetchall()
+        assert pos == [("ood_b", 3, 3, "ood"), ("train_a", 1, 2, "train")]
+        assert con.sql("select layer, feature_id, selectivity from feature_stats order by feature_id").fetchall() == [
+            (1, 5, 0.25), (1, 9, -1.0)]
+        # a plain client may read, not write: the catalog file is opened read-only
+        with pytest.raises(duckdb.Error):
+            con.execute("create table t as select 1")
+    finally:
+        con.close()
+
+
+def test_catalog_rebuild_sees_new_partitions(lake: Lake) -> None:
+    build_catalog(lake)
+    lake.write("activations", _acts([(0, 1, 1.0)] * 4), layer=3, dataset="ood_b")
+    # views read the files at query time: the existing catalog already sees the new partition
+    with duckdb.connect(str(lake.catalog_path), read_only=True) as con:
+        assert con.sql("select count(*) from activations").fetchall() == [(N_ACTS + 4,)]
+    lake.write("stats/selected_features", pa.table({"feature_id": [5]}), layer=1)
+    _, names = build_catalog(lake)
+    assert "selected_features" in names
+
+
+def test_numeric_looking_dataset_slug_stays_a_string(tmp_path: Path) -> None:
+    """hive autocast would read dataset=2024 as a number; the registry's slugs are strings."""
+    lk = Lake(str(tmp_path / "lake"))
+    lk.write("samples", _samples("train_a"), dataset="2024")
+    lk.write("activations", _acts(ACTS[(1, "train_a")]), layer=1, dataset="2024")
+    lk.write("stats/activation_profile", pa.table({"n": [1]}), layer=1, dataset="2025")
+    con = views_connection(lk)
+    assert _types(con, "samples")["dataset"] == "VARCHAR"
+    assert _types(con, "activations")["dataset"] == "VARCHAR"
+    assert _types(con, "activation_profile")["dataset"] == "VARCHAR"
+    assert con.sql("select distinct dataset from activations").fetchall() == [("2024",)]
+
+
+def test_query_answers(lake: Lake) -> None:
+    rel = query(lake, "select dataset, count(*) as n from activations where layer = 1 group by all order by 1")
+    assert rel is not None and rel.fetchall() == [("ood_b", 2), ("train_a", 3)]
+    assert query(lake, "explain select * from samples") is not None
+    assert query(lake, "EXPLAIN ANALYZE select count(*) from samples") is not None
+    assert query(lake, "with x as (select 1 as a) select a from x").fetchall() == [(1,)]
+
+
+REFUSED = [
+    "create table t as select 1",
+    "create view v as select 1",
+    "insert into samples values (1)",
+    "update samples set text = 'x'",
+    "delete from samples",
+    "drop view samples",
+    "alter view samples rename to s2",
+    "attach 'other.duckdb' as o",
+    "detach o",
+    "install httpfs",
+    "load httpfs",
+    "set threads = 1",
+    "reset threads",
+    "pragma enable_profiling",
+    "call pragma_version()",
+    "checkpoint",
+    "vacuum",
+    "export database 'out'",
+    "select 1; drop view samples",
+    "select 1;\n-- looks harmless\ncreate table t as select 2",
+    "begin transaction",
+]
+
+
+@pytest.mark.parametrize("sql", REFUSED)
+def test_query_refuses_writes(lake: Lake, sql: str) -> None:
+    with pytest.raises(ReadOnlyError):
+        query(lake, sql)
+
+
+@pytest.mark.parametrize("template", [
+    "copy (select * from samples) to '{out}'",
+    "copy samples to '{out}' (format parquet)",
+    "select 1; copy (select 1) to '{out}'",
+    "explain analyze copy (select * from samples) to '{out}'",
+    "explain (analyze) copy (select 1) to '{out}'",
+    "/* hidden */ EXPLAIN -- note\n ANALYZE copy (select 1) to '{out}'",
+])
+def test_query_refuses_copy_and_writes_nothing(lake: Lake, tmp_path: Path, template: str) -> None:
+    out = tmp_path / "out.csv"
+    with pytest.raises(ReadOnlyError):
+        rel = query(lake, template.format(out=out))
+        if rel is not None:
+            rel.fetchall()
+    assert not out.exists(), f"refused statement {template!r} still wrote {out}"
+
+
+@pytest.mark.parametrize("sql", ["", "   ", "-- only a comment", "selec 1"])
+def test_query_refuses_empty_or_unparsable(lake: Lake, sql: str) -> None:
+    with pytest.raises(ReadOnlyError):
+        query(lake, sql)
+
+
+def test_temp_files_are_not_read_by_views(lake: Lake, tmp_path: Path) -> None:
+    real = lake.file("activations", 1, "train_a")
+    part = real.parent
+    shutil.copy(real, part / ".tmp-0123abcd.parquet.inprogress")
+    # a table folder with only a temp file gets no view at all
+    orphan = lake.base / "tokens" / "dataset=train_a"
+    orphan.mkdir(parents=True)
+    shutil.copy(real, orphan / ".tmp-4567.parquet.inprogress")
+    _, names = build_catalog(lake)
+    assert "tokens" not in names
+    assert query(lake, "select count(*) from activations").fetchall() == [(N_ACTS,)]
+    with duckdb.connect(str(lake.catalog_path), read_only=True) as con:
+        assert con.sql("select count(*) from activations").fetchall() == [(N_ACTS,)]
+    assert duckdb.sql(f"select count(*) from read_parquet('{lake.glob('activations')}')").fetchall() == [(N_ACTS,)]
+
+
+def test_skipped_folders_get_no_view(lake: Lake) -> None:
+    (lake.base / "sae" / "layer=1").mkdir(parents=True)
+    shutil.copy(lake.file("activations", 1, "train_a"), lake.base / "sae" / "layer=1" / "x.parquet")
+    _, names = build_catalog(lake)
+    assert "sae" not in names
+
+
+def test_empty_lake_builds_an_empty_catalog(tmp_path: Path) -> None:
+    path, names = build_catalog(Lake(str(tmp_path / "lake")))
+    assert names == [] and path.is_file()
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+@pytest.fixture
+def cli_env(lake: Lake, monkeypatch: pytest.MonkeyPatch) -> Lake:
+    monkeypatch.setenv("FEATURELAKE_LAKE", lake.root)
+    monkeypatch.delenv("FEATURELAKE_PROFILE", raising=False)  # profile `default` -> namespace `default`
+    return lake
+
+
+def test_cli_sql_json(cli_env: Lake, capsys: pytest.CaptureFixture[str]) -> None:
+    from dagster_project.cli import main
+
+    assert main(["sql", "select count(*) as n from activations", "--format", "json"]) == 0
+    out = capsys.readouterr().out
+    assert json.loads(out) == [{"n": N_ACTS}], out
+    assert main(["sql", "select dataset, layer, count(*) as n from activations group by all order by all",
+                 "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows == [{"dataset": d, "layer": layer, "n": len(r)} for (layer, d), r in sorted(
+        ACTS.items(), key=lambda kv: (kv[0][1], kv[0][0]))]
+
+
+def test_cli_sql_csv_and_table(cli_env: Lake, capsys: pytest.CaptureFixture[str]) -> None:
+    from dagster_project.cli import main
+
+    assert main(["sql", "select dataset, count(*) as n from samples group by all order by 1", "--format", "csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert rows == [{"dataset": "ood_b", "n": "3"}, {"dataset": "train_a", "n": "2"}]
+    assert main(["sql", "select 42 as answer"]) == 0
+    assert "answer" in capsys.readouterr().out
+
+
+def test_cli_sql_refused_and_failing(cli_env: Lake, capsys: pytest.CaptureFixture[str]) -> None:
+    from dagster_project.cli import main
+
+    assert main(["sql", "drop view activations"]) == 2
+    err = capsys.readouterr()
+    assert "read-only" in err.err and "DROP" in err.err and err.out == ""
+    assert main(["sql", "select * from no_such_view"]) == 1
+    err = capsys.readouterr()
+    assert "no_such_view" in err.err and err.out == ""
+    assert main(["sql", "select count(*) as n from activations", "--format", "json"]) == 0, "views must survive"

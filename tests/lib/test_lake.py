@@ -1,0 +1,217 @@
+"""The Parquet lake (dagster_project/lib/lake.py): layout, atomic writes, provenance, corrupt files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from dagster_project.lib.lake import META_KEY, Lake, LakeError
+
+SCHEMA = pa.schema([("sample_id", pa.int32()), ("feature_id", pa.int32()), ("max_act", pa.float32())])
+META = {"model": "google/gemma-3-270m", "sae": "topk-4096", "hook": "blocks.6.hook_resid_post",
+        "dtype": "bfloat16", "config_hash": "abc123"}
+
+
+def _acts(n: int, start: int = 0) -> pa.Table:
+    return pa.table({"sample_id": pa.array(range(start, start + n), pa.int32()),
+                     "feature_id": pa.array([i % 7 for i in range(n)], pa.int32()),
+                     "max_act": pa.array([0.5 + i for i in range(n)], pa.float32())})
+
+
+def _glob_count(lake: Lake, table: str) -> int:
+    return duckdb.sql(f"select count(*) from read_parquet('{lake.glob(table)}')").fetchall()[0][0]
+
+
+@pytest.fixture
+def lake(tmp_path: Path) -> Lake:
+    return Lake(str(tmp_path / "lake"), "default")
+
+
+def test_write_read_round_trip_with_provenance(lake: Lake, tmp_path: Path) -> None:
+    path = lake.write("activations", _acts(5), layer=6, dataset="gold_alt", meta=META)
+    assert path == tmp_path / "lake" / "default" / "activations" / "layer=6" / "dataset=gold_alt" / "part-0.parquet"
+    assert lake.exists("activations", 6, "gold_alt") and not lake.exists("activations", 7, "gold_alt")
+    back = lake.read("activations", 6, "gold_alt")
+    assert back.schema.names == SCHEMA.names, "partition columns must live in the path only"
+    assert back.cast(SCHEMA).to_pylist() == _acts(5).to_pylist()
+    assert lake.read_meta("activations", 6, "gold_alt") == META
+    assert json.loads(pq.read_schema(path).metadata[META_KEY]) == META
+    assert pq.ParquetFile(path).metadata.row_group(0).column(0).compression == "ZSTD"
+    # no provenance record: an empty dict, not an error
+    lake.write("samples", pa.table({"sample_id": [0]}), dataset="gold_alt")
+    assert lake.read_meta("samples", dataset="gold_alt") == {}
+
+
+def test_rerun_replaces_the_partition(lake: Lake) -> None:
+    lake.write("activations", _acts(5), layer=1, dataset="a", meta=META)
+    lake.write("activations", _acts(2, start=100), layer=1, dataset="a", meta={**META, "config_hash": "new"})
+    lake.write("activations", _acts(3), layer=1, dataset="b", meta=META)
+    part = lake.partition_dir("activations", 1, "a")
+    assert sorted(p.name for p in part.iterdir()) == ["part-0.parquet"]
+    assert lake.read("activations", 1, "a").column("sample_id").to_pylist() == [100, 101]
+    assert lake.read_meta("activations", 1, "a")["config_hash"] == "new"
+    assert _glob_count(lake, "activations") == 2 + 3
+
+
+@pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])
+def test_failed_write_keeps_previous_file(lake: Lake, exc: type[BaseException]) -> None:
+    lake.write("activations", _acts(4), layer=2, dataset="a", meta=META)
+    part = lake.partition_dir("activations", 2, "a")
+    with pytest.raises(exc), lake.writer("activations", SCHEMA, 2, "a", {**META, "sae": "other"}) as w:
+        w.write_table(_acts(50, start=1000))
+        # mid-write: the new rows sit in a hidden temp file that neither the glob nor the old file shows
+        assert [p.name for p in part.iterdir() if p.name.startswith(".tmp-")], "writer should write aside"
+        assert _glob_count(lake, "activations") == 4
+        assert lake.read("activations", 2, "a").num_rows == 4
+        raise exc("killed mid-way")
+    assert sorted(p.name for p in part.iterdir()) == ["part-0.parquet"], "temp file left behind"
+    assert lake.read("activations", 2, "a").column("sample_id").to_pylist() == [0, 1, 2, 3]
+    assert lake.read_meta("activations", 2, "a")["sae"] == META["sae"]
+
+
+def test_writer_in_batches(lake: Lake) -> None:
+    with lake.writer("token_activations", SCHEMA, 3, "a", META) as w:
+        for k in range(3):
+            w.write_table(_acts(10, start=10 * k))
+    t = lake.read("token_activations", 3, "a")
+    assert t.column("sample_id").to_pylist() == list(range(30))
+    assert lake.read_meta("token_activations", 3, "a") == META
+
+
+def test_temp_leftover_invisible_and_cleaned(lake: Lake) -> None:
+    lake.write("activations", _acts(3), layer=1, dataset="a")
+    part = lake.partition_dir("activations", 1, "a")
+    # what a killed process leaves behind: a complete-looking Parquet file under a temp name, and a folder
+    pq.write_table(_acts(99), part / ".tmp-0123abcd.parquet.inprogress")
+    (lake.base / "stats" / ".tmp-dir").mkdir(parents=True)
+    (lake.base / "stats" / ".tmp-dir" / "x.parquet").write_bytes(b"junk")
+    (lake.base / ".tmp-1.duckdb").write_bytes(b"junk")
+    assert _glob_count(lake, "activations") == 3
+    assert lake.clean_temp() == 3
+    assert not list(lake.base.rglob(".tmp-*"))
+    assert lake.read("activations", 1, "a").num_rows == 3
+    assert lake.clean_temp() == 0
+    assert Lake(str(lake.base.parent / "nowhere")).clean_temp() == 0
+
+
+def test_check_provenance(lake: Lake) -> None:
+    lake.write("activations", _acts(3), layer=6, dataset="gold_alt", meta=META)
+    keys = ("model", "sae", "hook", "config_hash")
+    assert lake.check_provenance("activations", 6, "gold_alt", {**META, "dtype": "float32"}, keys) == META
+    with pytest.raises(LakeError) as ei:
+        lake.check_provenance("activations", 6, "gold_alt", {**META, "sae": "gemmascope-16k"}, keys)
+    msg = str(ei.value)
+    assert str(lake.file("activations", 6, "gold_alt")) in msg
+    assert "sae: lake has 'topk-4096', profile wants 'gemmascope-16k'" in msg, msg
+    assert "model" not in msg.split("(", 1)[1].split(")")[0], "only differing fields are named"
+    assert "featurelake backfill --layer 6 --dataset gold_alt" in msg, msg
+    # a file written without a record differs on every key
+    lake.write("activations", _acts(3), layer=6, dataset="b")
+    with pytest.raises(LakeError, match="model: lake has None, profile wants 'google/gemma-3-270m'"):
+        lake.check_provenance("activations", 6, "b", META, keys)
+
+
+@pytest.mark.parametrize("content", [b"this is not parquet at all", b"", b"PAR1" + b"\0" * 20])
+def test_corrupt_file_is_a_lake_error(lake: Lake, content: bytes) -> None:
+    path = lake.file("activations", 1, "a")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(content)
+    for call in (lambda: lake.read("activations", 1, "a"), lambda: lake.read_meta("activations", 1, "a")):
+        with pytest.raises(LakeError) as ei:
+            call()
+        assert str(path) in str(ei.value) and "not a readable Parquet file" in str(ei.value)
+        assert "rerun that partition" in str(ei.value)
+
+
+def test_truncated_file_is_a_lake_error(lake: Lake) -> None:
+    path = lake.write("activations", _acts(1000), layer=1, dataset="a")
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(LakeError, match="not a readable Parquet file"):
+        lake.read("activations", 1, "a")
+
+
+def test_bad_provenance_json_is_a_lake_error(lake: Lake) -> None:
+    path = lake.file("activations", 1, "a")
+    path.parent.mkdir(parents=True)
+    pq.write_table(_acts(2).replace_schema_metadata({META_KEY: b"{not json"}), path)
+    with pytest.raises(LakeError, match="provenance record is not valid JSON"):
+        lake.read_meta("activations", 1, "a")
+
+
+def test_missing_partition(lake: Lake) -> None:
+    with pytest.raises(LakeError) as ei:
+        lake.read("activations", 4, "a")
+    assert str(lake.file("activations", 4, "a")) in str(ei.value)
+    assert "materialize activations for layer=4 dataset=a" in str(ei.value)
+
+
+@pytest.mark.parametrize(("kw", "expect"), [
+    ({"layer": 1, "dataset": "../x"}, "unsafe dataset name '../x'"),
+    ({"layer": 1, "dataset": "A B"}, "unsafe dataset name 'A B'"),
+    ({"layer": 1, "dataset": ""}, "unsafe dataset name ''"),
+    ({"layer": 1, "dataset": "/abs"}, "unsafe dataset name '/abs'"),
+    ({"layer": -1, "dataset": "a"}, "layer must be >= 0, got -1"),
+    ({"layer": "-1", "dataset": "a"}, "layer must be an integer >= 0"),
+    ({"layer": 1.5, "dataset": "a"}, "layer must be an integer >= 0, got 1.5"),
+    ({"layer": "../1", "dataset": "a"}, "layer must be an integer >= 0"),
+    ({"layer": True, "dataset": "a"}, "layer must be an integer >= 0, got True"),
+    ({"layer": 1}, r"partitioned by \('layer', 'dataset'\); dataset not given"),
+    ({"dataset": "a"}, r"partitioned by \('layer', 'dataset'\); layer not given"),
+])
+def test_unsafe_partition_values_refused(lake: Lake, tmp_path: Path, kw: dict[str, Any], expect: str) -> None:
+    with pytest.raises(LakeError, match=expect):
+        lake.write("activations", _acts(1), **kw)
+    assert not (tmp_path / "lake").exists() or not list((tmp_path / "lake").rglob("*.parquet"))
+    assert sorted(p.name for p in tmp_path.iterdir()) in ([], ["lake"])
+
+
+@pytest.mark.parametrize("table", ["../x", "/tmp/x", "stats/../../x", "Activations", "a b", "stats/", "stats//x"])
+def test_unsafe_table_names_refused(lake: Lake, table: str) -> None:
+    with pytest.raises(LakeError, match="unsafe table name"):
+        lake.write(table, _acts(1), layer=1)
+
+
+@pytest.mark.parametrize("namespace", ["../up", "A", "", "a/b"])
+def test_unsafe_namespace_refused(tmp_path: Path, namespace: str) -> None:
+    with pytest.raises(LakeError, match="unsafe profile name"):
+        Lake(str(tmp_path), namespace).write("samples", _acts(1), dataset="a")
+
+
+def test_layer_given_as_partition_key_string(lake: Lake) -> None:
+    """Dagster partition keys are strings; numpy ints come from arrays."""
+    assert lake.write("activations", _acts(1), layer="6", dataset="a").parent.parent.name == "layer=6"
+    assert lake.file("activations", np.int64(6), "a") == lake.file("activations", 6, "a")
+
+
+def test_stats_tables_keep_every_given_key(lake: Lake) -> None:
+    p1 = lake.write("stats/feature_stats", _acts(2), layer=1)
+    assert p1 == lake.base / "stats" / "feature_stats" / "layer=1" / "part-0.parquet"
+    pa_ = lake.write("stats/activation_profile", _acts(2), layer=1, dataset="a")
+    pb = lake.write("stats/activation_profile", _acts(3), layer=1, dataset="b")
+    assert pa_ != pb, "a per-(layer, dataset) statistic must not overwrite another dataset's file"
+    assert pb == lake.base / "stats" / "activation_profile" / "layer=1" / "dataset=b" / "part-0.parquet"
+    assert lake.read("stats/activation_profile", 1, "a").num_rows == 2
+
+
+def test_namespaces_do_not_share_tables(tmp_path: Path) -> None:
+    a, b = Lake(str(tmp_path), "default"), Lake(str(tmp_path), "gemma-3-27b")
+    a.write("activations", _acts(2), layer=1, dataset="x")
+    assert not b.exists("activations", 1, "x")
+    assert b.catalog_path == tmp_path / "gemma-3-27b" / "lake.duckdb"
+    assert a.sae_dir(3) == tmp_path / "default" / "sae" / "layer=3"
+
+
+def test_remove_partition(lake: Lake) -> None:
+    lake.write("activations", _acts(2), layer=1, dataset="a")
+    lake.write("activations", _acts(2), layer=1, dataset="b")
+    lake.remove_partition("activations", 1, "a")
+    lake.remove_partition("activations", 1, "never")
+    assert not lake.exists("activations", 1, "a") and lake.exists("activations", 1, "b")
