@@ -70,9 +70,9 @@ class SAEResource(dg.ConfigurableResource):
     width: int = 4096
     k: int = 32
     train_tokens: int = 200_000
-    epochs: int = 3
-    batch_size: int = 1024
-    lr: float = 4e-4
+    epochs: int = 8
+    batch_size: int = 256
+    lr: float = 1e-3
     seed: int = 0
 
     def load(self, layer: int, lake: Lake, device: str = "cpu", d_model: int | None = None) -> LoadedSAE:
