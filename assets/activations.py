@@ -7,14 +7,7 @@ import dagster as dg
 
 from dagster_project.config import ExtractionConfig, load_profile
 from dagster_project.lib.datasets import parse_registry
-from dagster_project.lib.extraction import (
-    POOLED_SCHEMA,
-    TOKEN_ACTS_SCHEMA,
-    extract,
-    residual_schema,
-    tokenize,
-    tokens_table,
-)
+from dagster_project.lib.extraction import extract_to_lake, tokenize
 from dagster_project.lib.lake import Lake
 from dagster_project.partitions import layer_dataset_partitions, split_keys
 from dagster_project.resources import LakeResource, ModelResource, SAEResource
@@ -52,12 +45,8 @@ def extract_dataset(
     texts = dict(zip(samples.column("sample_id").to_pylist(), samples.column("text").to_pylist(), strict=True))
     saes = {layer: sae.load(layer, lake, device=str(lm.device), d_model=lm.d_model) for layer in layers}
     items = tokenize(lm.tokenizer, list(texts.values()), list(texts), model.max_tokens)
-    t0 = time.time()
     metas = {layer: {**provenance(model, saes[layer].sae_id, sae.hook), "layer": layer, "dataset": dataset,
                      "role": spec.role} for layer in layers}
-    lake.write("tokens", tokens_table(items, texts, lm.tokenizer), dataset=dataset,
-               meta={"model_id": model.model_id, "max_tokens": model.max_tokens})
-    active_total = {layer: 0 for layer in layers}
     last_log = [0.0]
 
     def progress(done: int, total: int) -> None:
@@ -65,41 +54,8 @@ def extract_dataset(
             last_log[0] = time.time()
             context.log.info(f"{dataset} layers {layers}: {done}/{total} samples")
 
-    from contextlib import ExitStack
-
-    with ExitStack() as stack:
-        writers = {}
-        for layer in layers:
-            writers[("activations", layer)] = stack.enter_context(
-                lake.writer("activations", POOLED_SCHEMA, layer, dataset, metas[layer]))
-            if cfg.write_token_activations:
-                writers[("token_activations", layer)] = stack.enter_context(
-                    lake.writer("token_activations", TOKEN_ACTS_SCHEMA, layer, dataset, metas[layer]))
-            if cfg.write_residuals:
-                writers[("residuals", layer)] = stack.enter_context(
-                    lake.writer("residuals", residual_schema(lm.d_model), layer, dataset, metas[layer]))
-        stats = None
-        for out, stats in extract(lm, saes, items, model.batch_tokens, cfg.write_token_activations,
-                                  cfg.write_residuals, progress):
-            for layer, lb in out.items():
-                writers[("activations", layer)].write_table(lb.pooled.sort_by([("feature_id", "ascending")]))
-                active_total[layer] += lb.pooled.num_rows
-                if lb.token_acts is not None:
-                    writers[("token_activations", layer)].write_table(lb.token_acts)
-                if lb.residuals is not None:
-                    writers[("residuals", layer)].write_table(lb.residuals)
-    seconds = time.time() - t0
-    assert stats is not None
-    return {
-        "samples": stats.n_samples,
-        "tokens": stats.n_tokens,
-        "truncated_texts": stats.n_truncated,
-        "seconds": seconds,
-        "tokens_per_s": stats.n_tokens / max(seconds, 1e-9),
-        "padding_fraction": 1 - stats.n_tokens / max(stats.padded_tokens, 1),
-        **{f"active_features_per_sample_L{layer}": active_total[layer] / max(stats.n_samples, 1) for layer in layers},
-        **{f"pooled_rows_L{layer}": active_total[layer] for layer in layers},
-    }
+    return extract_to_lake(lm, saes, items, texts, lake, dataset, metas, model.batch_tokens,
+                           cfg.write_token_activations, cfg.write_residuals, progress)
 
 
 @dg.asset(

@@ -301,3 +301,64 @@ def collect_vectors(lm: LoadedModel, layer: int, items: Sequence[Tokenized], bat
         g = torch.Generator().manual_seed(seed)
         allv = allv[torch.randperm(allv.shape[0], generator=g)[:max_vectors]]
     return allv
+
+
+def extract_to_lake(
+    lm: LoadedModel,
+    saes: dict[int, LoadedSAE],
+    items: Sequence[Tokenized],
+    texts: dict[int, str],
+    lake: Any,
+    dataset: str,
+    metas: dict[int, dict[str, Any]],
+    batch_tokens: int,
+    with_tokens: bool = True,
+    with_residuals: bool = True,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, float]:
+    """Extract ``items`` at every layer of ``saes`` in one pass and write each (layer, dataset) partition.
+
+    Rows stream batch by batch into Parquet writers on hidden temp files (memory does not grow with the
+    number of samples); all partitions are renamed into place only when every batch succeeded.
+    """
+    import time
+    from contextlib import ExitStack
+
+    t0 = time.time()
+    layers = sorted(saes)
+    lake.write("tokens", tokens_table(items, texts, lm.tokenizer), dataset=dataset,
+               meta={"model_id": lm.model_id, "max_tokens": max((t.n_real for t in items), default=0)})
+    active_total = {layer: 0 for layer in layers}
+    stats: ExtractStats | None = None
+    with ExitStack() as stack:
+        writers: dict[tuple[str, int], Any] = {}
+        for layer in layers:
+            writers[("activations", layer)] = stack.enter_context(
+                lake.writer("activations", POOLED_SCHEMA, layer, dataset, metas[layer]))
+            if with_tokens:
+                writers[("token_activations", layer)] = stack.enter_context(
+                    lake.writer("token_activations", TOKEN_ACTS_SCHEMA, layer, dataset, metas[layer]))
+            if with_residuals:
+                writers[("residuals", layer)] = stack.enter_context(
+                    lake.writer("residuals", residual_schema(lm.d_model), layer, dataset, metas[layer]))
+        for out, stats in extract(lm, saes, items, batch_tokens, with_tokens, with_residuals, progress):  # noqa: B007
+            for layer, lb in out.items():
+                writers[("activations", layer)].write_table(lb.pooled.sort_by([("feature_id", "ascending")]))
+                active_total[layer] += lb.pooled.num_rows
+                if lb.token_acts is not None:
+                    writers[("token_activations", layer)].write_table(lb.token_acts)
+                if lb.residuals is not None:
+                    writers[("residuals", layer)].write_table(lb.residuals)
+    if stats is None:
+        raise ValueError(f"dataset {dataset!r} has no samples to extract")
+    seconds = time.time() - t0
+    return {
+        "samples": stats.n_samples,
+        "tokens": stats.n_tokens,
+        "truncated_texts": stats.n_truncated,
+        "seconds": seconds,
+        "tokens_per_s": stats.n_tokens / max(seconds, 1e-9),
+        "padding_fraction": 1 - stats.n_tokens / max(stats.padded_tokens, 1),
+        **{f"active_features_per_sample_L{layer}": active_total[layer] / max(stats.n_samples, 1) for layer in layers},
+        **{f"pooled_rows_L{layer}": active_total[layer] for layer in layers},
+    }
