@@ -1,0 +1,79 @@
+"""End to end through the `featurelake` command, as a user runs it: demo, sql, layers add, backfill.
+
+Runs in subprocesses (as a user would) on the tiny random Gemma 3 with GemmaScope-format SAEs and a
+small JSONL registry, with the lake and DAGSTER_HOME in tmp.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+CLI = [sys.executable, "-m", "dagster_project.cli"]
+
+
+def run_cli(args: list[str], env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"featurelake {args} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def sql_json(query: str, env: dict[str, str]) -> list[dict]:
+    return json.loads(run_cli(["sql", query, "--format", "json"], env).stdout)
+
+
+@pytest.fixture
+def cli_env(tiny_profile: Path, small_registry: Path) -> dict[str, str]:
+    return dict(os.environ)
+
+
+def test_demo_then_sql_then_backfill_a_new_layer(cli_env: dict[str, str], tmp_path: Path) -> None:
+    run_cli(["demo"], cli_env)
+    rows = sql_json("select layer, dataset, count(*) as n, count(distinct sample_id) as s "
+                    "from activations group by all order by all", cli_env)
+    assert [(r["layer"], r["dataset"]) for r in rows] == [(1, "oo"), (1, "te"), (1, "tr")]
+    assert [r["s"] for r in rows] == [6, 12, 24]
+    n_samples = sql_json("select count(*) as n from samples", cli_env)[0]["n"]
+    assert n_samples == 42
+    tok = sql_json("select count(*) as n from token_activations where layer = 1", cli_env)[0]["n"]
+    assert tok > 0
+
+    # Every activation file records what made it.
+    f = tmp_path / "lake" / "tiny" / "activations" / "layer=1" / "dataset=tr" / "part-0.parquet"
+    meta = json.loads(pq.read_schema(f).metadata[b"featurelake"])
+    assert meta["hook"] == "resid_post" and meta["sae_id"].startswith("gemmascope:layer_1@")
+
+    # A new layer: register, backfill, and it is there beside the first.
+    assert "registered" in run_cli(["layers", "add", "3"], cli_env).stdout
+    run_cli(["backfill", "--layer", "3"], cli_env)
+    layers = sql_json("select distinct layer from activations order by layer", cli_env)
+    assert [r["layer"] for r in layers] == [1, 3]
+
+    # Rerunning a partition replaces it: same row count, no duplicates.
+    before = sql_json("select count(*) as n from activations where layer = 3 and dataset = 'tr'", cli_env)[0]["n"]
+    run_cli(["backfill", "--layer", "3", "--dataset", "tr"], cli_env)
+    after = sql_json("select count(*) as n, count(distinct (sample_id, feature_id)) as u from activations "
+                     "where layer = 3 and dataset = 'tr'", cli_env)[0]
+    assert after["n"] == before and after["u"] == before
+
+
+def test_backfill_of_unknown_layer_and_layer_beyond_model(cli_env: dict[str, str]) -> None:
+    proc = run_cli(["backfill", "--layer", "2"], cli_env, check=False)
+    assert proc.returncode == 2 and "featurelake layers add 2" in proc.stderr
+    run_cli(["layers", "add", "9"], cli_env)
+    proc = run_cli(["demo", "--layer", "9"], cli_env, check=False)
+    proc = run_cli(["demo", "--layer", "9"], cli_env, check=False)
+    assert proc.returncode != 0
+    assert "layer 9 is beyond the model" in proc.stderr
+
+
+def test_sql_refuses_writes(cli_env: dict[str, str]) -> None:
+    proc = run_cli(["sql", "create table x as select 1"], cli_env, check=False)
+    assert proc.returncode == 2 and "read-only" in proc.stderr
