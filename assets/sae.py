@@ -26,7 +26,7 @@ def train_texts(lake: LakeResource) -> tuple[list[str], list[int]]:
 @dg.asset(
     partitions_def=layer_partitions,
     group_name="sae",
-    deps=["samples"],
+    deps=[dg.AssetDep("samples", partition_mapping=dg.AllPartitionMapping())],
     kinds={"pytorch"},
 )
 def sae(context: dg.AssetExecutionContext, lake: LakeResource, model: ModelResource,

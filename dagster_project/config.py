@@ -11,11 +11,14 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import dagster as dg
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+if TYPE_CHECKING:
+    from dagster_project.lib.evaluation import EvalSettings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,9 +45,9 @@ class SAESpec(BaseModel):
     width: int = Field(4096, ge=16)
     k: int = Field(32, ge=1)
     train_tokens: int = Field(200_000, ge=1000, description="activation vectors used to train")
-    epochs: int = Field(3, ge=1)
-    batch_size: int = Field(1024, ge=16)
-    lr: float = Field(4e-4, gt=0)
+    epochs: int = Field(8, ge=1)
+    batch_size: int = Field(256, ge=16)
+    lr: float = Field(1e-3, gt=0)
     seed: int = 0
 
 
@@ -95,7 +98,7 @@ PROFILES: dict[str, Profile] = {
             sae_id="layer_{layer}_width_16k_l0_medium",
             hook="resid_post",
         ),
-        describer=DescriberSpec(backend="anthropic", model="claude-sonnet-4-5", concurrency=32),
+        describer=DescriberSpec(backend="anthropic", model="claude-sonnet-4-6", concurrency=32),
         layers=[16, 31, 40, 53],
     ),
 }
@@ -123,3 +126,97 @@ class ExtractionConfig(dg.Config):
 
     write_token_activations: bool = Field(True, description="store per-token rows (needed for windows)")
     write_residuals: bool = Field(True, description="store pooled residual vectors (dense baseline)")
+
+
+class ProbeConfig(dg.Config):
+    """Launchpad config of the ``probes``, ``evaluation`` and ``probe_report`` assets.
+
+    ``probes`` uses the training sets and the grid; ``evaluation`` the bootstrap, seed and folds (the
+    cross-distribution refits); ``probe_report`` the report sizes. Lists are tried in the order given.
+    """
+
+    train_datasets: list[str] = Field(
+        default=[], description="datasets to train on; empty = every dataset whose role is 'train' "
+        "(positive-only datasets may be named too; the class balance is reported)"
+    )
+    top_n: list[int] = Field(default=[10, 20, 50, 100, 200, 500], description="top-N-by-|selectivity| feature sets")
+    include_all: bool = Field(True, description="also probe every active feature")
+    relevant_threshold: float = Field(
+        6.0, ge=0, le=10, description="features with classification score >= this form the 'relevant' set "
+        "(used only when the classifications view exists)"
+    )
+    penalties: list[str] = Field(default=["l1", "l2"], description="'l1' and/or 'l2'")
+    Cs: list[float] = Field(default=[10.0, 1.0, 0.1, 0.01], description="inverse regularisation strengths")
+    default_transform: str = Field("raw", description="transform of the first grid stage")
+    transforms: list[str] = Field(
+        default=["raw", "binary", "log1p", "zscore", "quantile"],
+        description="transforms swept on the best (feature set, penalty, C)",
+    )
+    value: str = Field("max_act", description="pooled value probed: 'max_act' or 'mean_act'")
+    full: bool = Field(False, description="cross every transform with the whole grid (about 5x the work)")
+    dense_poolings: list[str] = Field(
+        default=["mean", "max", "both"], description="residual poolings of the dense baseline; [] skips it"
+    )
+    dense_Cs: list[float] = Field(default=[1.0, 0.1, 0.01], description="C values of the dense baseline")
+    folds: int = Field(5, ge=2, description="cross-validation folds (capped by the smaller class)")
+    n_boot: int = Field(1000, ge=1, description="bootstrap resamples of each AUROC confidence interval")
+    seed: int = Field(0, description="seeds folds, solvers and the bootstrap")
+    report_max_features: int = Field(50, ge=1, description="feature pages: the best SAE probe's largest weights")
+    report_top_windows: int = Field(5, ge=1, description="top windows per feature page")
+    report_window_tokens: int = Field(12, ge=0, description="tokens each side of a window's peak")
+
+    @model_validator(mode="after")
+    def _valid_grid(self) -> ProbeConfig:
+        self.settings()  # ProbeGridConfig / EvalSettings raise ValueError naming the bad field
+        return self
+
+    def settings(self) -> EvalSettings:
+        """The library's settings (imported lazily: sklearn is not needed to read a profile)."""
+        from dagster_project.lib.evaluation import EvalSettings
+        from dagster_project.lib.probes import ProbeGridConfig
+
+        grid = ProbeGridConfig(
+            top_n=tuple(self.top_n),
+            include_all=self.include_all,
+            relevant_threshold=self.relevant_threshold,
+            penalties=tuple(self.penalties),
+            Cs=tuple(self.Cs),
+            default_transform=self.default_transform,
+            transforms=tuple(self.transforms),
+            value=self.value,
+            full=self.full,
+            dense_poolings=tuple(self.dense_poolings),
+            dense_Cs=tuple(self.dense_Cs),
+            folds=self.folds,
+            seed=self.seed,
+        )
+        return EvalSettings(
+            grid=grid,
+            train_datasets=tuple(self.train_datasets),
+            n_boot=self.n_boot,
+            seed=self.seed,
+            report_max_features=self.report_max_features,
+            report_top_windows=self.report_top_windows,
+            report_window_tokens=self.report_window_tokens,
+        )
+
+
+class StatsConfig(dg.Config):
+    """Launchpad config of the statistics assets (group ``statistics``).
+
+    ``feature_stats`` uses ``train_datasets`` and ``min_act`` and records the values it used (the training
+    datasets resolved to names) in its Parquet file; ``selected_features`` and ``cross_distribution`` read
+    them back from there, so every statistic of a layer agrees with its ``feature_stats``.
+    ``selected_features`` uses the selection fields.
+    """
+
+    train_datasets: list[str] = Field(
+        default=[], description="datasets pooled for class statistics; empty = every dataset whose role is 'train'"
+    )
+    min_act: float = Field(1.0, ge=0, description="a feature is active when its max_act reaches this")
+    min_selectivity: float = Field(0.3, ge=0, le=1, description="keep features with |selectivity| >= this")
+    keep_negative: bool = Field(True, description="also keep features that prefer the negative class")
+    min_freq: float = Field(
+        0.0, ge=0, le=1, description="keep features firing on at least this fraction of their preferred class"
+    )
+    max_features: int | None = Field(200, ge=1, description="keep the N highest-ranked features; None keeps all")

@@ -1,0 +1,1264 @@
+"""Probes over the lake for one layer: train, save, evaluate, compare across distributions, report.
+
+Pure functions over a DuckDB connection that has the lake's views (``catalog.views_connection``) and a
+:class:`~dagster_project.lib.lake.Lake`; no dagster import. The flow the ``probes``, ``evaluation`` and
+``probe_report`` assets follow:
+
+1. :func:`train_probes`: the SAE probe grid (feature sets from ``feature_stats`` selectivity and, when
+   the ``classifications`` view exists, the features classified relevant; L1/L2 x C; the transform
+   sweep) and the dense baselines on pooled residuals, cross-validated on the training datasets
+   (every ``train``-role dataset unless named). :func:`save_probes` writes each probe with
+   ``FittedProbe.save`` under ``probes_saved/layer=L/<probe_id>`` and returns the ``probes`` table.
+2. :func:`evaluate_probes`: every saved probe on every dataset it was not trained on (AUROC with a
+   bootstrap CI, accuracy at the training threshold, TPR at the training 1% FPR, per-raw-label rates,
+   detection rate for positive-only sets); :func:`probe_scores` per-sample scores of the best SAE probe
+   and the best dense baseline; :func:`cross_distribution` the best configurations refitted on each
+   dataset with both classes and evaluated on every other.
+3. :func:`report_figures` and :func:`write_report`: plots and a static HTML report with a page per
+   feature of the best SAE probe (description, relevance, weight, selectivity, firing rates, top
+   windows with the firing tokens highlighted), written aside and renamed into place.
+
+"Best" is always chosen on training cross-validation (``cv_auroc``), never on an evaluation set.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+import polars as pl
+import pyarrow as pa
+from numpy.typing import NDArray
+
+from dagster_project.lib import plots_probes
+from dagster_project.lib.lake import Lake, LakeError
+from dagster_project.lib.metrics import evaluate_scores
+from dagster_project.lib.probes import (
+    FittedProbe,
+    Matrix,
+    ProbeGridConfig,
+    ProbeResult,
+    ProbeSpec,
+    active_feature_ids,
+    cross_validate,
+    dense_design,
+    evaluate_probe,
+    feature_sets,
+    fit_probe,
+    load_probe,
+    search_dense_baselines,
+    search_probes,
+    select_columns,
+    sparse_design,
+)
+from dagster_project.sql import relation
+
+logger = logging.getLogger(__name__)
+
+PROVENANCE_KEYS = ("model_id", "sae_id", "hook", "dtype", "config_hash")
+SAVED_DIR = "probes_saved"
+REPORT_DIR = "report"
+REPORT_FILES = "probes"  # sub-folder of report/layer=L holding this report's figures and feature pages
+_PROBE_ID = re.compile(r"^[A-Za-z0-9_.+-]{1,200}$")
+
+
+class EvaluationError(RuntimeError):
+    """Inputs a probe stage needs are missing or inconsistent; the message says what to materialize."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """Everything the three probe stages take: the grid plus training sets, bootstrap and report sizes.
+
+    ``train_datasets`` empty means every ``train``-role dataset. ``seed`` seeds the bootstrap; the
+    grid's own ``seed`` seeds folds and solvers.
+    """
+
+    grid: ProbeGridConfig = field(default_factory=ProbeGridConfig)
+    train_datasets: tuple[str, ...] = ()
+    n_boot: int = 1000
+    seed: int = 0
+    report_max_features: int = 50
+    report_top_windows: int = 5
+    report_window_tokens: int = 12
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "train_datasets", tuple(str(d) for d in self.train_datasets))
+        if len(set(self.train_datasets)) != len(self.train_datasets):
+            raise ValueError(f"EvalSettings.train_datasets has duplicates: {list(self.train_datasets)}")
+        for name in ("n_boot", "report_max_features", "report_top_windows"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"EvalSettings.{name} must be >= 1, got {getattr(self, name)}")
+        if self.report_window_tokens < 0:
+            raise ValueError(f"EvalSettings.report_window_tokens must be >= 0, got {self.report_window_tokens}")
+
+    def to_json(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self)))
+
+    def probe_config_hash(self) -> str:
+        """Hash of what decides the fitted probes (grid and training sets)."""
+        d = {"grid": asdict(self.grid), "train_datasets": list(self.train_datasets)}
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the lake
+# ---------------------------------------------------------------------------------------------
+
+
+def view_names(con: duckdb.DuckDBPyConnection) -> set[str]:
+    """Names of the views and tables visible on ``con``."""
+    return {r[0] for r in con.sql("select table_name from information_schema.tables").fetchall()}
+
+
+def _require_views(con: duckdb.DuckDBPyConnection, names: Iterable[str], hint: str) -> None:
+    missing = sorted(set(names) - view_names(con))
+    if missing:
+        raise EvaluationError(f"the lake has no {', '.join(missing)} view(s): {hint}")
+
+
+def _pl(rel: duckdb.DuckDBPyRelation) -> pl.DataFrame:
+    out = pl.from_arrow(rel.to_arrow_table())
+    assert isinstance(out, pl.DataFrame)
+    return out
+
+
+class LayerData:
+    """The samples of the lake and, read on first use and cached, the designs of one layer.
+
+    Rows of every design follow the ``samples`` order: dataset, then ``sample_id``.
+    """
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, layer: int) -> None:
+        _require_views(con, ("samples", "activations"), f"materialize samples and activations for layer {layer}")
+        self.con = con
+        self.layer = int(layer)
+        self.samples = _pl(relation(con, "probes/samples")).with_columns(
+            pl.col("dataset").cast(pl.String), pl.col("sample_id").cast(pl.Int64)
+        )
+        extracted = set(_pl(relation(con, "probes/layer_datasets", {"layer": self.layer}))["dataset"].to_list())
+        self.extracted = sorted(extracted & set(self.samples["dataset"].unique().to_list()))
+        self.has_residual_view = "residuals" in view_names(con)
+        self._rows: dict[str, pl.DataFrame] = {}
+        self._resid: dict[str, pl.DataFrame] = {}
+
+    # -- datasets --------------------------------------------------------------------------
+
+    def all_datasets(self) -> list[str]:
+        """Every dataset of ``samples``, extracted at this layer or not."""
+        return sorted(self.samples["dataset"].unique().to_list())
+
+    def role(self, dataset: str) -> str:
+        roles = self.samples.filter(pl.col("dataset") == dataset)["role"].unique().to_list()
+        return str(roles[0]) if roles else ""
+
+    def samples_of(self, datasets: Sequence[str]) -> pl.DataFrame:
+        return self.samples.filter(pl.col("dataset").is_in(list(datasets)))
+
+    def balance(self, datasets: Sequence[str]) -> dict[str, dict[str, int]]:
+        """``{dataset: {n, n_pos, n_neg}}`` plus a ``total`` entry."""
+        out: dict[str, dict[str, int]] = {}
+        for d in datasets:
+            y = self.samples_of([d])["is_positive"]
+            out[d] = {"n": y.len(), "n_pos": int(y.sum()), "n_neg": int(y.len() - y.sum())}
+        out["total"] = {k: sum(v[k] for v in out.values()) for k in ("n", "n_pos", "n_neg")}
+        return out
+
+    def raw_labels(self, datasets: Sequence[str]) -> list[Any]:
+        return self.samples_of(datasets)["label"].to_list()
+
+    # -- designs ---------------------------------------------------------------------------
+
+    def rows(self, datasets: Sequence[str]) -> pl.DataFrame:
+        """Pooled sparse rows of ``datasets`` at this layer (read once per dataset)."""
+        todo = [d for d in datasets if d not in self._rows]
+        if todo:
+            df = _pl(relation(self.con, "probes/pooled_rows", {"layer": self.layer, "datasets": todo}))
+            df = df.with_columns(pl.col("dataset").cast(pl.String))
+            for d in todo:
+                self._rows[d] = df.filter(pl.col("dataset") == d)
+        return pl.concat([self._rows[d] for d in datasets]) if datasets else pl.DataFrame()
+
+    def residual_rows(self, datasets: Sequence[str]) -> pl.DataFrame:
+        if not self.has_residual_view:
+            raise EvaluationError(f"the lake has no residuals view: extract layer {self.layer} with residuals")
+        todo = [d for d in datasets if d not in self._resid]
+        if todo:
+            df = _pl(relation(self.con, "probes/residuals", {"layer": self.layer, "datasets": todo}))
+            df = df.with_columns(pl.col("dataset").cast(pl.String))
+            for d in todo:
+                self._resid[d] = df.filter(pl.col("dataset") == d)
+        return pl.concat([self._resid[d] for d in datasets])
+
+    def has_residuals(self, dataset: str) -> bool:
+        """Every sample of ``dataset`` has a residual row at this layer."""
+        if not self.has_residual_view:
+            return False
+        return self.residual_rows([dataset]).height == self.samples_of([dataset]).height
+
+    def sparse(
+        self, datasets: Sequence[str], feature_ids: Sequence[int] | NDArray[np.int64], value: str
+    ) -> tuple[Any, NDArray[np.int8], list[tuple[str, int]]]:
+        return sparse_design(self.rows(datasets), self.samples_of(datasets), feature_ids, value)
+
+    def dense(
+        self, datasets: Sequence[str], pooling: str
+    ) -> tuple[NDArray[np.float64], NDArray[np.int8], list[tuple[str, int]]]:
+        return dense_design(self.residual_rows(datasets), self.samples_of(datasets), pooling)  # type: ignore[arg-type]
+
+    def design_for(self, probe: FittedProbe, datasets: Sequence[str]) -> tuple[Matrix, NDArray[np.int8], list]:
+        """The design ``probe`` scores: its own SAE features, or its residual pooling."""
+        if probe.spec.is_dense:
+            return self.dense(datasets, probe.spec.pooling)
+        return self.sparse(datasets, probe.spec.feature_ids, probe.spec.value)
+
+
+def resolve_train_datasets(data: LayerData, requested: Sequence[str] = ()) -> list[str]:
+    """The training datasets: ``requested`` if given, else every ``train``-role dataset.
+
+    Every one must be extracted at the layer, and together they must hold at least two samples of
+    each class (cross-validation). Positive-only datasets may be mixed in.
+    """
+    known = data.all_datasets()
+    if requested:
+        unknown = sorted(set(requested) - set(known))
+        if unknown:
+            raise EvaluationError(f"train_datasets {unknown} are not in the samples table; known: {known}")
+        train = sorted(set(requested))
+    else:
+        train = [d for d in known if data.role(d) == "train"]
+        if not train:
+            raise EvaluationError(f"no dataset has role 'train' (datasets: {known}); name train_datasets in config")
+    missing = [d for d in train if d not in data.extracted]
+    if missing:
+        raise EvaluationError(
+            f"training dataset(s) {missing} have no activations at layer {data.layer}: materialize activations "
+            f"for partitions {', '.join(f'{d}|{data.layer}' for d in missing)}"
+        )
+    bal = data.balance(train)["total"]
+    if bal["n_pos"] < 2 or bal["n_neg"] < 2:
+        raise EvaluationError(
+            f"training datasets {train} hold {bal['n_pos']} positive and {bal['n_neg']} negative samples; "
+            "probes need at least 2 of each class"
+        )
+    return train
+
+
+def read_selectivity(con: duckdb.DuckDBPyConnection, layer: int) -> pl.DataFrame:
+    """``feature_id, selectivity`` of the active features of ``layer`` from the ``feature_stats`` view."""
+    _require_views(con, ("feature_stats",), f"materialize feature_stats for layer {layer}")
+    df = _pl(relation(con, "probes/selectivity", {"layer": int(layer)}))
+    if df.height == 0:
+        raise EvaluationError(f"feature_stats has no active feature for layer {layer}: materialize feature_stats")
+    return df
+
+
+def read_classification_scores(con: duckdb.DuckDBPyConnection, layer: int) -> pl.DataFrame | None:
+    """``feature_id, score`` (0-10) of the classified features of ``layer``; ``None`` when there are none."""
+    if "classifications" not in view_names(con):
+        return None
+    df = _pl(relation(con, "probes/classification_scores", {"layer": int(layer)}))
+    return df if df.height else None
+
+
+def activation_provenance(lake: Lake, layer: int, datasets: Sequence[str]) -> dict[str, Any]:
+    """The model, SAE, hook, dtype and config hash recorded in the activation files of ``datasets``.
+
+    They must agree: a probe trained on activations of two different SAEs would be meaningless.
+    """
+    seen: dict[str, dict[str, Any]] = {}
+    for d in datasets:
+        meta = lake.read_meta("activations", layer, d)
+        seen[d] = {k: meta.get(k) for k in PROVENANCE_KEYS}
+    distinct = {json.dumps(v, sort_keys=True) for v in seen.values()}
+    if len(distinct) > 1:
+        detail = "; ".join(f"{d}: {v}" for d, v in seen.items())
+        raise LakeError(
+            f"activations of layer {layer} were extracted with different models/SAEs/configs ({detail}); "
+            "re-extract them with one profile"
+        )
+    return next(iter(seen.values())) if seen else {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+
+def kind_of(spec: ProbeSpec) -> str:
+    return "dense" if spec.is_dense else "sae"
+
+
+def probe_id(spec: ProbeSpec) -> str:
+    """A path-safe, unique id: ``sae__top50__l1__C0.1__raw__max_act`` or ``dense__resid_mean__l2__C1``."""
+    if spec.is_dense:
+        pid = f"dense__{spec.feature_set}__{spec.penalty}__C{spec.C:g}"
+    else:
+        pid = f"sae__{spec.feature_set}__{spec.penalty}__C{spec.C:g}__{spec.transform}__{spec.value}"
+    if not _PROBE_ID.match(pid):
+        raise ValueError(f"probe id {pid!r} is not path-safe")
+    return pid
+
+
+@dataclass
+class TrainedProbes:
+    """The outcome of :func:`train_probes` for one layer (nothing written yet)."""
+
+    layer: int
+    settings: EvalSettings
+    train_datasets: list[str]
+    balance: dict[str, dict[str, int]]
+    feature_set_sizes: dict[str, int]
+    n_active: int
+    used_classifications: bool
+    sae: list[ProbeResult]
+    dense: list[ProbeResult]
+    dense_skipped: str | None = None
+
+    @property
+    def results(self) -> list[ProbeResult]:
+        return [*self.sae, *self.dense]
+
+
+def train_probes(
+    con: duckdb.DuckDBPyConnection, layer: int, settings: EvalSettings, data: LayerData | None = None
+) -> TrainedProbes:
+    """Cross-validate and fit the SAE probe grid and the dense baselines on the training datasets."""
+    data = data or LayerData(con, layer)
+    grid = settings.grid
+    train = resolve_train_datasets(data, settings.train_datasets)
+    balance = data.balance(train)
+    rows = data.rows(train)
+    active = active_feature_ids(rows)
+    if active.size == 0:
+        raise EvaluationError(f"no SAE feature fires on the training datasets {train} at layer {layer}")
+    X, y, _ = data.sparse(train, active, grid.value)
+    selectivity = read_selectivity(con, layer)
+    classes = read_classification_scores(con, layer)
+    sets = feature_sets(grid, selectivity, active, classes)
+    logger.info("layer %d: training on %s (%s), feature sets %s", layer, train, balance["total"],
+                {k: len(v) for k, v in sets.items()})
+    sae = search_probes(grid, X, active, y, selectivity, classes)
+
+    dense: list[ProbeResult] = []
+    skipped: str | None = None
+    if not grid.dense_poolings:
+        skipped = "no dense pooling configured"
+    elif not all(data.has_residuals(d) for d in train):
+        skipped = f"no residual vectors for every training sample at layer {layer}"
+    else:
+        designs = {p: data.dense(train, p)[0] for p in grid.dense_poolings}
+        dense = search_dense_baselines(grid, designs, y)
+    if skipped:
+        logger.warning("layer %d: dense baselines skipped: %s", layer, skipped)
+    return TrainedProbes(
+        layer=int(layer),
+        settings=settings,
+        train_datasets=train,
+        balance=balance,
+        feature_set_sizes={k: len(v) for k, v in sets.items()},
+        n_active=int(active.size),
+        used_classifications=classes is not None and "relevant" in sets,
+        sae=sae,
+        dense=dense,
+        dense_skipped=skipped,
+    )
+
+
+PROBES_SCHEMA = pa.schema(
+    [
+        ("probe_id", pa.string()),
+        ("kind", pa.string()),
+        ("feature_set", pa.string()),
+        ("penalty", pa.string()),
+        ("C", pa.float64()),
+        ("transform", pa.string()),
+        ("value", pa.string()),
+        ("stage", pa.string()),
+        ("n_features", pa.int32()),
+        ("n_nonzero", pa.int32()),
+        ("cv_auroc", pa.float64()),
+        ("cv_std", pa.float64()),
+        ("cv_rank", pa.int32()),
+        ("is_best", pa.bool_()),
+        ("converged", pa.bool_()),
+        ("train_threshold", pa.float64()),
+        ("fpr1_threshold", pa.float64()),
+        ("train_datasets", pa.list_(pa.string())),
+        ("n_pos", pa.int32()),
+        ("n_neg", pa.int32()),
+        ("path", pa.string()),
+    ]
+)
+
+
+def saved_dir(lake: Lake, layer: int) -> Path:
+    return lake.base / SAVED_DIR / f"layer={int(layer)}"
+
+
+def _swap_dir(tmp: Path, final: Path) -> None:
+    """Rename ``tmp`` over ``final`` (the old folder is moved aside first, then deleted)."""
+    old: Path | None = None
+    if final.exists():
+        old = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
+        final.rename(old)
+    tmp.rename(final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_probes(lake: Lake, trained: TrainedProbes, provenance: Mapping[str, Any]) -> pa.Table:
+    """Save every probe under ``probes_saved/layer=L/<probe_id>`` and return the ``probes`` table.
+
+    The whole layer folder is written aside and renamed into place, so probes of an older grid do not
+    linger. Each probe's provenance holds ``provenance`` (model, SAE, hook, config hash, profile, ...)
+    plus its layer, id, kind and training sets; ``config.json`` beside them holds the settings.
+    """
+    final = saved_dir(lake, trained.layer)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    total = trained.balance["total"]
+    rows: list[dict[str, Any]] = []
+    try:
+        for kind, results in (("sae", trained.sae), ("dense", trained.dense)):
+            for rank, r in enumerate(results):
+                pid = probe_id(r.spec)
+                r.probe.provenance = {
+                    **dict(provenance),
+                    "layer": trained.layer,
+                    "probe_id": pid,
+                    "kind": kind,
+                    "train_datasets": list(trained.train_datasets),
+                    "probe_config_hash": trained.settings.probe_config_hash(),
+                }
+                r.probe.save(tmp / pid)
+                rows.append(
+                    {
+                        "probe_id": pid,
+                        "kind": kind,
+                        "feature_set": r.spec.feature_set,
+                        "penalty": r.spec.penalty,
+                        "C": r.spec.C,
+                        "transform": r.spec.transform,
+                        "value": r.spec.value,
+                        "stage": r.stage,
+                        "n_features": r.probe.n_features,
+                        "n_nonzero": r.probe.n_nonzero,
+                        "cv_auroc": r.cv.mean,
+                        "cv_std": r.cv.std,
+                        "cv_rank": rank + 1,
+                        "is_best": rank == 0,
+                        "converged": r.probe.converged,
+                        "train_threshold": r.probe.train_threshold,
+                        "fpr1_threshold": r.probe.fpr1_threshold,
+                        "train_datasets": list(trained.train_datasets),
+                        "n_pos": total["n_pos"],
+                        "n_neg": total["n_neg"],
+                        "path": str(final / pid),
+                    }
+                )
+        doc = {
+            "layer": trained.layer,
+            "provenance": dict(provenance),
+            "settings": trained.settings.to_json(),
+            "probe_config_hash": trained.settings.probe_config_hash(),
+            "train_datasets": trained.train_datasets,
+            "class_balance": trained.balance,
+            "feature_sets": trained.feature_set_sizes,
+        }
+        (tmp / "config.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+        _swap_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    ids = [r["probe_id"] for r in rows]
+    if len(set(ids)) != len(ids):
+        raise EvaluationError(f"duplicate probe ids in the grid: {sorted({i for i in ids if ids.count(i) > 1})}")
+    return pa.Table.from_pylist(rows, schema=PROBES_SCHEMA)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedProbe:
+    """A saved probe and its row of the ``probes`` table."""
+
+    probe_id: str
+    kind: str
+    is_best: bool
+    cv_auroc: float
+    train_datasets: list[str]
+    probe: FittedProbe
+
+
+def load_saved_probes(probes_table: pa.Table | pl.DataFrame) -> list[LoadedProbe]:
+    """Load every probe listed in a ``probes`` table from its ``path``, in table order."""
+    df = probes_table if isinstance(probes_table, pl.DataFrame) else pl.from_arrow(probes_table)
+    assert isinstance(df, pl.DataFrame)
+    out = []
+    for r in df.iter_rows(named=True):
+        path = Path(r["path"])
+        if not (path / "probe.json").is_file():
+            raise EvaluationError(f"saved probe {r['probe_id']} is missing at {path}: materialize probes again")
+        out.append(
+            LoadedProbe(
+                probe_id=r["probe_id"],
+                kind=r["kind"],
+                is_best=bool(r["is_best"]),
+                cv_auroc=float(r["cv_auroc"]),
+                train_datasets=list(r["train_datasets"]),
+                probe=load_probe(path),
+            )
+        )
+    return out
+
+
+def best_probes(loaded: Sequence[LoadedProbe]) -> dict[str, LoadedProbe]:
+    """``{kind: the best probe of that kind}`` (by training CV, as marked in the ``probes`` table)."""
+    return {p.kind: p for p in loaded if p.is_best}
+
+
+PROBE_METRICS_SCHEMA = pa.schema(
+    [
+        ("probe", pa.string()),
+        ("kind", pa.string()),
+        ("feature_set", pa.string()),
+        ("penalty", pa.string()),
+        ("C", pa.float64()),
+        ("transform", pa.string()),
+        ("is_best", pa.bool_()),
+        ("cv_auroc", pa.float64()),
+        ("eval_dataset", pa.string()),
+        ("eval_role", pa.string()),
+        ("auroc", pa.float64()),
+        ("auroc_ci_low", pa.float64()),
+        ("auroc_ci_high", pa.float64()),
+        ("accuracy", pa.float64()),
+        ("tpr_at_1pct_fpr", pa.float64()),
+        ("fpr_at_1pct_fpr", pa.float64()),
+        ("detection_rate", pa.float64()),
+        ("mean_score", pa.float64()),
+        ("mean_score_pos", pa.float64()),
+        ("mean_score_neg", pa.float64()),
+        ("train_threshold", pa.float64()),
+        ("fpr1_threshold", pa.float64()),
+        ("n", pa.int32()),
+        ("n_pos", pa.int32()),
+        ("n_neg", pa.int32()),
+        ("n_nonzero", pa.int32()),
+        ("train_datasets", pa.list_(pa.string())),
+        ("by_label", pa.string()),
+    ]
+)
+
+
+@dataclass
+class EvaluationOutput:
+    metrics: pa.Table
+    skipped: list[str]
+
+
+def evaluate_probes(data: LayerData, loaded: Sequence[LoadedProbe], settings: EvalSettings) -> EvaluationOutput:
+    """Every probe on every dataset extracted at the layer that it was not trained on.
+
+    SAE designs are built once per (dataset, value) over the union of the probes' features; dense
+    designs once per (dataset, pooling). A dataset not extracted at the layer is skipped, and one
+    without residual vectors is skipped for the dense baselines (both listed in ``skipped``).
+    """
+    sae_ids: dict[str, set[int]] = {}
+    for p in loaded:
+        if not p.probe.spec.is_dense:
+            sae_ids.setdefault(p.probe.spec.value, set()).update(p.probe.spec.feature_ids)
+    union = {v: np.array(sorted(ids), dtype=np.int64) for v, ids in sae_ids.items()}
+    cache: dict[tuple[str, str], Matrix] = {}
+    skipped = [f"{d}: no activations at layer {data.layer}" for d in data.all_datasets() if d not in data.extracted]
+    rows: list[dict[str, Any]] = []
+    for p in loaded:
+        spec = p.probe.spec
+        for d in data.extracted:
+            if d in p.train_datasets:
+                continue
+            if spec.is_dense:
+                if not data.has_residuals(d):
+                    msg = f"{d}: no residual vectors (dense baselines not evaluated)"
+                    if msg not in skipped:
+                        skipped.append(msg)
+                    continue
+                key = (d, spec.value)
+                if key not in cache:
+                    cache[key] = data.dense([d], spec.pooling)[0]
+                X = cache[key]
+            else:
+                key = (d, spec.value)
+                if key not in cache:
+                    cache[key] = data.sparse([d], union[spec.value], spec.value)[0]
+                X = select_columns(cache[key], union[spec.value], spec.feature_ids)
+            y = data.samples_of([d])["is_positive"].cast(pl.Int8).to_numpy()
+            m = evaluate_probe(p.probe, X, y, data.raw_labels([d]), n_boot=settings.n_boot, seed=settings.seed)
+            rows.append(
+                {
+                    **{k: m[k] for k in PROBE_METRICS_SCHEMA.names if k in m},
+                    "probe": p.probe_id,
+                    "kind": p.kind,
+                    "feature_set": spec.feature_set,
+                    "penalty": spec.penalty,
+                    "C": spec.C,
+                    "transform": spec.transform,
+                    "is_best": p.is_best,
+                    "cv_auroc": p.cv_auroc,
+                    "eval_dataset": d,
+                    "eval_role": data.role(d),
+                    "train_datasets": list(p.train_datasets),
+                    "by_label": json.dumps(m["by_label"], sort_keys=True),
+                }
+            )
+    return EvaluationOutput(metrics=pa.Table.from_pylist(rows, schema=PROBE_METRICS_SCHEMA), skipped=skipped)
+
+
+PROBE_SCORES_SCHEMA = pa.schema(
+    [
+        ("probe", pa.string()),
+        ("kind", pa.string()),
+        ("dataset", pa.string()),
+        ("sample_id", pa.int32()),
+        ("score", pa.float64()),
+    ]
+)
+
+
+def probe_scores(data: LayerData, probes: Iterable[LoadedProbe]) -> pa.Table:
+    """Per-sample scores of ``probes`` on every dataset extracted at the layer (training sets included)."""
+    parts: list[pa.Table] = []
+    for p in probes:
+        for d in data.extracted:
+            if p.probe.spec.is_dense and not data.has_residuals(d):
+                continue
+            X, _, keys = data.design_for(p.probe, [d])
+            s = p.probe.decision_function(X)
+            parts.append(
+                pa.table(
+                    {
+                        "probe": [p.probe_id] * len(keys),
+                        "kind": [p.kind] * len(keys),
+                        "dataset": [k[0] for k in keys],
+                        "sample_id": pa.array([k[1] for k in keys], pa.int32()),
+                        "score": pa.array(s, pa.float64()),
+                    },
+                    schema=PROBE_SCORES_SCHEMA,
+                )
+            )
+    return pa.concat_tables(parts) if parts else PROBE_SCORES_SCHEMA.empty_table()
+
+
+PROBE_CROSS_SCHEMA = pa.schema(
+    [
+        ("kind", pa.string()),
+        ("probe", pa.string()),
+        ("train_dataset", pa.string()),
+        ("eval_dataset", pa.string()),
+        ("eval_role", pa.string()),
+        ("in_distribution", pa.bool_()),
+        ("auroc", pa.float64()),
+        ("auroc_ci_low", pa.float64()),
+        ("auroc_ci_high", pa.float64()),
+        ("cv_std", pa.float64()),
+        ("accuracy", pa.float64()),
+        ("tpr_at_1pct_fpr", pa.float64()),
+        ("detection_rate", pa.float64()),
+        ("mean_score", pa.float64()),
+        ("n", pa.int32()),
+        ("n_pos", pa.int32()),
+        ("n_neg", pa.int32()),
+        ("n_nonzero", pa.int32()),
+    ]
+)
+
+
+def cross_train_datasets(data: LayerData) -> list[str]:
+    """Datasets that can train a probe alone: extracted, with at least two samples of each class."""
+    out = []
+    for d in data.extracted:
+        b = data.balance([d])[d]
+        if b["n_pos"] >= 2 and b["n_neg"] >= 2:
+            out.append(d)
+    return out
+
+
+def cross_distribution(
+    data: LayerData, probes: Iterable[LoadedProbe], settings: EvalSettings
+) -> pa.Table:
+    """Refit each probe's configuration on every dataset with both classes; evaluate on every other.
+
+    The configuration (features, penalty, C, transform; or the residual pooling) is the probe's own,
+    so an SAE row's features are still those chosen by selectivity on the original training sets.
+    The diagonal cell (``in_distribution``) is the cross-validated AUROC on the dataset itself (its
+    spread in ``cv_std``); off-diagonal cells are AUROC with a bootstrap CI, ``None`` on a one-class
+    eval set, whose ``detection_rate`` is then the number to read.
+    """
+    grid = settings.grid
+    rows: list[dict[str, Any]] = []
+    trainers = cross_train_datasets(data)
+    for p in probes:
+        spec = p.probe.spec
+        datasets = [d for d in data.extracted if not spec.is_dense or data.has_residuals(d)]
+        for t in trainers:
+            if t not in datasets:
+                continue
+            X, y, _ = data.design_for(p.probe, [t])
+            cv = cross_validate(spec, X, y, folds=grid.folds, seed=grid.seed)
+            fitted = fit_probe(spec, X, y, seed=grid.seed, threshold_scores=cv.oof_scores)
+            for e in datasets:
+                base = {
+                    "kind": p.kind, "probe": p.probe_id, "train_dataset": t, "eval_dataset": e,
+                    "eval_role": data.role(e), "in_distribution": e == t, "n_nonzero": fitted.n_nonzero,
+                }
+                if e == t:
+                    b = data.balance([t])[t]
+                    rows.append({**base, "auroc": cv.mean, "cv_std": cv.std, **b})
+                    continue
+                Xe, ye, _ = data.design_for(fitted, [e])
+                m = evaluate_scores(
+                    ye, fitted.decision_function(Xe), None, fitted.train_threshold, fitted.fpr1_threshold,
+                    n_boot=settings.n_boot, seed=settings.seed,
+                )
+                rows.append({**base, **{k: m[k] for k in PROBE_CROSS_SCHEMA.names if k in m and k not in base}})
+    return pa.Table.from_pylist(rows, schema=PROBE_CROSS_SCHEMA)
+
+
+# ---------------------------------------------------------------------------------------------
+# Summaries (markdown for Dagster metadata)
+# ---------------------------------------------------------------------------------------------
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return "–" if math.isnan(v) else f"{v:.{digits}f}"
+    if isinstance(v, list | tuple):
+        return ", ".join(str(x) for x in v)
+    return str(v)
+
+
+def markdown_table(
+    df: pl.DataFrame | pa.Table, columns: Sequence[str] | None = None, max_rows: int = 20, digits: int = 3
+) -> str:
+    """A markdown table of the first ``max_rows`` rows (``|`` escaped), with a note of the rest."""
+    frame = df if isinstance(df, pl.DataFrame) else pl.from_arrow(df)
+    assert isinstance(frame, pl.DataFrame)
+    cols = list(columns) if columns is not None else frame.columns
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in frame.head(max_rows).select(cols).iter_rows(named=True):
+        lines.append("| " + " | ".join(_fmt(r[c], digits).replace("|", "\\|") for c in cols) + " |")
+    if frame.height > max_rows:
+        lines.append(f"\n_{frame.height - max_rows} more rows_")
+    return "\n".join(lines)
+
+
+def _auroc_cell(r: Mapping[str, Any] | None) -> str:
+    if r is None:
+        return "–"
+    if r.get("auroc") is None:
+        dr = r.get("detection_rate")
+        return f"detection {dr:.3f}" if dr is not None else "–"
+    lo, hi = r.get("auroc_ci_low"), r.get("auroc_ci_high")
+    ci = f" [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else ""
+    return f"{r['auroc']:.3f}{ci}"
+
+
+def side_by_side(metrics: pa.Table | pl.DataFrame, probes_table: pa.Table | pl.DataFrame) -> str:
+    """Markdown: the best SAE probe next to the best dense baseline, training CV then every eval set.
+
+    Positive-only sets show the detection rate (no AUROC exists there).
+    """
+    m = metrics if isinstance(metrics, pl.DataFrame) else pl.from_arrow(metrics)
+    pr = probes_table if isinstance(probes_table, pl.DataFrame) else pl.from_arrow(probes_table)
+    assert isinstance(m, pl.DataFrame) and isinstance(pr, pl.DataFrame)
+    best = {r["kind"]: r for r in pr.filter(pl.col("is_best")).iter_rows(named=True)}
+    names = {k: best[k]["probe_id"] if k in best else "none" for k in ("sae", "dense")}
+    lines = [
+        f"| eval set | role | SAE `{names['sae']}` | dense `{names['dense']}` |",
+        "|---|---|---|---|",
+        "| training CV | train | "
+        + " | ".join(
+            f"{best[k]['cv_auroc']:.3f} ± {best[k]['cv_std']:.3f}" if k in best else "–" for k in ("sae", "dense")
+        )
+        + " |",
+    ]
+    mb = m.filter(pl.col("is_best")) if m.height else m
+    datasets = sorted(
+        {(r["eval_role"], r["eval_dataset"]) for r in mb.iter_rows(named=True)},
+        key=lambda x: ({"test": 0, "train": 1, "ood": 2}.get(x[0], 3), x[1]),
+    )
+    for role, d in datasets:
+        cells = []
+        for k in ("sae", "dense"):
+            hit = mb.filter((pl.col("kind") == k) & (pl.col("eval_dataset") == d))
+            cells.append(_auroc_cell(hit.row(0, named=True) if hit.height else None))
+        lines.append(f"| {d} | {role} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
+
+
+def headline_numbers(metrics: pa.Table | pl.DataFrame, probes_table: pa.Table | pl.DataFrame) -> dict[str, float]:
+    """Flat numbers for metadata: best SAE / dense CV AUROC and mean AUROC over test and ood sets."""
+    m = metrics if isinstance(metrics, pl.DataFrame) else pl.from_arrow(metrics)
+    pr = probes_table if isinstance(probes_table, pl.DataFrame) else pl.from_arrow(probes_table)
+    assert isinstance(m, pl.DataFrame) and isinstance(pr, pl.DataFrame)
+    out: dict[str, float] = {}
+    for r in pr.filter(pl.col("is_best")).iter_rows(named=True):
+        out[f"best_{r['kind']}_cv_auroc"] = float(r["cv_auroc"])
+    if m.height:
+        for (kind, role), g in m.filter(pl.col("is_best")).group_by(["kind", "eval_role"]):
+            vals = g["auroc"].drop_nulls()
+            if vals.len():
+                out[f"best_{kind}_mean_auroc_{role}"] = float(vals.mean())  # type: ignore[arg-type]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures
+# ---------------------------------------------------------------------------------------------
+
+
+def report_figures(
+    samples: pl.DataFrame,
+    probes_table: pa.Table | pl.DataFrame,
+    metrics: pa.Table | pl.DataFrame,
+    scores: pa.Table | pl.DataFrame,
+    cross: pa.Table | pl.DataFrame,
+    default_transform: str = "raw",
+) -> dict[str, bytes]:
+    """PNG figures by file stem: an AUROC ladder per two-class eval set, ROC curves of the best
+    probes, the cross-distribution heatmaps and the L1 path (CV AUROC vs non-zero weights per set)."""
+
+    def frame(t: pa.Table | pl.DataFrame) -> pl.DataFrame:
+        out = t if isinstance(t, pl.DataFrame) else pl.from_arrow(t)
+        assert isinstance(out, pl.DataFrame)
+        return out
+
+    pr, m, sc, cr = frame(probes_table), frame(metrics), frame(scores), frame(cross)
+    figs: dict[str, bytes] = {}
+    if m.height:
+        two_class = m.filter(pl.col("auroc").is_not_null())
+        for d in sorted(two_class["eval_dataset"].unique().to_list()):
+            sub = two_class.filter(pl.col("eval_dataset") == d)
+            ladder = [
+                {
+                    "name": r["probe"],
+                    "auroc": r["auroc"],
+                    "ci_low": r["auroc_ci_low"],
+                    "ci_high": r["auroc_ci_high"],
+                    "group": "dense" if r["kind"] == "dense" else r["penalty"],
+                }
+                for r in sub.iter_rows(named=True)
+            ]
+            figs[f"ladder_{d}"] = plots_probes.plot_auroc_ladder(ladder, title=f"AUROC on {d} ({sub['eval_role'][0]})")
+    if sc.height:
+        lab = sc.join(
+            samples.select(
+                pl.col("dataset").cast(pl.String), pl.col("sample_id").cast(pl.Int32), "is_positive"
+            ),
+            on=["dataset", "sample_id"],
+            how="inner",
+        )
+        curves: dict[str, tuple[Any, Any]] = {}
+        for (kind, d), g in sorted(lab.group_by(["kind", "dataset"]), key=lambda kv: (str(kv[0][1]), str(kv[0][0]))):
+            curves[f"{kind} on {d}"] = (g["is_positive"].cast(pl.Int8).to_numpy(), g["score"].to_numpy())
+        figs["roc"] = plots_probes.plot_roc_curves(curves, title="ROC: best SAE probe and best dense baseline")
+    if cr.height:
+        for kind in sorted(cr["kind"].unique().to_list()):
+            sub = cr.filter(pl.col("kind") == kind)
+            cells = [(r["train_dataset"], r["eval_dataset"], r["auroc"]) for r in sub.iter_rows(named=True)]
+            figs[f"cross_{kind}"] = plots_probes.plot_cross_distribution_heatmap(
+                cells,
+                title=f"AUROC, {kind} probe {sub['probe'][0]} refitted per train set (diagonal: CV)",
+                train_order=sorted(sub["train_dataset"].unique().to_list()),
+                eval_order=sorted(sub["eval_dataset"].unique().to_list()),
+            )
+    if pr.height:
+        l1 = pr.filter((pl.col("kind") == "sae") & (pl.col("penalty") == "l1") & (pl.col("transform") == default_transform))
+        points = [(r["feature_set"], r["C"], r["n_nonzero"], r["cv_auroc"]) for r in l1.iter_rows(named=True)]
+        figs["l1_path"] = plots_probes.plot_l1_path(points, title="L1 path: non-zero weights vs training CV AUROC")
+    return figs
+
+
+def markdown_images(figs: Mapping[str, bytes]) -> str:
+    """The figures as markdown images with base64 data URIs (Dagster renders them in the UI)."""
+    return "\n\n".join(
+        f"**{name}**\n\n![{name}](data:image/png;base64,{base64.b64encode(png).decode()})" for name, png in figs.items()
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Feature pages and the HTML report
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class WindowToken:
+    token_pos: int
+    text: str
+    act: float
+
+
+@dataclass
+class Window:
+    rank: int
+    dataset: str
+    sample_id: int
+    role: str
+    label: str
+    is_positive: bool | None
+    max_act: float
+    argmax_token: int
+    n_tokens: int
+    tokens: list[WindowToken]
+
+
+@dataclass
+class FeatureInfo:
+    """What a feature page shows."""
+
+    feature_id: int
+    weight: float
+    stats: dict[str, Any]
+    description: str | None
+    classification: dict[str, Any] | None
+    firing: list[dict[str, Any]]
+    windows: list[Window]
+
+
+def _cursor_with_empty(
+    con: duckdb.DuckDBPyConnection, needed: Mapping[str, pa.Schema]
+) -> duckdb.DuckDBPyConnection:
+    """A cursor on which every view of ``needed`` exists (missing ones as empty tables)."""
+    cur = con.cursor()
+    have = view_names(cur)
+    for name, schema in needed.items():
+        if name not in have:
+            cur.register(name, schema.empty_table())
+    return cur
+
+
+_TOKEN_ACTS_EMPTY = pa.schema(
+    [("layer", pa.int64()), ("dataset", pa.string()), ("sample_id", pa.int32()), ("token_pos", pa.int32()),
+     ("feature_id", pa.int32()), ("act", pa.float32())]
+)
+
+
+def feature_infos(
+    con: duckdb.DuckDBPyConnection, layer: int, probe: FittedProbe, settings: EvalSettings
+) -> list[FeatureInfo]:
+    """The report's features: the probe's non-zero weights by magnitude, at most ``report_max_features``."""
+    top = probe.top_features(settings.report_max_features)
+    if not top:
+        return []
+    ids = [f for f, _ in top]
+    params = {"layer": int(layer), "feature_ids": ids}
+    views = view_names(con)
+    stats: dict[int, dict[str, Any]] = {}
+    if "feature_stats" in views:
+        for r in _pl(relation(con, "probes/feature_selectivity", params)).iter_rows(named=True):
+            stats[int(r.pop("feature_id"))] = r
+    descriptions: dict[int, str] = {}
+    if "descriptions" in views:
+        for r in _pl(relation(con, "probes/feature_descriptions", params)).iter_rows(named=True):
+            descriptions[int(r["feature_id"])] = str(r["description"])
+    classes: dict[int, dict[str, Any]] = {}
+    if "classifications" in views:
+        for r in _pl(relation(con, "probes/feature_classifications", params)).iter_rows(named=True):
+            classes[int(r.pop("feature_id"))] = r
+    firing: dict[int, list[dict[str, Any]]] = {}
+    for r in _pl(relation(con, "probes/feature_firing", params)).iter_rows(named=True):
+        firing.setdefault(int(r.pop("feature_id")), []).append(r)
+    windows: dict[int, list[Window]] = {}
+    if "tokens" in views:
+        cur = _cursor_with_empty(con, {"token_activations": _TOKEN_ACTS_EMPTY})
+        try:
+            wdf = _pl(
+                relation(
+                    cur,
+                    "probes/feature_windows",
+                    {**params, "top_k": settings.report_top_windows, "window": settings.report_window_tokens},
+                )
+            )
+        finally:
+            cur.close()
+        for (fid, rank), g in wdf.group_by(["feature_id", "rank"], maintain_order=True):
+            first = g.row(0, named=True)
+            windows.setdefault(int(fid), []).append(  # type: ignore[arg-type]
+                Window(
+                    rank=int(rank),  # type: ignore[arg-type]
+                    dataset=str(first["dataset"]),
+                    sample_id=int(first["sample_id"]),
+                    role=str(first["role"]),
+                    label=str(first["label"]),
+                    is_positive=first["is_positive"],
+                    max_act=float(first["max_act"]),
+                    argmax_token=int(first["argmax_token"]),
+                    n_tokens=int(first["n_tokens"]),
+                    tokens=[
+                        WindowToken(int(p), str(t) if t is not None else "", float(a))
+                        for p, t, a in zip(g["token_pos"], g["token_text"], g["act"], strict=True)
+                    ],
+                )
+            )
+    return [
+        FeatureInfo(
+            feature_id=f,
+            weight=w,
+            stats=stats.get(f, {}),
+            description=descriptions.get(f),
+            classification=classes.get(f),
+            firing=firing.get(f, []),
+            windows=sorted(windows.get(f, []), key=lambda x: x.rank),
+        )
+        for f, w in top
+    ]
+
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.85em; }
+th, td { border: 1px solid #ccc; padding: 3px 7px; text-align: left; }
+th { background: #f3f3f3; }
+img { max-width: 100%; border: 1px solid #eee; margin: 0.5em 0; }
+.window { font-family: ui-monospace, monospace; white-space: pre-wrap; background: #fafafa;
+          border: 1px solid #ddd; padding: 6px; margin: 4px 0 12px; line-height: 1.7; }
+.tok { border-radius: 2px; }
+.peak { outline: 2px solid #c00; }
+.muted { color: #777; }
+"""
+
+
+def _e(v: Any) -> str:
+    return html.escape(_fmt(v), quote=True)
+
+
+def _html_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], links: Mapping[str, str] | None = None) -> str:
+    """An HTML table, every cell escaped; ``links`` maps a column to an href template with ``{value}``."""
+    links = links or {}
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = []
+    for r in rows:
+        cells = []
+        for c in columns:
+            text = _e(r.get(c))
+            if c in links and r.get(c) is not None:
+                href = html.escape(links[c].format(value=r[c]), quote=True)
+                text = f'<a href="{href}">{text}</a>'
+            cells.append(f"<td>{text}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _page(title: str, body: str) -> str:
+    return (
+        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>\n<body>\n{body}\n</body></html>\n"
+    )
+
+
+def render_window(w: Window) -> str:
+    """One window as HTML: tokens escaped, shaded by the feature's activation, the peak outlined."""
+    peak = max([t.act for t in w.tokens] + [w.max_act, 1e-12])
+    parts = []
+    if w.tokens and w.tokens[0].token_pos > 0:
+        parts.append('<span class="muted">… </span>')
+    for t in w.tokens:
+        cls = "tok peak" if t.token_pos == w.argmax_token else "tok"
+        style = ""
+        if t.act > 0:
+            alpha = 0.15 + 0.85 * min(1.0, t.act / peak)
+            style = f' style="background: rgba(255, 140, 0, {alpha:.2f})"'
+        title = html.escape(f"pos {t.token_pos}, act {t.act:.3f}", quote=True)
+        parts.append(f'<span class="{cls}"{style} title="{title}">{html.escape(t.text)}</span>')
+    if w.tokens and w.tokens[-1].token_pos < w.n_tokens - 1:
+        parts.append('<span class="muted"> …</span>')
+    return "".join(parts)
+
+
+def feature_page(info: FeatureInfo, layer: int, probe_name: str) -> str:
+    title = f"Feature {info.feature_id} (layer {layer})"
+    body = [f"<p><a href=\"../../index.html\">← report for layer {layer}</a></p>", f"<h1>{html.escape(title)}</h1>"]
+    desc = html.escape(info.description) if info.description else '<span class="muted">no description yet</span>'
+    body.append(f"<p><b>Description:</b> {desc}</p>")
+    if info.classification:
+        c = info.classification
+        body.append(
+            f"<p><b>Relevance:</b> score {_e(c.get('score'))} / 10, category {_e(c.get('category'))}, "
+            f"themes {_e(c.get('themes'))}</p>"
+        )
+    else:
+        body.append('<p><b>Relevance:</b> <span class="muted">not classified</span></p>')
+    body.append(
+        f"<p><b>Weight</b> in <code>{html.escape(probe_name)}</code> (standardised feature): "
+        f"{info.weight:+.4f}</p>"
+    )
+    if info.stats:
+        body.append("<h2>Training statistics</h2>")
+        body.append(_html_table([info.stats], list(info.stats)))
+    body.append("<h2>Firing rates per dataset</h2>")
+    body.append(
+        _html_table(
+            info.firing, ["dataset", "role", "n", "firing_rate", "firing_rate_pos", "firing_rate_neg", "mean_max_act"]
+        )
+    )
+    body.append("<h2>Top windows</h2>")
+    if not info.windows:
+        body.append('<p class="muted">no token windows (tokens or token_activations not in the lake)</p>')
+    for w in info.windows:
+        body.append(
+            f"<p>#{w.rank}: <b>{html.escape(w.dataset)}</b> sample {w.sample_id} ({html.escape(w.role)}, "
+            f"label {html.escape(w.label)}), max act {w.max_act:.3f} at token {w.argmax_token}</p>"
+            f'<div class="window">{render_window(w)}</div>'
+        )
+    return _page(title, "\n".join(body))
+
+
+def feature_page_name(feature_id: int) -> str:
+    return f"feature_{int(feature_id)}.html"
+
+
+def report_dir(lake: Lake, layer: int) -> Path:
+    return lake.base / REPORT_DIR / f"layer={int(layer)}"
+
+
+def write_report(
+    lake: Lake,
+    layer: int,
+    *,
+    provenance: Mapping[str, Any],
+    probes_table: pa.Table | pl.DataFrame,
+    metrics: pa.Table | pl.DataFrame,
+    cross: pa.Table | pl.DataFrame,
+    figures: Mapping[str, bytes],
+    features: Sequence[FeatureInfo],
+    best_probe_name: str | None,
+) -> Path:
+    """Write ``report/layer=L/index.html`` and its files under ``report/layer=L/probes/``.
+
+    The ``probes/`` folder (figures, one page per feature) is built aside and renamed into place, then
+    ``index.html`` is written aside and renamed over the old one. Other files of the folder are left alone.
+    """
+    base = report_dir(lake, layer)
+    base.mkdir(parents=True, exist_ok=True)
+    tmp = base / f".tmp-{REPORT_FILES}-{uuid.uuid4().hex[:8]}"
+    (tmp / "figures").mkdir(parents=True)
+    (tmp / "features").mkdir()
+    try:
+        for name, png in figures.items():
+            (tmp / "figures" / f"{name}.png").write_bytes(png)
+        for info in features:
+            (tmp / "features" / feature_page_name(info.feature_id)).write_text(
+                feature_page(info, layer, best_probe_name or ""), encoding="utf-8"
+            )
+        _swap_dir(tmp, base / REPORT_FILES)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+    def frame(t: pa.Table | pl.DataFrame) -> pl.DataFrame:
+        out = t if isinstance(t, pl.DataFrame) else pl.from_arrow(t)
+        assert isinstance(out, pl.DataFrame)
+        return out
+
+    pr, m, cr = frame(probes_table), frame(metrics), frame(cross)
+    body = [f"<h1>Probes, layer {int(layer)}</h1>"]
+    prov = {k: provenance.get(k) for k in ("profile", *PROVENANCE_KEYS, "train_datasets") if k in provenance}
+    body.append(_html_table([prov], list(prov)))
+    body.append("<h2>Best SAE probe vs best dense baseline</h2>")
+    best = {r["kind"]: r for r in pr.filter(pl.col("is_best")).iter_rows(named=True)} if pr.height else {}
+    head_rows = []
+    for r in m.filter(pl.col("is_best")).sort(["eval_role", "eval_dataset", "kind"]).iter_rows(named=True):
+        head_rows.append({**r, "auroc [95% CI]": _auroc_cell(r)})
+    body.append(
+        "<p>Chosen by training cross-validation: "
+        + ", ".join(f"{k} <code>{html.escape(v['probe_id'])}</code> (CV AUROC {v['cv_auroc']:.3f})" for k, v in best.items())
+        + "</p>"
+    )
+    body.append(
+        _html_table(
+            head_rows,
+            ["kind", "probe", "eval_dataset", "eval_role", "auroc [95% CI]", "accuracy", "tpr_at_1pct_fpr",
+             "detection_rate", "mean_score", "n_pos", "n_neg"],
+        )
+    )
+    body.append("<h2>Figures</h2>")
+    for name in figures:
+        src = html.escape(f"{REPORT_FILES}/figures/{name}.png", quote=True)
+        body.append(f'<h3>{html.escape(name)}</h3><img src="{src}" alt="{html.escape(name, quote=True)}">')
+    body.append(f"<h2>Features of the best SAE probe ({len(features)})</h2>")
+    feat_rows = [
+        {
+            "feature_id": f.feature_id,
+            "weight": f.weight,
+            "selectivity": f.stats.get("selectivity"),
+            "relevance": (f.classification or {}).get("score"),
+            "description": f.description,
+        }
+        for f in features
+    ]
+    body.append(
+        _html_table(
+            feat_rows,
+            ["feature_id", "weight", "selectivity", "relevance", "description"],
+            links={"feature_id": f"{REPORT_FILES}/features/feature_{{value}}.html"},
+        )
+    )
+    body.append("<h2>Cross-distribution (best configurations refitted per dataset)</h2>")
+    body.append(
+        _html_table(
+            [{**r, "auroc [95% CI]": _auroc_cell(r)} for r in cr.iter_rows(named=True)],
+            ["kind", "train_dataset", "eval_dataset", "eval_role", "in_distribution", "auroc [95% CI]", "cv_std",
+             "detection_rate", "n_pos", "n_neg"],
+        )
+    )
+    body.append("<h2>All probes (training cross-validation)</h2>")
+    body.append(
+        _html_table(
+            list(pr.iter_rows(named=True)),
+            ["probe_id", "kind", "feature_set", "penalty", "C", "transform", "n_features", "n_nonzero", "cv_auroc",
+             "cv_std", "cv_rank", "converged"],
+        )
+    )
+    body.append("<h2>All evaluations</h2>")
+    body.append(
+        _html_table(
+            [{**r, "auroc [95% CI]": _auroc_cell(r)} for r in m.iter_rows(named=True)],
+            ["probe", "kind", "eval_dataset", "eval_role", "auroc [95% CI]", "accuracy", "tpr_at_1pct_fpr",
+             "detection_rate", "mean_score", "n", "by_label"],
+        )
+    )
+    index = base / "index.html"
+    tmp_index = base / f".tmp-index-{uuid.uuid4().hex[:8]}.html"
+    try:
+        tmp_index.write_text(_page(f"featurelake probes, layer {int(layer)}", "\n".join(body)), encoding="utf-8")
+        os.replace(tmp_index, index)
+    except BaseException:
+        tmp_index.unlink(missing_ok=True)
+        raise
+    return index

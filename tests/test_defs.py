@@ -1,0 +1,22 @@
+"""The composition root loads, validates and shows the groups a user expects in the UI."""
+
+import dagster as dg
+
+from dagster_project.definitions import build_defs
+
+
+def test_definitions_load_and_validate() -> None:
+    defs = build_defs()
+    dg.Definitions.validate_loadable(defs)
+    graph = defs.resolve_asset_graph()
+    groups = {graph.get(k).group_name for k in graph.materializable_asset_keys}
+    assert {"corpus", "sae", "activations", "probes", "report"} <= groups
+    for key in graph.materializable_asset_keys:
+        assert graph.get(key).description, f"asset {key.to_user_string()} has no description for the UI"
+
+
+def test_activations_are_a_layer_by_dataset_grid() -> None:
+    graph = build_defs().resolve_asset_graph()
+    pdef = graph.get(dg.AssetKey("activations")).partitions_def
+    assert isinstance(pdef, dg.MultiPartitionsDefinition)
+    assert {d.name for d in pdef.partitions_defs} == {"layer", "dataset"}
