@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import dagster as dg
 
-from assets import activations, catalog, corpus, probes, sae
+from assets import activations, catalog, corpus, probes, sae, statistics
 from dagster_project.config import load_profile
 from dagster_project.resources import resources_for
 
 
 def build_defs(lake_root: str | None = None, profile_name: str | None = None) -> dg.Definitions:
     profile = load_profile(profile_name)
-    all_assets = dg.load_assets_from_modules([corpus, sae, activations, catalog, probes])
+    modules = [corpus, sae, activations, catalog, statistics, probes]
     return dg.Definitions(
-        assets=all_assets,
+        assets=dg.load_assets_from_modules(modules),
+        asset_checks=dg.load_asset_checks_from_modules(modules),
         resources=resources_for(profile, lake_root),
     )
 

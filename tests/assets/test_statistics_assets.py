@@ -39,7 +39,10 @@ def fx(tmp_path: Path) -> LakeFixture:
 
 
 def _materialize(
-    fx: LakeFixture, defs: list[dg.AssetsDefinition], run_config: dict | None = None, raise_on_error: bool = True
+    fx: LakeFixture,
+    defs: list[dg.AssetsDefinition],
+    run_config: dict | None = None,
+    raise_on_error: bool = True,
 ) -> dg.ExecuteInProcessResult:
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions("layer", [str(LAYER)])
@@ -93,7 +96,9 @@ def test_statistics_assets_write_tables_and_pass_checks(fx: LakeFixture) -> None
     evaluations = result.get_asset_check_evaluations()
     names = sorted(k.name for c in CHECKS for k in c.check_keys)
     assert sorted(e.check_name for e in evaluations) == names
-    assert all(e.passed for e in evaluations), [(e.check_name, e.description) for e in evaluations if not e.passed]
+    assert all(e.passed for e in evaluations), [
+        (e.check_name, e.description) for e in evaluations if not e.passed
+    ]
 
     md = _metadata(result, "feature_stats")
     assert md["selectivity_histogram"].value.startswith("![selectivity_histogram](data:image/png;base64,")
@@ -106,12 +111,16 @@ def test_statistics_assets_write_tables_and_pass_checks(fx: LakeFixture) -> None
 
 def test_train_classes_check_names_datasets_without_negatives(fx: LakeFixture) -> None:
     run_config = {"ops": {"feature_stats": {"config": {"train_datasets": ["train_pos"]}}}}
-    result = _materialize(fx, [statistics.feature_stats, *FEATURE_STATS_CHECKS], run_config, raise_on_error=False)
+    result = _materialize(
+        fx, [statistics.feature_stats, *FEATURE_STATS_CHECKS], run_config, raise_on_error=False
+    )
+    assert not result.success  # the check is blocking
     by_name = {e.check_name: e for e in result.get_asset_check_evaluations()}
     failed = by_name["feature_stats_train_classes"]
     assert not failed.passed
     assert "train_pos" in failed.description and "no negative" in failed.description
     assert "20 pos / 0 neg" in failed.description
+    assert by_name["feature_stats_non_empty"].passed
 
 
 def test_feature_stats_fails_without_activations_at_the_layer(fx: LakeFixture) -> None:

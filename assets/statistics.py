@@ -1,0 +1,551 @@
+"""Statistics: class selectivity, activation profiles, feature selection and cross-distribution transfer.
+
+Every asset here is partitioned by layer only. The SQL in ``sql/stats`` does the work over the lake's
+DuckDB views (``dagster_project.lib.stats``); each asset writes ``stats/<table>/layer=L/part-0.parquet``
+(the ``layer`` column lives only in the path) and reports previews and PNG plots as metadata. Plots are also
+saved under ``<lake>/<profile>/report/layer=L/``.
+
+``activation_profile`` and the cross-distribution tables hold one row per dataset (or pair of datasets) of
+the layer rather than being partitioned by ``layer x dataset``: they compare datasets with each other, so
+they are computed together from every dataset that has activations at the layer. Rematerialize a layer
+after adding a dataset.
+"""
+
+import base64
+import math
+import os
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import duckdb
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from dagster_project.config import StatsConfig
+from dagster_project.lib import plots_stats, stats
+from dagster_project.lib.catalog import table_globs, views_connection
+from dagster_project.lib.lake import Lake, LakeError
+from dagster_project.partitions import layer_partitions
+from dagster_project.resources import LakeResource, SAEResource
+
+GROUP = "statistics"
+KINDS = {"duckdb", "parquet"}
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def sae_width(sae: SAEResource, lake: Lake, layer: int) -> int:
+    """Number of features of the layer's SAE: the configured width when trained here, else the loaded SAE's."""
+    if sae.source == "train":
+        return int(sae.width)
+    return int(sae.load(layer, lake).d_sae)
+
+
+def _connect(
+    lake: Lake, layer: int, needs: Sequence[str] = ("samples", "activations")
+) -> duckdb.DuckDBPyConnection:
+    """The lake's views, after checking that the tables the SQL reads exist (activations at ``layer``)."""
+    missing = [t for t in needs if t not in table_globs(lake)]
+    if (
+        "activations" in needs
+        and "activations" not in missing
+        and not (lake.table_dir("activations") / f"layer={layer}").is_dir()
+    ):
+        missing.append(f"activations for layer {layer}")
+    if missing:
+        raise dg.Failure(
+            f"lake {lake.base} has no {', '.join(missing)}: materialize samples and activations first"
+        )
+    return views_connection(lake)
+
+
+def read_stat(lake: Lake, name: str, layer: int) -> pa.Table:
+    """``stats/<name>`` of one layer, with its ``layer`` column put back (the SQL filters on it)."""
+    try:
+        table = lake.read(f"stats/{name}", layer=layer)
+    except LakeError as e:
+        raise dg.Failure(f"{name} of layer {layer} is not in the lake: materialize it first ({e})") from e
+    return table.add_column(0, "layer", pa.array([layer] * table.num_rows, pa.int32()))
+
+
+def recorded(lake: Lake, name: str, layer: int) -> dict[str, Any]:
+    """The record ``stats/<name>`` of ``layer`` was written with (its Parquet ``featurelake`` metadata)."""
+    try:
+        return lake.read_meta(f"stats/{name}", layer=layer)
+    except LakeError as e:
+        raise dg.Failure(f"{name} of layer {layer} is not in the lake: materialize it first ({e})") from e
+
+
+def write_stat(lake: Lake, name: str, table: pa.Table, layer: int, meta: dict[str, Any]) -> Path:
+    return lake.write(f"stats/{name}", table.drop_columns(["layer"]), layer=layer, meta=meta)
+
+
+def md_table(table: pa.Table, columns: Sequence[str] | None = None, limit: int | None = None) -> str:
+    """A markdown table: floats to 3 decimals, integers as integers, NULL as empty."""
+    if columns is not None:
+        table = table.select(list(columns))
+    if limit is not None:
+        table = table.slice(0, limit)
+    if table.num_rows == 0:
+        return "_(no rows)_"
+
+    def cell(v: Any) -> str:
+        if v is None:
+            return ""
+        if isinstance(v, float):
+            return f"{v:.3f}"
+        return str(v).replace("|", "\\|")
+
+    names = table.column_names
+    lines = ["| " + " | ".join(names) + " |", "|" + "|".join("---" for _ in names) + "|"]
+    lines += ["| " + " | ".join(cell(r[n]) for n in names) + " |" for r in table.to_pylist()]
+    return "\n".join(lines)
+
+
+def png_md(png: bytes, alt: str = "") -> str:
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"
+
+
+def save_png(lake: Lake, layer: int, name: str, png: bytes) -> Path:
+    """Write ``report/layer=L/<name>.png`` atomically."""
+    path = lake.base / "report" / f"layer={layer}" / f"{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".tmp-{uuid.uuid4().hex}.png"
+    try:
+        tmp.write_bytes(png)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def plot_metadata(lake: Lake, layer: int, name: str, png: bytes) -> dict[str, dg.MetadataValue]:
+    path = save_png(lake, layer, name, png)
+    return {name: dg.MetadataValue.md(png_md(png, name)), f"{name}_png": dg.MetadataValue.path(str(path))}
+
+
+def top_by_abs_selectivity(table: pa.Table, n: int) -> pa.Table:
+    active = table.filter(pc.fill_null(table["is_active"], False))
+    active = active.append_column("abs_selectivity", pc.abs(active["selectivity"]))
+    return active.sort_by([("abs_selectivity", "descending"), ("feature_id", "ascending")]).slice(0, n)
+
+
+# ------------------------------------------------------------------------------------------ assets
+
+
+@dg.asset(partitions_def=layer_partitions, group_name=GROUP, deps=["activations"], kinds=KINDS)
+def feature_stats(
+    context: dg.AssetExecutionContext, config: StatsConfig, lake: LakeResource
+) -> dg.MaterializeResult:
+    """Per-feature class statistics of one layer over the training datasets (``train_datasets``, default every
+    train-role dataset, pooled): class means of max_act (inactive samples count as 0), firing frequencies,
+    peak activation and selectivity = (pos_mean - neg_mean) / (pos_mean + neg_mean), also on mean_act.
+    Writes ``stats/feature_stats/layer=L``, recording ``min_act`` and the resolved training datasets."""
+    layer = int(context.partition_key)
+    lk = lake.lake
+    train = list(config.train_datasets) or None
+    con = _connect(lk, layer)
+    try:
+        classes = stats.run_check(con, "train_classes", {"train_datasets": train})
+        resolved = classes.column("dataset").to_pylist()
+        unknown = [r["dataset"] for r in classes.to_pylist() if not r["in_samples"]]
+        if unknown:
+            raise dg.Failure(
+                f"configured training datasets {', '.join(unknown)} have no samples in the lake: "
+                "fix train_datasets or materialize their samples"
+            )
+        no_acts = [
+            d
+            for d in resolved
+            if not (lk.table_dir("activations") / f"layer={layer}" / f"dataset={d}").is_dir()
+        ]
+        if no_acts:
+            raise dg.Failure(
+                f"training datasets {', '.join(no_acts)} have no activations at layer {layer}: materialize "
+                f"activations for partitions {', '.join(f'{d}|{layer}' for d in no_acts)} first"
+            )
+        context.log.info(f"layer {layer}: class statistics over {resolved or '(no training dataset)'}")
+        table = stats.feature_stats(con, layer, config.min_act, train)
+    finally:
+        con.close()
+    meta = {
+        "layer": layer,
+        "min_act": config.min_act,
+        "train_datasets": resolved,
+        "train_datasets_param": train,
+    }
+    path = write_stat(lk, "feature_stats", table, layer, meta)
+    n_active = int(pc.sum(pc.fill_null(table["is_active"], False).cast(pa.int64())).as_py() or 0)
+    context.log.info(
+        f"layer {layer}: {table.num_rows} features with activations, {n_active} active -> {path}"
+    )
+    png = plots_stats.selectivity_histogram(
+        table, min_selectivity=config.min_selectivity, title=f"Selectivity of active features (layer {layer})"
+    )
+    top = top_by_abs_selectivity(table, 10)
+    counts = classes.to_pylist()
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": table.num_rows,
+            "rows": table.num_rows,
+            "active_features": n_active,
+            "train_datasets": dg.MetadataValue.json(resolved),
+            "n_positive": sum(r["n_positive"] for r in counts),
+            "n_negative": sum(r["n_negative"] for r in counts),
+            "min_act": config.min_act,
+            "top_10": dg.MetadataValue.md(
+                md_table(
+                    top,
+                    ["feature_id", "selectivity", "pos_mean", "neg_mean", "pos_freq", "neg_freq", "max_act"],
+                )
+            ),
+            **plot_metadata(lk, layer, "selectivity_histogram", png),
+            "path": dg.MetadataValue.path(str(path)),
+        }
+    )
+
+
+@dg.asset(partitions_def=layer_partitions, group_name=GROUP, deps=["activations"], kinds=KINDS)
+def activation_profile(
+    context: dg.AssetExecutionContext, lake: LakeResource, sae: SAEResource
+) -> dg.MaterializeResult:
+    """How dense and how strong one layer's SAE activations are on each dataset: active features per sample
+    (mean, median, p90, samples with none), max_act magnitude (mean, p50, p99), features active and dead
+    (against the SAE's width). One row per dataset with activations at the layer (partitioned by layer only:
+    the rows are meant to be compared side by side)."""
+    layer = int(context.partition_key)
+    lk = lake.lake
+    width = sae_width(sae, lk, layer)
+    con = _connect(lk, layer, ("samples", "tokens", "activations"))
+    try:
+        table = stats.activation_profile(con, layer, width)
+    finally:
+        con.close()
+    path = write_stat(lk, "activation_profile", table, layer, {"layer": layer, "sae_width": width})
+    context.log.info(f"layer {layer}: profiled {table.num_rows} datasets (SAE width {width}) -> {path}")
+    png = plots_stats.active_features_bar(table)
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": table.num_rows,
+            "datasets": dg.MetadataValue.json(table.column("dataset").to_pylist()),
+            "sae_width": width,
+            "profile": dg.MetadataValue.md(md_table(table.drop_columns(["layer"]))),
+            **plot_metadata(lk, layer, "active_features", png),
+            "path": dg.MetadataValue.path(str(path)),
+        }
+    )
+
+
+@dg.asset(partitions_def=layer_partitions, group_name=GROUP, deps=["feature_stats"], kinds=KINDS)
+def selected_features(
+    context: dg.AssetExecutionContext, config: StatsConfig, lake: LakeResource
+) -> dg.MaterializeResult:
+    """The class-selective features of one layer worth describing and probing: active features with
+    |selectivity| >= ``min_selectivity`` (and ``min_freq`` in the class they prefer; positive-preferring only
+    unless ``keep_negative``), ranked by |selectivity|, at most ``max_features``, each with a ``reason``.
+    The effective config is stored in the Parquet metadata."""
+    layer = int(context.partition_key)
+    lk = lake.lake
+    fs = read_stat(lk, "feature_stats", layer)
+    rec = recorded(lk, "feature_stats", layer)
+    effective = {
+        "min_selectivity": config.min_selectivity,
+        "min_freq": config.min_freq,
+        "keep_negative": config.keep_negative,
+        "max_features": config.max_features,
+        "min_act": rec.get("min_act"),
+        "train_datasets": rec.get("train_datasets"),
+    }
+    con = duckdb.connect()
+    try:
+        table = stats.selected_features(
+            con,
+            layer,
+            config.min_selectivity,
+            config.min_freq,
+            config.keep_negative,
+            config.max_features,
+            stats=fs,
+        )
+    finally:
+        con.close()
+    path = write_stat(lk, "selected_features", table, layer, {"layer": layer, "config": effective})
+    directions = table.column("direction").to_pylist()
+    context.log.info(f"layer {layer}: selected {table.num_rows} of {fs.num_rows} features -> {path}")
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": table.num_rows,
+            "rows": table.num_rows,
+            "positive": directions.count("positive"),
+            "negative": directions.count("negative"),
+            "config": dg.MetadataValue.json(effective),
+            "top_10": dg.MetadataValue.md(
+                md_table(
+                    table,
+                    ["rank", "feature_id", "direction", "selectivity", "freq", "pos_mean", "neg_mean"],
+                    10,
+                )
+            ),
+            "path": dg.MetadataValue.path(str(path)),
+        }
+    )
+
+
+@dg.multi_asset(
+    name="cross_distribution",
+    partitions_def=layer_partitions,
+    group_name=GROUP,
+    specs=[
+        dg.AssetSpec(
+            "cross_distribution",
+            deps=["activations"],
+            kinds=KINDS,
+            description="Jaccard overlap of the active feature sets of every ordered pair of datasets.",
+        ),
+        dg.AssetSpec(
+            "dataset_selectivity",
+            deps=["activations"],
+            kinds=KINDS,
+            description="Per (dataset, feature) selectivity on every dataset with both classes.",
+        ),
+        dg.AssetSpec(
+            "selectivity_rank_correlation",
+            deps=["activations"],
+            kinds=KINDS,
+            description="Spearman / Pearson correlation of per-dataset selectivity, per dataset pair.",
+        ),
+        dg.AssetSpec(
+            "selected_transfer",
+            deps=["activations", "selected_features"],
+            kinds=KINDS,
+            description="Per dataset and direction: how many selected features fire, how strongly "
+            "relative to the training datasets.",
+        ),
+    ],
+)
+def cross_distribution(
+    context: dg.AssetExecutionContext, config: StatsConfig, lake: LakeResource
+) -> Iterator[dg.MaterializeResult]:
+    """Does what the training datasets taught transfer to the other datasets of the layer? Active-set overlap
+    (``min_act``), per-dataset selectivity and its rank agreement, and the selected features' firing on each
+    dataset against the training datasets ``selected_features`` recorded. Tables ``stats/<asset>/layer=L``."""
+    layer = int(context.partition_key)
+    lk = lake.lake
+    selected = read_stat(lk, "selected_features", layer)
+    train = recorded(lk, "selected_features", layer).get("config", {}).get("train_datasets") or None
+    con = _connect(lk, layer)
+    try:
+        tables = {
+            "cross_distribution": stats.cross_distribution(con, layer, config.min_act),
+            "dataset_selectivity": stats.dataset_selectivity(con, layer, config.min_act),
+            "selectivity_rank_correlation": stats.rank_correlation(con, layer, config.min_act),
+            "selected_transfer": stats.selected_transfer(con, layer, train, selected=selected),
+        }
+    finally:
+        con.close()
+    meta = {"layer": layer, "min_act": config.min_act, "train_datasets": train}
+    paths = {name: write_stat(lk, name, t, layer, meta) for name, t in tables.items()}
+    for name, t in tables.items():
+        context.log.info(f"layer {layer}: {name} {t.num_rows} rows -> {paths[name]}")
+
+    def result(name: str, **extra: Any) -> dg.MaterializeResult:
+        t = tables[name]
+        return dg.MaterializeResult(
+            asset_key=name,
+            metadata={
+                "dagster/row_count": t.num_rows,
+                "path": dg.MetadataValue.path(str(paths[name])),
+                **extra,
+            },
+        )
+
+    cross = tables["cross_distribution"]
+    yield result(
+        "cross_distribution",
+        jaccard=dg.MetadataValue.md(md_table(cross.drop_columns(["layer"]))),
+        **plot_metadata(lk, layer, "jaccard_heatmap", plots_stats.jaccard_heatmap(cross)),
+    )
+    ds = tables["dataset_selectivity"]
+    yield result(
+        "dataset_selectivity", datasets=dg.MetadataValue.json(sorted(set(ds.column("dataset").to_pylist())))
+    )
+    yield result(
+        "selectivity_rank_correlation",
+        correlations=dg.MetadataValue.md(
+            md_table(tables["selectivity_rank_correlation"].drop_columns(["layer"]))
+        ),
+    )
+    yield result(
+        "selected_transfer",
+        transfer=dg.MetadataValue.md(md_table(tables["selected_transfer"].drop_columns(["layer"]))),
+    )
+
+
+# ------------------------------------------------------------------------------------------ checks
+
+
+def _outcome(outcome: stats.CheckOutcome, **metadata: Any) -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(
+        passed=outcome.passed,
+        description=outcome.description,
+        metadata={"violations": outcome.n_violations, **metadata},
+    )
+
+
+def _missing(name: str, layer: int, e: Exception) -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(passed=False, description=f"{name} of layer {layer} is not in the lake ({e})")
+
+
+@dg.asset_check(asset=feature_stats, partitions_def=layer_partitions, blocking=True)
+def feature_stats_non_empty(
+    context: dg.AssetCheckExecutionContext, lake: LakeResource
+) -> dg.AssetCheckResult:
+    """At least one feature is active (max_act >= min_act) on the training datasets."""
+    layer = int(context.partition_key)
+    try:
+        table = read_stat(lake.lake, "feature_stats", layer)
+    except dg.Failure as e:
+        return _missing("feature_stats", layer, e)
+    n_active = int(pc.sum(pc.fill_null(table["is_active"], False).cast(pa.int64())).as_py() or 0)
+    return dg.AssetCheckResult(
+        passed=n_active > 0,
+        description=f"{table.num_rows} features with activations, {n_active} active on the training datasets",
+        metadata={"rows": table.num_rows, "active_features": n_active},
+    )
+
+
+@dg.asset_check(asset=feature_stats, partitions_def=layer_partitions, blocking=True)
+def feature_stats_no_nan(context: dg.AssetCheckExecutionContext, lake: LakeResource) -> dg.AssetCheckResult:
+    """No statistic is NaN or infinite (NULL selectivity means a missing class: see the train-classes check)."""
+    layer = int(context.partition_key)
+    try:
+        table = read_stat(lake.lake, "feature_stats", layer)
+    except dg.Failure as e:
+        return _missing("feature_stats", layer, e)
+    con = duckdb.connect()
+    try:
+        return _outcome(
+            stats.evaluate_check(con, "feature_stats_nan", {"layer": layer}, {"feature_stats": table})
+        )
+    finally:
+        con.close()
+
+
+@dg.asset_check(asset=feature_stats, partitions_def=layer_partitions, blocking=True)
+def feature_stats_selectivity_range(
+    context: dg.AssetCheckExecutionContext, lake: LakeResource
+) -> dg.AssetCheckResult:
+    """Selectivity (on max_act and on mean_act) lies in [-1, 1]; outside means negative activations."""
+    layer = int(context.partition_key)
+    try:
+        table = read_stat(lake.lake, "feature_stats", layer)
+    except dg.Failure as e:
+        return _missing("feature_stats", layer, e)
+    con = duckdb.connect()
+    try:
+        return _outcome(
+            stats.evaluate_check(con, "selectivity_range", {"layer": layer}, {"feature_stats": table})
+        )
+    finally:
+        con.close()
+
+
+@dg.asset_check(asset=feature_stats, partitions_def=layer_partitions, blocking=True)
+def feature_stats_feature_id_range(
+    context: dg.AssetCheckExecutionContext, lake: LakeResource, sae: SAEResource
+) -> dg.AssetCheckResult:
+    """Every feature id of the layer's activations (so of feature_stats) is below the SAE width."""
+    layer = int(context.partition_key)
+    lk = lake.lake
+    try:
+        table = read_stat(lk, "feature_stats", layer)
+    except dg.Failure as e:
+        return _missing("feature_stats", layer, e)
+    width = sae_width(sae, lk, layer)
+    con = _connect(lk, layer, ("activations",))
+    try:
+        outcome = stats.evaluate_check(con, "feature_id_range", {"layer": layer, "sae_width": width})
+    finally:
+        con.close()
+    max_id = pc.max(table["feature_id"]).as_py() if table.num_rows else None
+    return _outcome(outcome, sae_width=width, max_feature_id=-1 if max_id is None else int(max_id))
+
+
+@dg.asset_check(asset=feature_stats, partitions_def=layer_partitions, blocking=True)
+def feature_stats_train_classes(
+    context: dg.AssetCheckExecutionContext, lake: LakeResource
+) -> dg.AssetCheckResult:
+    """The training datasets feature_stats pooled hold both positive and negative samples (else selectivity
+    is undefined); a failure names the datasets and their class counts."""
+    layer = int(context.partition_key)
+    lk = lake.lake
+    try:
+        rec = lk.read_meta("stats/feature_stats", layer=layer)
+    except LakeError as e:
+        return _missing("feature_stats", layer, e)
+    con = _connect(lk, layer, ("samples",))
+    try:
+        outcome = stats.evaluate_check(
+            con, "train_classes", {"train_datasets": rec.get("train_datasets_param")}
+        )
+    finally:
+        con.close()
+    return _outcome(outcome, counts=dg.MetadataValue.md(md_table(outcome.rows)))
+
+
+@dg.asset_check(asset=selected_features, partitions_def=layer_partitions, blocking=False)
+def selected_features_non_empty(
+    context: dg.AssetCheckExecutionContext, lake: LakeResource
+) -> dg.AssetCheckResult:
+    """At least one feature was selected (a warning: lower ``min_selectivity`` if none)."""
+    layer = int(context.partition_key)
+    try:
+        table = read_stat(lake.lake, "selected_features", layer)
+    except dg.Failure as e:
+        return _missing("selected_features", layer, e)
+    return dg.AssetCheckResult(
+        passed=table.num_rows > 0,
+        severity=dg.AssetCheckSeverity.WARN,
+        description=f"{table.num_rows} features selected at layer {layer}",
+        metadata={"rows": table.num_rows},
+    )
+
+
+@dg.asset_check(asset=selected_features, partitions_def=layer_partitions, blocking=True)
+def selected_features_valid(
+    context: dg.AssetCheckExecutionContext, lake: LakeResource, sae: SAEResource
+) -> dg.AssetCheckResult:
+    """Every selected feature has an id below the SAE width, a finite selectivity in [-1, 1] that reaches the
+    recorded ``min_selectivity``, and a direction that matches its sign."""
+    layer = int(context.partition_key)
+    lk = lake.lake
+    try:
+        table = read_stat(lk, "selected_features", layer)
+        cfg = recorded(lk, "selected_features", layer).get("config", {})
+    except dg.Failure as e:
+        return _missing("selected_features", layer, e)
+    width = sae_width(sae, lk, layer)
+    min_sel = float(cfg.get("min_selectivity") or 0.0)
+    problems = []
+    for r in table.to_pylist():
+        fid, s = r["feature_id"], r["selectivity"]
+        if not 0 <= fid < width:
+            problems.append(f"feature {fid}: id outside [0, {width})")
+        elif s is None or not math.isfinite(s) or abs(s) > 1:
+            problems.append(f"feature {fid}: selectivity {s} not a number in [-1, 1]")
+        elif abs(s) < min_sel - 1e-12:
+            problems.append(f"feature {fid}: |selectivity| {abs(s):.3f} below min_selectivity {min_sel}")
+        elif (s >= 0) != (r["direction"] == "positive"):
+            problems.append(f"feature {fid}: direction {r['direction']!r} but selectivity {s:+.3f}")
+    desc = (
+        f"{table.num_rows} selected features valid"
+        if not problems
+        else f"{len(problems)} invalid selected features: {'; '.join(problems[:5])}"
+    )
+    return dg.AssetCheckResult(
+        passed=not problems, description=desc, metadata={"violations": len(problems), "sae_width": width}
+    )
