@@ -31,15 +31,86 @@ class SAEError(ValueError):
     """An SAE could not be loaded, or does not fit the model."""
 
 
+class NativeEncoder(torch.nn.Module):
+    """The encoder half of a JumpReLU or TopK SAE in plain torch: one ``addmm`` and an activation.
+
+    Built from a sae-lens SAE's weights (``from_saelens``) it gives the same activations; it skips the
+    hook points and lets the extraction run the encode in the dtype of its choice on the device.
+    """
+
+    def __init__(self, W_enc: torch.Tensor, b_enc: torch.Tensor, *, threshold: torch.Tensor | None = None,
+                 k: int | None = None, b_dec_in: torch.Tensor | None = None) -> None:
+        super().__init__()
+        if (threshold is None) == (k is None):
+            raise SAEError("a native encoder needs exactly one of threshold (JumpReLU) or k (TopK)")
+        self.W_enc = torch.nn.Parameter(W_enc.detach().clone(), requires_grad=False)
+        self.b_enc = torch.nn.Parameter(b_enc.detach().clone(), requires_grad=False)
+        self.threshold = None if threshold is None else torch.nn.Parameter(
+            threshold.detach().clone().clamp_min(0), requires_grad=False)
+        self.b_dec_in = None if b_dec_in is None else torch.nn.Parameter(b_dec_in.detach().clone(),
+                                                                        requires_grad=False)
+        self.k = k
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.W_enc.dtype
+
+    @torch.inference_mode()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1]).to(self.W_enc.dtype)
+        if self.b_dec_in is not None:
+            x = x - self.b_dec_in
+        pre = torch.addmm(self.b_enc, x, self.W_enc)
+        if self.threshold is not None:
+            acts = pre * (pre > self.threshold)
+        else:
+            vals, idx = pre.topk(self.k, dim=-1, sorted=False)
+            acts = torch.zeros_like(pre).scatter_(-1, idx, vals.relu())
+        return acts.reshape(*shape[:-1], -1)
+
+    @classmethod
+    def from_saelens(cls, sae: Any) -> NativeEncoder | None:
+        """A native encoder equal to ``sae.encode``, or None where the SAE does more than we replicate."""
+        cfg = sae.cfg
+        arch = cfg.architecture() if callable(getattr(cfg, "architecture", None)) else getattr(cfg, "architecture", "")
+        if getattr(cfg, "normalize_activations", "none") != "none" or getattr(cfg, "reshape_activations", "none") != "none":
+            return None
+        b_dec_in = sae.b_dec.detach() if getattr(cfg, "apply_b_dec_to_input", False) else None
+        W_enc, b_enc = sae.W_enc.detach(), sae.b_enc.detach()
+        if arch == "topk" and getattr(cfg, "rescale_acts_by_decoder_norm", False):
+            norm = sae.W_dec.detach().norm(dim=-1)  # (x W + b) * n == x (W * n) + b * n
+            W_enc, b_enc = W_enc * norm[None, :], b_enc * norm
+        elif getattr(cfg, "rescale_acts_by_decoder_norm", False):
+            return None
+        if arch == "jumprelu":
+            return cls(W_enc, b_enc, threshold=sae.threshold, b_dec_in=b_dec_in)
+        if arch == "topk":
+            return cls(W_enc, b_enc, k=int(cfg.k), b_dec_in=b_dec_in)
+        return None
+
+
 @dataclass
 class LoadedSAE:
-    sae: Any  # sae_lens.SAE
+    sae: Any  # sae_lens.SAE, or a NativeEncoder
     sae_id: str  # a stable identity recorded with every partition
     d_in: int
     d_sae: int
 
+    def __post_init__(self) -> None:
+        self.encoder = self.sae if isinstance(self.sae, NativeEncoder) else NativeEncoder.from_saelens(self.sae)
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
+        if self.encoder is not None:
+            return self.encoder.encode(x)
         return self.sae.encode(x)
+
+    def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> LoadedSAE:
+        if self.encoder is not None:
+            self.encoder.to(device=device, dtype=dtype)
+        if not isinstance(self.sae, NativeEncoder):
+            self.sae.to(device)
+        return self
 
 
 def _weights_digest(state: dict[str, torch.Tensor]) -> str:

@@ -66,7 +66,7 @@ def check_against_reference(
     import pandas as pd
 
     for layer, sae in saes.items():
-        ref = dense_reference(lm, sae.sae, texts, layer, max_tokens)
+        ref = dense_reference(lm, sae, texts, layer, max_tokens)
         df = pd.concat(pooled[layer])
         tok = pd.concat(token_rows[layer])
         res = pd.concat(resid[layer]).set_index("sample_id")
