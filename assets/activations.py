@@ -19,12 +19,13 @@ def provenance(model: ModelResource, sae_id: str, hook: str) -> dict[str, object
         "sae_id": sae_id,
         "hook": hook,
         "dtype": model.dtype,
+        "sae_dtype": model.sae_dtype,
         "max_tokens": model.max_tokens,
         "config_hash": load_profile().config_hash(),
     }
 
 
-PROVENANCE_KEYS = ("model_id", "sae_id", "hook", "dtype", "max_tokens", "config_hash")
+PROVENANCE_KEYS = ("model_id", "sae_id", "hook", "dtype", "sae_dtype", "max_tokens", "config_hash")
 
 
 def extract_dataset(
@@ -43,7 +44,10 @@ def extract_dataset(
     spec = parse_registry()[dataset]
     samples = lake.read("samples", dataset=dataset, columns=["sample_id", "text"])
     texts = dict(zip(samples.column("sample_id").to_pylist(), samples.column("text").to_pylist(), strict=True))
-    saes = {layer: sae.load(layer, lake, device=str(lm.device), d_model=lm.d_model) for layer in layers}
+    import torch
+
+    saes = {layer: sae.load(layer, lake, device=str(lm.device), d_model=lm.d_model)
+            .to(lm.device, getattr(torch, model.sae_dtype)) for layer in layers}
     items = tokenize(lm.tokenizer, list(texts.values()), list(texts), model.max_tokens)
     metas = {layer: {**provenance(model, saes[layer].sae_id, sae.hook), "layer": layer, "dataset": dataset,
                      "role": spec.role} for layer in layers}

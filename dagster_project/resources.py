@@ -54,6 +54,7 @@ class ModelResource(dg.ConfigurableResource):
     device: str = "auto"
     max_tokens: int = 1024
     batch_tokens: int = 4096
+    sae_dtype: str = "float32"
 
     def load(self) -> LoadedModel:
         return _cached_model(self.model_id, self.dtype, self.device)
@@ -102,7 +103,8 @@ def resources_for(profile: Profile, lake_root: str | None = None) -> dict[str, d
     return {
         "lake": LakeResource(root=lake_root or default_lake_root(), namespace=profile.name),
         "model": ModelResource(
-            model_id=m.id, dtype=m.dtype, device=m.device, max_tokens=m.max_tokens, batch_tokens=m.batch_tokens
+            model_id=m.id, dtype=m.dtype, device=m.device, max_tokens=m.max_tokens, batch_tokens=m.batch_tokens,
+            sae_dtype=m.sae_dtype,
         ),
         "sae": SAEResource(**s.model_dump()),
     }

@@ -180,61 +180,83 @@ class LayerBatch:
     n_tokens: int
 
 
+@dataclass
+class DeviceBatch:
+    """Sparse results of one batch at one layer, still on the device (small: only non-zeros)."""
+
+    sample_ids: torch.Tensor
+    pooled: tuple[torch.Tensor, ...]  # sample index, feature, max, mean, argmax, n_active
+    token_acts: tuple[torch.Tensor, ...] | None  # sample index, position, feature, act
+    resid_mean: torch.Tensor | None
+    resid_max: torch.Tensor | None
+    n_tokens: int
+
+    def to_arrow(self) -> LayerBatch:
+        """Copy to the host and build Arrow tables (runs on the writer thread, off the GPU's path)."""
+        sids = self.sample_ids.cpu().numpy().astype(np.int32)
+
+        def col(t: torch.Tensor, dtype: type) -> pa.Array:
+            return pa.array(t.cpu().numpy().astype(dtype, copy=False))
+
+        b, f, mx, mean, arg, nact = self.pooled
+        pooled = pa.table(
+            [pa.array(sids[b.cpu().numpy()]), col(f, np.int32), col(mx.float(), np.float32),
+             col(mean, np.float32), col(arg, np.int32), col(nact, np.int32)],
+            schema=POOLED_SCHEMA,
+        )
+        token_acts = None
+        if self.token_acts is not None:
+            tb, tt, tf, ta = self.token_acts
+            token_acts = pa.table(
+                [pa.array(sids[tb.cpu().numpy()]), col(tt, np.int32), col(tf, np.int32), col(ta.float(), np.float32)],
+                schema=TOKEN_ACTS_SCHEMA,
+            )
+        residuals = None
+        if self.resid_mean is not None and self.resid_max is not None:
+            d = self.resid_mean.shape[-1]
+            residuals = pa.table(
+                [pa.array(sids),
+                 pa.FixedSizeListArray.from_arrays(col(self.resid_mean.ravel(), np.float32), d),
+                 pa.FixedSizeListArray.from_arrays(col(self.resid_max.ravel(), np.float32), d)],
+                schema=residual_schema(d),
+            )
+        return LayerBatch(pooled, token_acts, residuals, self.n_tokens)
+
+
 @torch.inference_mode()
+def encode_pool_device(
+    hidden: torch.Tensor, mask: torch.Tensor, sample_ids: torch.Tensor, sae: LoadedSAE,
+    with_tokens: bool = True, with_residuals: bool = True,
+) -> DeviceBatch:
+    """SAE-encode ``hidden`` [B, T, d] (BOS already dropped; ``mask`` [B, T] marks real tokens) and pool,
+    all on the device; returns only the non-zero entries (still on the device)."""
+    acts = sae.encode(hidden)  # [B, T, W], in the encoder's dtype
+    acts = acts.clamp_min_(0).masked_fill_(~mask[..., None], 0)
+    n_real = mask.sum(1)  # [B]
+    mx, arg = acts.max(1)  # [B, W]
+    mean = acts.sum(1, dtype=torch.float32) / n_real.clamp_min(1)[:, None].float()
+    nact = (acts > 0).sum(1)
+    b, f = (mx > 0).nonzero(as_tuple=True)
+    pooled = (b, f, mx[b, f], mean[b, f], arg[b, f], nact[b, f])
+    token_acts = None
+    if with_tokens:
+        tb, tt, tf = (acts > 0).nonzero(as_tuple=True)
+        token_acts = (tb, tt, tf, acts[tb, tt, tf])
+    rmean = rmax = None
+    if with_residuals:
+        h = hidden.float()
+        m = mask[..., None]
+        rmean = (h * m).sum(1) / n_real.clamp_min(1)[:, None]
+        rmax = h.masked_fill(~m, float("-inf")).max(1).values
+    return DeviceBatch(sample_ids, pooled, token_acts, rmean, rmax, int(n_real.sum()))
+
+
 def encode_pool(
     hidden: torch.Tensor, mask: torch.Tensor, sample_ids: torch.Tensor, sae: LoadedSAE,
     with_tokens: bool = True, with_residuals: bool = True,
 ) -> LayerBatch:
-    """SAE-encode ``hidden`` [B, T, d] (BOS already dropped; ``mask`` [B, T] marks real tokens) and pool.
-
-    Everything is computed on the device; only non-zero entries are copied to the host.
-    """
-    h = hidden.float()
-    acts = sae.encode(h)  # [B, T, W]
-    acts = torch.where(mask[..., None], acts.clamp_min(0), torch.zeros((), device=acts.device))
-    n_real = mask.sum(1)  # [B]
-    mx, arg = acts.max(1)  # [B, W]
-    mean = acts.sum(1) / n_real.clamp_min(1)[:, None].to(acts.dtype)
-    nact = (acts > 0).sum(1)
-    b, f = (mx > 0).nonzero(as_tuple=True)
-    pooled = pa.table(
-        [
-            pa.array(sample_ids[b].cpu().numpy().astype(np.int32)),
-            pa.array(f.cpu().numpy().astype(np.int32)),
-            pa.array(mx[b, f].cpu().numpy().astype(np.float32)),
-            pa.array(mean[b, f].cpu().numpy().astype(np.float32)),
-            pa.array(arg[b, f].cpu().numpy().astype(np.int32)),
-            pa.array(nact[b, f].cpu().numpy().astype(np.int32)),
-        ],
-        schema=POOLED_SCHEMA,
-    )
-    token_acts = None
-    if with_tokens:
-        tb, tt, tf = (acts > 0).nonzero(as_tuple=True)
-        token_acts = pa.table(
-            [
-                pa.array(sample_ids[tb].cpu().numpy().astype(np.int32)),
-                pa.array(tt.cpu().numpy().astype(np.int32)),
-                pa.array(tf.cpu().numpy().astype(np.int32)),
-                pa.array(acts[tb, tt, tf].cpu().numpy().astype(np.float32)),
-            ],
-            schema=TOKEN_ACTS_SCHEMA,
-        )
-    residuals = None
-    if with_residuals:
-        m = mask[..., None]
-        rmean = (h * m).sum(1) / n_real.clamp_min(1)[:, None]
-        rmax = torch.where(m, h, torch.full((), float("-inf"), device=h.device)).max(1).values
-        d = h.shape[-1]
-        residuals = pa.table(
-            [
-                pa.array(sample_ids.cpu().numpy().astype(np.int32)),
-                pa.FixedSizeListArray.from_arrays(pa.array(rmean.cpu().numpy().astype(np.float32).ravel()), d),
-                pa.FixedSizeListArray.from_arrays(pa.array(rmax.cpu().numpy().astype(np.float32).ravel()), d),
-            ],
-            schema=residual_schema(d),
-        )
-    return LayerBatch(pooled, token_acts, residuals, int(n_real.sum()))
+    """:func:`encode_pool_device` then the host copy: Arrow tables of the non-zero entries."""
+    return encode_pool_device(hidden, mask, sample_ids, sae, with_tokens, with_residuals).to_arrow()
 
 
 @dataclass
@@ -255,8 +277,10 @@ def extract(
     with_tokens: bool = True,
     with_residuals: bool = True,
     progress: Callable[[int, int], None] | None = None,
-) -> Iterator[tuple[dict[int, LayerBatch], ExtractStats]]:
-    """Yield, batch by batch, ``{layer: LayerBatch}`` for every layer in ``saes`` from one forward pass."""
+    on_device: bool = False,
+) -> Iterator[tuple[dict[int, Any], ExtractStats]]:
+    """Yield, batch by batch, ``{layer: LayerBatch}`` for every layer in ``saes`` from one forward pass
+    (``{layer: DeviceBatch}`` with ``on_device``: the caller copies to the host when it suits it)."""
     layers = sorted(saes)
     for layer in layers:
         lm.check_layer(layer)
@@ -273,7 +297,8 @@ def extract(
         mask = att[:, 1:].bool()  # drop BOS
         out = {}
         for layer in layers:
-            out[layer] = encode_pool(hidden[layer][:, 1:], mask, sids, saes[layer], with_tokens, with_residuals)
+            db = encode_pool_device(hidden[layer][:, 1:], mask, sids, saes[layer], with_tokens, with_residuals)
+            out[layer] = db if on_device else db.to_arrow()
         stats.n_batches += 1
         stats.n_tokens += out[layers[0]].n_tokens
         stats.padded_tokens += len(rows) * (T - 1)
@@ -322,6 +347,7 @@ def extract_to_lake(
     number of samples); all partitions are renamed into place only when every batch succeeded.
     """
     import time
+    from concurrent.futures import Future, ThreadPoolExecutor
     from contextlib import ExitStack
 
     t0 = time.time()
@@ -341,14 +367,27 @@ def extract_to_lake(
             if with_residuals:
                 writers[("residuals", layer)] = stack.enter_context(
                     lake.writer("residuals", residual_schema(lm.d_model), layer, dataset, metas[layer]))
-        for out, stats in extract(lm, saes, items, batch_tokens, with_tokens, with_residuals, progress):  # noqa: B007
-            for layer, lb in out.items():
+        def write(out: dict[int, DeviceBatch]) -> None:
+            for layer, db in out.items():
+                lb = db.to_arrow()
                 writers[("activations", layer)].write_table(lb.pooled.sort_by([("feature_id", "ascending")]))
                 active_total[layer] += lb.pooled.num_rows
                 if lb.token_acts is not None:
                     writers[("token_activations", layer)].write_table(lb.token_acts)
                 if lb.residuals is not None:
                     writers[("residuals", layer)].write_table(lb.residuals)
+
+        # Host copies, Arrow conversion and Parquet writes of batch i run on one writer thread while the
+        # device computes batch i+1 (at most one batch waits, so memory stays bounded).
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lake-writer") as pool:
+            pending: Future[None] | None = None
+            for out, stats in extract(lm, saes, items, batch_tokens, with_tokens, with_residuals, progress,  # noqa: B007
+                                      on_device=True):
+                if pending is not None:
+                    pending.result()
+                pending = pool.submit(write, out)
+            if pending is not None:
+                pending.result()
     if stats is None:
         raise ValueError(f"dataset {dataset!r} has no samples to extract")
     seconds = time.time() - t0

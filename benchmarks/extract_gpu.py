@@ -1,0 +1,233 @@
+"""GPU extraction benchmark at the user's real scale, with random weights (speed does not depend on values).
+
+Builds a ``Gemma3ForCausalLM`` from the Gemma 3 27B (or 270M) text configuration with random bf16 weights
+and random GemmaScope-shaped JumpReLU SAEs, then runs on the same synthetic token sequences:
+
+- the seed's method: batch size 1, the whole model (``output_hidden_states``, LM head included), the SAEs
+  encoded at the hooked layers, dense per-sample max / mean / argmax arrays copied to the host;
+- the project's extraction code path itself (``dagster_project.lib.extraction.extract_to_lake``): length
+  batches, forward stopped after the deepest hooked layer, one pass for all layers, SAE encode and pooling
+  on the GPU, sparse rows streamed to a Parquet lake;
+- the FLOP floor: 2 x (parameters of the decoder layers through the deepest hooked layer) x tokens / the
+  bf16 matmul rate measured on this card (attention's own FLOPs are left out, so the floor is optimistic).
+
+Prints one markdown table. Run on the lent GPU machine: ``python benchmarks/extract_gpu.py --config 27b``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+CONFIGS = {
+    "27b": {
+        "text": dict(vocab_size=262208, hidden_size=5376, intermediate_size=21504, num_hidden_layers=62,
+                     num_attention_heads=32, num_key_value_heads=16, head_dim=128, sliding_window=1024,
+                     query_pre_attn_scalar=168, max_position_embeddings=131072),
+        "layers": [16, 31, 40, 53],
+        "width": 16384,
+    },
+    "270m": {
+        "text": dict(vocab_size=262144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
+                     num_attention_heads=4, num_key_value_heads=1, head_dim=256, sliding_window=512,
+                     query_pre_attn_scalar=256, max_position_embeddings=32768),
+        "layers": [6, 9, 12],
+        "width": 16384,
+    },
+}
+
+
+def matmul_tflops(n: int = 8192, reps: int = 10) -> float:
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e12
+
+
+def build_model(name: str):  # noqa: ANN201
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    cfg = Gemma3TextConfig(**CONFIGS[name]["text"], bos_token_id=2, eos_token_id=1, pad_token_id=0)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            model = Gemma3ForCausalLM(cfg)  # transformers' own init, on the GPU, in bf16
+    finally:
+        torch.set_default_dtype(old)
+    model.eval()
+    return model, cfg
+
+
+def build_saes(d_in: int, width: int, layers: list[int]):  # noqa: ANN201
+    from dagster_project.lib.sae import LoadedSAE, NativeEncoder
+
+    saes = {}
+    for layer in layers:
+        g = torch.Generator(device="cuda").manual_seed(layer)
+        w = torch.randn(d_in, width, device="cuda", generator=g) / d_in**0.5
+        enc = NativeEncoder(w, torch.zeros(width, device="cuda"), threshold=torch.zeros(width, device="cuda"))
+        saes[layer] = LoadedSAE(enc, f"random-jumprelu-{d_in}x{width}-L{layer}", d_in, width)
+    return saes
+
+
+def saes_in(saes: dict, dtype: torch.dtype) -> dict:  # noqa: ANN001
+    """The same SAEs with their encoders in ``dtype`` (the project encodes in the profile's ``sae_dtype``)."""
+    import copy
+
+    out = {}
+    for layer, sae in saes.items():
+        twin = copy.copy(sae)
+        twin.encoder = copy.deepcopy(sae.encoder).to(dtype=dtype)
+        out[layer] = twin
+    return out
+    return saes
+
+
+def calibrate_thresholds(lm, saes, items, target_l0: int = 64) -> None:  # noqa: ANN001
+    """Set JumpReLU thresholds so about ``target_l0`` features fire per token, as GemmaScope's medium L0."""
+    from dagster_project.lib.extraction import forward_layers, pad_batch
+
+    ids, att = pad_batch(items[:2], 0, lm.device)
+    hidden = forward_layers(lm, ids, att, sorted(saes))
+    for layer, sae in saes.items():
+        pre = hidden[layer][:, 1:].reshape(-1, sae.d_in).float() @ sae.encoder.W_enc.float()
+        q = 1 - target_l0 / sae.d_sae
+        thr = torch.quantile(pre[:4096].float(), q, dim=0)
+        sae.encoder.threshold.data.copy_(thr.clamp_min(1e-3))
+
+
+def synthetic_items(n: int, vocab: int, seed: int = 0, lo: int = 150, hi: int = 2048, mean: int = 650):  # noqa: ANN201
+    from dagster_project.lib.extraction import Tokenized
+
+    rng = np.random.default_rng(seed)
+    lengths = np.clip(rng.lognormal(np.log(mean) - 0.18, 0.6, n).astype(int), lo, hi)
+    items = []
+    for i, n_tok in enumerate(lengths):
+        ids = [2, *rng.integers(10, vocab, int(n_tok)).tolist()]
+        items.append(Tokenized(i, ids, [(0, 0)] * len(ids), False))
+    return items
+
+
+class StubTokenizer(SimpleNamespace):
+    pad_token_id = 0
+    bos_token_id = 2
+
+    def convert_ids_to_tokens(self, i: int) -> str:
+        return f"<{i}>"
+
+
+def run_seed(lm, saes, items) -> dict:  # noqa: ANN001
+    layers = sorted(saes)
+    n, w = len(items), next(iter(saes.values())).d_sae
+    out = {L: {k: np.zeros((n, w), np.float32 if k != "argmax" else np.int32) for k in ("max", "mean", "argmax")}
+           for L in layers}
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    tokens = 0
+    for i, it in enumerate(items):
+        ids = torch.tensor([it.ids], device="cuda")
+        with torch.inference_mode():
+            hs = lm.model(input_ids=ids, output_hidden_states=True).hidden_states
+            for L in layers:
+                acts = saes[L].encode(hs[L + 1][0, 1:])
+                out[L]["max"][i] = acts.max(0).values.float().cpu().numpy()
+                out[L]["mean"][i] = acts.float().mean(0).cpu().numpy()
+                out[L]["argmax"][i] = acts.argmax(0).cpu().numpy()
+        tokens += it.n_real
+    torch.cuda.synchronize()
+    secs = time.perf_counter() - t
+    return {"tokens": tokens, "seconds": secs, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def run_project(lm, saes, items, batch_tokens: int) -> dict:  # noqa: ANN001
+    from dagster_project.lib.extraction import extract_to_lake
+    from dagster_project.lib.lake import Lake
+
+    with tempfile.TemporaryDirectory() as tmp:
+        lake = Lake(tmp, "bench")
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        t = time.perf_counter()
+        m = extract_to_lake(lm, saes, items, {it.sample_id: "" for it in items}, lake, "bench",
+                            {L: {} for L in saes}, batch_tokens, with_tokens=True, with_residuals=True)
+        torch.cuda.synchronize()
+        secs = time.perf_counter() - t
+        size = sum(f.stat().st_size for f in Path(tmp).rglob("*.parquet"))
+    return {"tokens": m["tokens"], "seconds": secs, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "padding": m["padding_fraction"], "bytes": size,
+            "active_per_sample": {k: v for k, v in m.items() if k.startswith("active_features")}}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--config", choices=sorted(CONFIGS), default="270m")
+    p.add_argument("--texts", type=int, default=48)
+    p.add_argument("--seed-texts", type=int, default=None, help="texts for the seed's method (default: all)")
+    p.add_argument("--batch-tokens", type=int, nargs="+", default=[16384])
+    p.add_argument("--json", type=str, default=None)
+    args = p.parse_args()
+    from dagster_project.lib.model import LoadedModel
+
+    spec = CONFIGS[args.config]
+    tflops = matmul_tflops()
+    t0 = time.perf_counter()
+    model, cfg = build_model(args.config)
+    layers = spec["layers"]
+    lm = LoadedModel(model, StubTokenizer(), f"random-gemma3-{args.config}", cfg.num_hidden_layers,
+                     cfg.hidden_size, torch.device("cuda"), torch.bfloat16)
+    saes = build_saes(cfg.hidden_size, spec["width"], layers)
+    items = synthetic_items(args.texts, cfg.vocab_size)
+    calibrate_thresholds(lm, saes, items)
+    build_s = time.perf_counter() - t0
+    deepest = max(layers)
+    params = sum(p.numel() for i in range(deepest + 1) for p in model.model.layers[i].parameters())
+    tokens = sum(it.n_real for it in items)
+    floor_tps = tflops * 1e12 / (2 * params)
+    saes_bf16 = saes_in(saes, torch.bfloat16)
+    # warm-up (kernels, allocator) on a few texts
+    run_project(lm, saes_bf16, items[:4], args.batch_tokens[0])
+    rows = []
+    seed_items = items[: args.seed_texts] if args.seed_texts else items
+    seed = run_seed(lm, saes, seed_items)
+    seed_tps = seed["tokens"] / seed["seconds"]
+    rows.append(("seed's method (batch 1, whole model, dense)", seed_tps, seed["peak_gib"], ""))
+    results = {"config": args.config, "tflops": tflops, "params_through_deepest": params, "tokens": tokens,
+               "floor_tps": floor_tps, "seed": seed, "project": {}, "build_s": build_s,
+               "gpu": torch.cuda.get_device_name()}
+    for bt in args.batch_tokens:
+        pr = run_project(lm, saes_bf16, items, bt)
+        tps = pr["tokens"] / pr["seconds"]
+        results["project"][bt] = pr
+        rows.append((f"project path, batch_tokens={bt}, SAE bf16", tps, pr["peak_gib"],
+                     f"padding {pr['padding']:.1%}, {pr['bytes'] / 2**20:.1f} MiB Parquet"))
+    print(f"\n{torch.cuda.get_device_name()}, bf16 matmul {tflops:.0f} TFLOP/s; Gemma 3 {args.config} config "
+          f"(random bf16), layers {layers}, SAEs {cfg.hidden_size}x{spec['width']} JumpReLU; {len(items)} texts, "
+          f"{tokens} tokens (seed's method on {len(seed_items)}); params through layer {deepest}: {params / 1e9:.2f} B; "
+          f"FLOP floor {floor_tps:,.0f} tok/s\n")
+    print("| method | tokens/s | vs seed | of FLOP floor | peak GPU GiB | notes |")
+    print("|---|---:|---:|---:|---:|---|")
+    for name, tps, peak, note in rows:
+        print(f"| {name} | {tps:,.0f} | {tps / seed_tps:.2f}x | {tps / floor_tps:.0%} | {peak:.1f} | {note} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
