@@ -99,17 +99,25 @@ def saes_in(saes: dict, dtype: torch.dtype) -> dict:  # noqa: ANN001
     return saes
 
 
-def calibrate_thresholds(lm, saes, items, target_l0: int = 64) -> None:  # noqa: ANN001
-    """Set JumpReLU thresholds so about ``target_l0`` features fire per token, as GemmaScope's medium L0."""
+def calibrate_thresholds(lm, saes, items, target_l0: int = 64) -> dict[int, float]:  # noqa: ANN001
+    """Set JumpReLU thresholds so about ``target_l0`` features fire per token (GemmaScope 2's medium L0 is
+    53-129): per feature, the quantile of its pre-activation over tokens of 8 texts spread over the set."""
     from dagster_project.lib.extraction import forward_layers, pad_batch
 
-    ids, att = pad_batch(items[:2], 0, lm.device)
+    picks = [items[i] for i in range(0, len(items), max(1, len(items) // 8))][:8]
+    ids, att = pad_batch(picks, 0, lm.device)
     hidden = forward_layers(lm, ids, att, sorted(saes))
+    mask = att[:, 1:].bool()
+    l0 = {}
     for layer, sae in saes.items():
-        pre = hidden[layer][:, 1:].reshape(-1, sae.d_in).float() @ sae.encoder.W_enc.float()
+        h = hidden[layer][:, 1:][mask].float()
+        pre = h @ sae.encoder.W_enc.float()
         q = 1 - target_l0 / sae.d_sae
-        thr = torch.quantile(pre[:4096].float(), q, dim=0)
-        sae.encoder.threshold.data.copy_(thr.clamp_min(1e-3))
+        sub = pre[torch.randperm(pre.shape[0], device=pre.device)[:8192]]
+        thr = torch.quantile(sub, q, dim=0).clamp_min(1e-3)
+        sae.encoder.threshold.data.copy_(thr)
+        l0[layer] = float((pre > thr).sum(-1).float().mean())
+    return l0
 
 
 def synthetic_items(n: int, vocab: int, seed: int = 0, lo: int = 150, hi: int = 2048, mean: int = 650):  # noqa: ANN201
@@ -182,6 +190,7 @@ def main() -> None:
     p.add_argument("--seed-texts", type=int, default=None, help="texts for the seed's method (default: all)")
     p.add_argument("--batch-tokens", type=int, nargs="+", default=[16384])
     p.add_argument("--json", type=str, default=None)
+    p.add_argument("--no-compile", action="store_true", help="project path without torch.compile")
     args = p.parse_args()
     from dagster_project.lib.model import LoadedModel
 
@@ -194,33 +203,37 @@ def main() -> None:
                      cfg.hidden_size, torch.device("cuda"), torch.bfloat16)
     saes = build_saes(cfg.hidden_size, spec["width"], layers)
     items = synthetic_items(args.texts, cfg.vocab_size)
-    calibrate_thresholds(lm, saes, items)
+    l0 = calibrate_thresholds(lm, saes, items)
     build_s = time.perf_counter() - t0
     deepest = max(layers)
     params = sum(p.numel() for i in range(deepest + 1) for p in model.model.layers[i].parameters())
     tokens = sum(it.n_real for it in items)
     floor_tps = tflops * 1e12 / (2 * params)
     saes_bf16 = saes_in(saes, torch.bfloat16)
+    seed_items = items[: args.seed_texts] if args.seed_texts else items
+    seed = run_seed(lm, saes, seed_items)  # eager, before any compile
+    if not args.no_compile:
+        from dagster_project.lib.model import compile_elementwise
+
+        compile_elementwise(model)
     # warm-up (kernels, allocator) on a few texts
     run_project(lm, saes_bf16, items[:4], args.batch_tokens[0])
     rows = []
-    seed_items = items[: args.seed_texts] if args.seed_texts else items
-    seed = run_seed(lm, saes, seed_items)
     seed_tps = seed["tokens"] / seed["seconds"]
     rows.append(("seed's method (batch 1, whole model, dense)", seed_tps, seed["peak_gib"], ""))
     results = {"config": args.config, "tflops": tflops, "params_through_deepest": params, "tokens": tokens,
                "floor_tps": floor_tps, "seed": seed, "project": {}, "build_s": build_s,
-               "gpu": torch.cuda.get_device_name()}
+               "gpu": torch.cuda.get_device_name(), "l0": l0}
     for bt in args.batch_tokens:
         pr = run_project(lm, saes_bf16, items, bt)
         tps = pr["tokens"] / pr["seconds"]
         results["project"][bt] = pr
-        rows.append((f"project path, batch_tokens={bt}, SAE bf16", tps, pr["peak_gib"],
+        rows.append((f"project path, batch_tokens={bt}, SAE bf16{'' if args.no_compile else ', compiled'}", tps, pr["peak_gib"],
                      f"padding {pr['padding']:.1%}, {pr['bytes'] / 2**20:.1f} MiB Parquet"))
     print(f"\n{torch.cuda.get_device_name()}, bf16 matmul {tflops:.0f} TFLOP/s; Gemma 3 {args.config} config "
           f"(random bf16), layers {layers}, SAEs {cfg.hidden_size}x{spec['width']} JumpReLU; {len(items)} texts, "
           f"{tokens} tokens (seed's method on {len(seed_items)}); params through layer {deepest}: {params / 1e9:.2f} B; "
-          f"FLOP floor {floor_tps:,.0f} tok/s\n")
+          f"FLOP floor {floor_tps:,.0f} tok/s; SAE L0 per token {l0}\n")
     print("| method | tokens/s | vs seed | of FLOP floor | peak GPU GiB | notes |")
     print("|---|---:|---:|---:|---:|---|")
     for name, tps, peak, note in rows:

@@ -31,6 +31,7 @@ class ModelSpec(BaseModel):
     device: str = Field("auto", description="'auto' picks CUDA when present, else CPU")
     max_tokens: int = Field(1024, ge=8, description="texts are truncated to this many tokens (BOS excluded)")
     batch_tokens: int = Field(4096, ge=64, description="padded tokens per forward batch")
+    compile: bool = Field(False, description="torch.compile the norm/MLP elementwise chains (GPU)")
     sae_dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="dtype of the SAE encode (bfloat16 on a GPU is ~20x faster than float32)")
 
@@ -94,7 +95,7 @@ PROFILES: dict[str, Profile] = {
     "gemma-3-27b": Profile(
         name="gemma-3-27b",
         model=ModelSpec(id="google/gemma-3-27b-it", dtype="bfloat16", max_tokens=2048, batch_tokens=8192,
-                        sae_dtype="bfloat16"),
+                        sae_dtype="bfloat16", compile=True),
         sae=SAESpec(
             source="release",
             release="gemma-scope-2-27b-it-res",

@@ -14,7 +14,7 @@ import dagster as dg
 
 from dagster_project.config import REPO_ROOT, Profile
 from dagster_project.lib.lake import Lake
-from dagster_project.lib.model import LoadedModel, load_model
+from dagster_project.lib.model import LoadedModel, compile_elementwise, load_model
 from dagster_project.lib.sae import (
     LoadedSAE,
     SAEError,
@@ -42,8 +42,11 @@ class LakeResource(dg.ConfigurableResource):
 
 
 @cache
-def _cached_model(model_id: str, dtype: str, device: str) -> LoadedModel:
-    return load_model(model_id, dtype=dtype, device=device)
+def _cached_model(model_id: str, dtype: str, device: str, compile_: bool) -> LoadedModel:
+    lm = load_model(model_id, dtype=dtype, device=device)
+    if compile_ and lm.device.type == "cuda":
+        compile_elementwise(lm.model)
+    return lm
 
 
 class ModelResource(dg.ConfigurableResource):
@@ -55,9 +58,10 @@ class ModelResource(dg.ConfigurableResource):
     max_tokens: int = 1024
     batch_tokens: int = 4096
     sae_dtype: str = "float32"
+    compile: bool = False
 
     def load(self) -> LoadedModel:
-        return _cached_model(self.model_id, self.dtype, self.device)
+        return _cached_model(self.model_id, self.dtype, self.device, self.compile)
 
 
 class SAEResource(dg.ConfigurableResource):
@@ -104,7 +108,7 @@ def resources_for(profile: Profile, lake_root: str | None = None) -> dict[str, d
         "lake": LakeResource(root=lake_root or default_lake_root(), namespace=profile.name),
         "model": ModelResource(
             model_id=m.id, dtype=m.dtype, device=m.device, max_tokens=m.max_tokens, batch_tokens=m.batch_tokens,
-            sae_dtype=m.sae_dtype,
+            sae_dtype=m.sae_dtype, compile=m.compile,
         ),
         "sae": SAEResource(**s.model_dump()),
     }
