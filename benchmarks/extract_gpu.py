@@ -164,7 +164,7 @@ def run_seed(lm, saes, items) -> dict:  # noqa: ANN001
     return {"tokens": tokens, "seconds": secs, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
 
 
-def run_project(lm, saes, items, batch_tokens: int) -> dict:  # noqa: ANN001
+def run_project(lm, saes, items, batch_tokens: int, with_tokens: bool = True) -> dict:  # noqa: ANN001
     from dagster_project.lib.extraction import extract_to_lake
     from dagster_project.lib.lake import Lake
 
@@ -174,7 +174,7 @@ def run_project(lm, saes, items, batch_tokens: int) -> dict:  # noqa: ANN001
         torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
         m = extract_to_lake(lm, saes, items, {it.sample_id: "" for it in items}, lake, "bench",
-                            {L: {} for L in saes}, batch_tokens, with_tokens=True, with_residuals=True)
+                            {L: {} for L in saes}, batch_tokens, with_tokens=with_tokens, with_residuals=True)
         torch.cuda.synchronize()
         secs = time.perf_counter() - t
         size = sum(f.stat().st_size for f in Path(tmp).rglob("*.parquet"))
@@ -191,6 +191,7 @@ def main() -> None:
     p.add_argument("--batch-tokens", type=int, nargs="+", default=[16384])
     p.add_argument("--json", type=str, default=None)
     p.add_argument("--no-compile", action="store_true", help="project path without torch.compile")
+    p.add_argument("--no-token-rows", action="store_true", help="also time the path without per-token rows")
     args = p.parse_args()
     from dagster_project.lib.model import LoadedModel
 
@@ -216,14 +217,19 @@ def main() -> None:
         from dagster_project.lib.model import compile_elementwise
 
         compile_elementwise(model)
-    # warm-up (kernels, allocator) on a few texts
-    run_project(lm, saes_bf16, items[:4], args.batch_tokens[0])
+    # warm-up over the whole set once: cuBLAS/cuDNN autotuning and torch.compile's graphs for every shape
+    # class (dynamo specializes batch size 1) are paid once per process, not per batch; timed apart
+    warm = {}
+    for bt in args.batch_tokens:
+        t_w = time.perf_counter()
+        run_project(lm, saes_bf16, items, bt)
+        warm[bt] = time.perf_counter() - t_w
     rows = []
     seed_tps = seed["tokens"] / seed["seconds"]
     rows.append(("seed's method (batch 1, whole model, dense)", seed_tps, seed["peak_gib"], ""))
     results = {"config": args.config, "tflops": tflops, "params_through_deepest": params, "tokens": tokens,
                "floor_tps": floor_tps, "seed": seed, "project": {}, "build_s": build_s,
-               "gpu": torch.cuda.get_device_name(), "l0": l0}
+               "gpu": torch.cuda.get_device_name(), "l0": l0, "warmup_s": warm}
     for bt in args.batch_tokens:
         pr = run_project(lm, saes_bf16, items, bt)
         tps = pr["tokens"] / pr["seconds"]
@@ -233,11 +239,19 @@ def main() -> None:
     print(f"\n{torch.cuda.get_device_name()}, bf16 matmul {tflops:.0f} TFLOP/s; Gemma 3 {args.config} config "
           f"(random bf16), layers {layers}, SAEs {cfg.hidden_size}x{spec['width']} JumpReLU; {len(items)} texts, "
           f"{tokens} tokens (seed's method on {len(seed_items)}); params through layer {deepest}: {params / 1e9:.2f} B; "
-          f"FLOP floor {floor_tps:,.0f} tok/s; SAE L0 per token {l0}\n")
+          f"FLOP floor {floor_tps:,.0f} tok/s; SAE L0 per token {l0}; first (warm-up) pass seconds {warm}\n")
     print("| method | tokens/s | vs seed | of FLOP floor | peak GPU GiB | notes |")
     print("|---|---:|---:|---:|---:|---|")
     for name, tps, peak, note in rows:
         print(f"| {name} | {tps:,.0f} | {tps / seed_tps:.2f}x | {tps / floor_tps:.0%} | {peak:.1f} | {note} |")
+    if args.no_token_rows:
+        bt = args.batch_tokens[0]
+        run_project(lm, saes_bf16, items, bt, with_tokens=False)
+        pr = run_project(lm, saes_bf16, items, bt, with_tokens=False)
+        tps = pr["tokens"] / pr["seconds"]
+        results["project_no_token_rows"] = pr
+        print(f"| project path, batch_tokens={bt}, without per-token rows | {tps:,.0f} | {tps / seed_tps:.2f}x "
+              f"| {tps / floor_tps:.0%} | {pr['peak_gib']:.1f} | pooled + residuals only |")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=str))
 
