@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import dagster as dg
 
-from assets import activations, catalog, corpus, probes, sae, statistics
+from assets import activations, catalog, corpus, describe, probes, sae, statistics
 from dagster_project.config import load_profile
 from dagster_project.resources import resources_for
 
 
 def build_defs(lake_root: str | None = None, profile_name: str | None = None) -> dg.Definitions:
     profile = load_profile(profile_name)
-    modules = [corpus, sae, activations, catalog, statistics, probes]
+    modules = [corpus, sae, activations, catalog, statistics, describe, probes]
     return dg.Definitions(
         assets=dg.load_assets_from_modules(modules),
         asset_checks=dg.load_asset_checks_from_modules(modules),
         resources=resources_for(profile, lake_root),
+        # Runs launched from the UI or the daemon: steps in subprocesses, two at a time; the `model`
+        # pool (dagster.yaml) keeps it to one model-running step. `featurelake demo` runs in process.
+        executor=dg.multiprocess_executor.configured({"max_concurrent": 2}),
     )
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import dagster as dg
 
 from dagster_project.config import REPO_ROOT, Profile
+from dagster_project.describer_resource import describer_resource
 from dagster_project.lib.lake import Lake
 from dagster_project.lib.model import LoadedModel, compile_elementwise, load_model
 from dagster_project.lib.sae import (
@@ -111,4 +112,5 @@ def resources_for(profile: Profile, lake_root: str | None = None) -> dict[str, d
             sae_dtype=m.sae_dtype, compile=m.compile,
         ),
         "sae": SAEResource(**s.model_dump()),
+        "describer": describer_resource(profile.describer),
     }

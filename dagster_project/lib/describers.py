@@ -218,6 +218,10 @@ class Describer(abc.ABC):
         """Backend settings that change replies and so belong in the cache key."""
         return {}
 
+    def prime_classify(self, descriptions: Sequence[str]) -> None:  # noqa: B027 - optional hook
+        """Called with the descriptions about to be classified (uncached ones) before any classify call;
+        a backend may precompute for them in bulk. A no-op by default."""
+
     async def aclose(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Release clients and connections."""
 
@@ -728,8 +732,9 @@ def term_contrast(
         if top_docs[t] < need:
             continue
         yb = neg_counts.get(t, 0)
-        la = math.log((ya + prior) / (n_a + a0 - ya - prior))
-        lb = math.log((yb + prior) / (n_b + a0 - yb - prior)) if n_b + a0 - yb - prior > 0 else 0.0
+        # (n - y) + prior * (|V| - 1) is 0 for a one-term vocabulary: floor it at the prior
+        la = math.log((ya + prior) / max(n_a + a0 - ya - prior, prior))
+        lb = math.log((yb + prior) / max(n_b + a0 - yb - prior, prior))
         z = (la - lb) / math.sqrt(1.0 / (ya + prior) + 1.0 / (yb + prior))
         best_surface = sorted(surface[t].items(), key=lambda kv: (-kv[1], kv[0]))[0][0]
         out.append(
@@ -822,6 +827,20 @@ class OfflineDescriber(Describer):
         self.model = model
         self._embedder = embedder
         self._pattern_cache: dict[str, Any] = {}
+        self._vectors: dict[str, Any] = {}
+
+    def prime_classify(self, descriptions: Sequence[str]) -> None:
+        """Embed the descriptions in batches now (several times faster on a CPU than one by one)."""
+        texts = sorted({strip_tag(d) for d in descriptions} - set(self._vectors))
+        if texts:
+            for text, vec in zip(texts, self._get_embedder().embed(texts), strict=True):
+                self._vectors[text] = vec
+
+    def _vector(self, text: str) -> Any:
+        vec = self._vectors.get(text)
+        if vec is None:
+            vec = self._vectors[text] = self._get_embedder().embed([text])[0]
+        return vec
 
     def _get_embedder(self) -> MiniLMEmbedder:
         if self._embedder is None:
@@ -831,7 +850,10 @@ class OfflineDescriber(Describer):
     async def complete(self, request: LLMRequest) -> LLMResponse:
         payload = request.payload
         if isinstance(payload, DescribePayload):
-            desc, conf = offline_description(payload.features, threshold_frac=payload.threshold_frac)
+            try:
+                desc, conf = offline_description(payload.features, threshold_frac=payload.threshold_frac)
+            except (ArithmeticError, ValueError) as e:  # one feature's bad data fails that feature only
+                raise LLMCallError(f"offline description failed: {type(e).__name__}: {e}", retryable=False) from e
             reply: dict[str, Any] = {"description": desc, "confidence": conf}
         elif isinstance(payload, ClassifyPayload):
             reply = self.classify(payload.description, payload.rubric)
@@ -859,7 +881,7 @@ class OfflineDescriber(Describer):
         """Relevance of a description to the rubric: MiniLM cosine per pattern plus keyword hits."""
         cfg = rubric.offline
         text = strip_tag(description)
-        vec = self._get_embedder().embed([text])[0]
+        vec = self._vector(text)
         sims = self._patterns(rubric) @ vec
         ranked = sorted(
             ((p.id, float(s)) for p, s in zip(rubric.patterns, sims, strict=True)),
@@ -1323,6 +1345,16 @@ async def run_classify(
         batches = [clean[i : i + batch_size] for i in range(0, len(clean), batch_size)]
     else:
         singles = list(todo)
+
+    uncached = [
+        d.description or ""
+        for d in todo
+        if cache is None
+        or _request_key(describer, _classify_request(d.description or "", rubric, prompt_version, params),
+                        rubric.version) not in cache
+    ]
+    if uncached:
+        describer.prime_classify(uncached)
 
     total = len(todo)
     done = 0

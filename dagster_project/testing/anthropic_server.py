@@ -347,6 +347,17 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:
             pass
 
+    def _authorized(self) -> bool:
+        """The key comes as ``x-api-key`` or ``authorization: Bearer`` (newer SDKs send the latter); it must
+        be present, and equal to the server's ``api_key`` when one is set. Answers 401 otherwise."""
+        owner = self.server.owner
+        auth = self.headers.get("authorization") or ""
+        keys = [k for k in (self.headers.get("x-api-key"), auth[7:] if auth.lower().startswith("bearer ") else None) if k]
+        if not keys or (owner.api_key is not None and owner.api_key not in keys):
+            self._error(401, "authentication_error", "invalid x-api-key")
+            return False
+        return True
+
     def _read_body(self) -> dict[str, Any] | None:
         n = int(self.headers.get("content-length") or 0)
         raw = self.rfile.read(n) if n else b""
@@ -378,11 +389,7 @@ class _Handler(BaseHTTPRequestHandler):
         owner = self.server.owner
         if owner.latency_s:
             time.sleep(owner.latency_s)
-        key = self.headers.get("x-api-key")
-        if (not key and not self.headers.get("authorization")) or (
-            owner.api_key is not None and key != owner.api_key
-        ):
-            self._error(401, "authentication_error", "invalid x-api-key")
+        if not self._authorized():
             return
         path = self.path.split("?", 1)[0]
         body = self._read_body()
@@ -398,6 +405,8 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 - stdlib name
         owner = self.server.owner
         owner._count_request()
+        if not self._authorized():
+            return
         path = self.path.split("?", 1)[0]
         m = re.fullmatch(r"/v1/messages/batches/([A-Za-z0-9_]+)(/results)?", path)
         if not m:
@@ -499,6 +508,9 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
+    # socketserver's default backlog of 5 drops the SYNs of a burst of new connections, which the
+    # client then resends a second later: with 32 clients connecting at once, a third wait 1 s more.
+    request_queue_size = 1024
     owner: AnthropicTestServer
 
 

@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 
 from dagster_project.lib.autointerp import (
+    FeatureExamples,
     ReplyParseError,
+    Window,
     load_rubric,
 )
 from dagster_project.lib.describers import (
@@ -41,6 +43,7 @@ from dagster_project.lib.themes import (
     MiniLMEmbedder,
     cluster_descriptions,
     default_embedder,
+    embedding_text,
 )
 from dagster_project.testing import (
     FAULT_KINDS,
@@ -630,3 +633,38 @@ def test_theme_clustering_is_deterministic_and_named(embedder) -> None:
     assert any(t in a.clusters[1].name for t in ("recipes", "flour", "cooking", "bread"))
     emb = embedder.embed(["x", "y"])
     assert emb.shape == (2, 384) and np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+
+
+def test_offline_description_of_a_one_term_feature_without_negatives() -> None:
+    # one highlighted term and no negatives: a one-word vocabulary (used to divide by zero)
+    top = [Window.from_tokens("d", i, "x", True, ["so", " rlhf"], [0.0, 2.0 + i]) for i in range(3)]
+    desc, conf = offline_description(FeatureExamples(layer=0, feature_id=1, top=top, negatives=[]))
+    assert desc == "[offline term-contrast] fires on: 'rlhf'; no matched negatives to contrast"
+    assert 1 <= conf <= 5
+
+
+def test_offline_descriptions_are_embedded_by_their_terms_for_themes() -> None:
+    assert embedding_text("[offline term-contrast] fires on: 'isn't', 'modify my values'; absent from "
+                          "matched negatives: 'isn't'") == "isn't, modify my values"
+    assert embedding_text("[offline term-contrast] fires on: 'rlhf'; no matched negatives to contrast") == "rlhf"
+    assert embedding_text("Fires on talk of RLHF modifying values.") == "Fires on talk of RLHF modifying values."
+
+
+def test_offline_classify_embeds_uncached_descriptions_in_one_batch(tmp_path: Path, rubric) -> None:
+    from dagster_project.lib.autointerp import CallInfo, DescriptionRecord
+
+    calls: list[int] = []
+
+    class Counting:
+        name = "counting"
+
+        def embed(self, texts):  # noqa: ANN001, ANN202
+            calls.append(len(texts))
+            return default_embedder().embed(texts)
+
+    descs = [DescriptionRecord(0, i, "ok", d, 3, None, [], [], CallInfo()) for i, d in
+             enumerate(["fires on RLHF training", "fires on cooking recipes", "fires on RLHF training"])]
+    off = OfflineDescriber(embedder=Counting())  # type: ignore[arg-type]
+    recs = asyncio.run(run_classify(descs, off, LLMCache(tmp_path / "c"), rubric=rubric))
+    assert [r.status for r in recs] == ["ok"] * 3
+    assert calls == [2, len(rubric.patterns)]  # one batch of the 2 distinct texts, then the rubric patterns
