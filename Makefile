@@ -3,8 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+PORT ?= 3000
 
-.PHONY: setup demo test lint bench ui clean
+.PHONY: setup setup-test demo test lint bench ui clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,7 +19,12 @@ setup: $(STAMP)
 demo: $(STAMP)  ## set up, then materialize every asset for the default profile
 	$(BIN)/featurelake demo
 
-test: $(STAMP)  ## set up, then run the whole test suite
+# The browser test (tests/test_ui_browser.py) drives Debian's Chromium through Playwright's Python API;
+# `playwright install` is not used (it downloads its own browsers).
+setup-test: $(STAMP)  ## Chromium for the browser test, installed as on a fresh machine
+	command -v chromium >/dev/null || ($(SUDO) apt-get update && $(SUDO) apt-get install -y chromium)
+
+test: setup-test  ## set up, then run the whole test suite
 	$(BIN)/ruff check dagster_project assets tests benchmarks
 	$(BIN)/pytest -q
 
@@ -28,8 +35,8 @@ bench: $(STAMP)  ## CPU benchmarks of every stage; results go to BENCHMARKS.md b
 	$(BIN)/python benchmarks/extract.py
 	$(BIN)/python benchmarks/stats.py
 
-ui: $(STAMP)  ## the Dagster UI on 127.0.0.1:$(PORT)
-	$(BIN)/featurelake ui --port $(or $(PORT),3000)
+ui: $(STAMP)  ## the Dagster UI (webserver + daemon) on 127.0.0.1:$(PORT); Ctrl-C stops it
+	$(BIN)/featurelake ui --port $(PORT)
 
 clean:
 	rm -rf $(VENV) .dagster_home .cache

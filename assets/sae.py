@@ -28,6 +28,7 @@ def train_texts(lake: LakeResource) -> tuple[list[str], list[int]]:
     group_name="sae",
     deps=[dg.AssetDep("samples", partition_mapping=dg.AllPartitionMapping())],
     kinds={"pytorch"},
+    pool="model",
 )
 def sae(context: dg.AssetExecutionContext, lake: LakeResource, model: ModelResource,
         sae: SAEResource) -> dg.MaterializeResult:

@@ -26,16 +26,41 @@ from dagster_project.config import REPO_ROOT
 log = logging.getLogger("featurelake")
 
 
+DAGSTER_YAML_MARKER = "# written by featurelake (cli.ensure_dagster_home); delete this line to keep your own edits"
+DAGSTER_YAML = DAGSTER_YAML_MARKER + """
+telemetry:
+  enabled: false
+concurrency:
+  pools:
+    # Steps, not whole runs, wait for a pool slot, so the SQL and LLM steps of a run go on beside a
+    # model step. A pool with no limit set in the UI or with `dagster instance concurrency set` gets
+    # default_limit. The one pool is `model` (assets sae and activations): one model-running step at
+    # a time holds the GPU/CPU. Steps without a pool are never limited (tests/test_ui.py).
+    granularity: op
+    default_limit: 1
+run_monitoring:
+  # With one `model` slot, a run that ended without giving its slot back (a killed worker) would block
+  # every later model step: the daemon (`featurelake ui`) frees the slots of ended runs after a minute.
+  enabled: true
+  free_slots_after_run_end_seconds: 60
+"""
+
+
 def ensure_dagster_home() -> Path:
+    """The persistent Dagster instance: ``$DAGSTER_HOME``, else the project's ``.dagster_home/``.
+
+    Writes ``dagster.yaml`` when it is missing, and refreshes it while it still carries the marker
+    line (a file a user edited and unmarked is left alone).
+    """
     home = Path(os.environ.setdefault("DAGSTER_HOME", str(REPO_ROOT / ".dagster_home"))).resolve()
     os.environ["DAGSTER_HOME"] = str(home)
     home.mkdir(parents=True, exist_ok=True)
     yaml_path = home / "dagster.yaml"
-    if not yaml_path.exists():
-        yaml_path.write_text(
-            "telemetry:\n  enabled: false\n"
-            "concurrency:\n  pools:\n    default_limit: 1\n"
-        )
+    current = yaml_path.read_text() if yaml_path.exists() else None
+    if current is None or (current.startswith(DAGSTER_YAML_MARKER) and current != DAGSTER_YAML):
+        tmp = yaml_path.with_name(f".dagster.yaml.{os.getpid()}")
+        tmp.write_text(DAGSTER_YAML)
+        tmp.replace(yaml_path)  # another process (the UI, a CLI run) never reads half a file
     return home
 
 
@@ -92,7 +117,7 @@ def materialize_steps(layers: Sequence[int] | None = None, datasets: Sequence[st
                      "dagster/asset_partition_range_end": str(keys[-1])})
             steps.append((f"activations {d} layers {layers}", [dg.AssetKey("activations")], tags))
     if "downstream" in stages:
-        per_layer = [k for k in graph.get_all_asset_keys()
+        per_layer = [k for k in graph.materializable_asset_keys
                      if graph.get(k).partitions_def is not None
                      and getattr(graph.get(k).partitions_def, "name", None) == LAYER_PARTITIONS_NAME
                      and k != dg.AssetKey("sae")]
@@ -100,7 +125,7 @@ def materialize_steps(layers: Sequence[int] | None = None, datasets: Sequence[st
             if per_layer:
                 steps.append((f"per-layer assets layer {x}", sorted(per_layer, key=lambda k: k.to_user_string()),
                               {"dagster/partition": str(x)}))
-        unpart = [k for k in graph.get_all_asset_keys() if graph.get(k).partitions_def is None]
+        unpart = [k for k in graph.materializable_asset_keys if graph.get(k).partitions_def is None]
         steps.append(("catalog and report", unpart, {}))
     run_ids = []
     for name, keys, tags in tqdm(steps, desc="featurelake", unit="step", file=sys.stderr):
@@ -201,28 +226,86 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     return 0
 
 
+def ui_command(host: str, port: int) -> list[str]:
+    """``dagster dev`` on the workspace: webserver, daemon (queued runs, backfills, sensors), code server."""
+    return [sys.executable, "-m", "dagster", "dev", "-w", str(REPO_ROOT / "workspace.yaml"),
+            "-h", host, "-p", str(port)]
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
+    """Run the Dagster UI until Ctrl-C or SIGTERM, then stop it and every process it started.
+
+    ``dagster dev`` runs in a process group of its own (webserver, daemon, code server, run workers).
+    Ctrl-C, SIGTERM or SIGHUP to this process is passed on to that group as SIGINT, which dagster
+    handles as a clean shutdown; after ``--stop-timeout`` seconds whatever is left gets SIGKILL.
+    """
     import signal
     import subprocess
+    import time
 
-    ensure_dagster_home()
-    for sig in (signal.SIGINT, signal.SIGTERM):  # a shell in the background may have left these ignored
-        signal.signal(sig, signal.SIG_DFL)
-    cmd = [sys.executable, "-m", "dagster", "dev", "-w", str(REPO_ROOT / "workspace.yaml"),
-           "-h", args.host, "-p", str(args.port)]
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, preexec_fn=_reset_signals)
+    home = ensure_dagster_home()
+    stop: list[int] = []
+
+    def forward(signum: int, _frame: object) -> None:
+        stop.append(signum)
+        _signal_group(proc.pid, signal.SIGINT if len(stop) == 1 else signal.SIGKILL)  # twice: no waiting
+
+    log.info(f"Dagster UI on http://{args.host}:{args.port} (DAGSTER_HOME={home}); Ctrl-C stops it")
+    proc = subprocess.Popen(ui_command(args.host, args.port), cwd=REPO_ROOT, process_group=0,
+                            preexec_fn=_child_setup)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, forward)
+    deadline, killed = None, False
     try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        proc.send_signal(signal.SIGINT)
-        return proc.wait(timeout=30)
+        while True:
+            rc = proc.poll()
+            if stop and deadline is None:
+                deadline = time.monotonic() + args.stop_timeout
+            # Stopping: wait for the whole group, run workers included (they record the run as ended
+            # and give back their pool slots), not only for dagster dev.
+            if rc is not None and (not stop or killed or not _group_alive(proc.pid)):
+                break
+            if deadline is not None and time.monotonic() > deadline and not killed:
+                log.warning(f"dagster dev still running {args.stop_timeout:.0f}s after the signal: killing it")
+                _signal_group(proc.pid, signal.SIGKILL)
+                killed = True
+            time.sleep(0.2)
+    finally:
+        _signal_group(proc.pid, signal.SIGKILL)  # whatever is left, if this loop ended early
+    return 0 if stop else rc
 
 
-def _reset_signals() -> None:
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _child_setup() -> None:
+    """In the child before exec: default signal handling, and SIGTERM when this process dies.
+
+    A shell that starts us in the background (``featurelake ui &``, a CI step) may have left SIGINT
+    ignored, and an ignored signal stays ignored across exec; dagster dev maps SIGTERM onto its SIGINT
+    handler, so both would then be ignored and the server could not be stopped.
+    """
     import signal
 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
+    if sys.platform == "linux":
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -246,8 +329,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dataset", action="append")
     b.set_defaults(fn=cmd_backfill)
     u = sub.add_parser("ui", help="the Dagster UI")
-    u.add_argument("--host", default="127.0.0.1")
+    u.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: this machine only; the UI has no login)")
     u.add_argument("--port", type=int, default=3000)
+    u.add_argument("--stop-timeout", type=float, default=30.0,
+                   help="seconds to wait for a clean shutdown before killing what is left")
     u.set_defaults(fn=cmd_ui)
     return p
 
