@@ -6,6 +6,7 @@
     featurelake layers list
     featurelake backfill --layer 6         activations for every dataset at that layer, then downstream
     featurelake ui [--port 3000]           the Dagster UI on 127.0.0.1
+    featurelake score --probe ID FILE      score new texts with a saved probe
 
 Runs are recorded in the persistent Dagster instance (``DAGSTER_HOME``, default ``.dagster_home/``), so
 the UI shows what the CLI did.
@@ -232,6 +233,34 @@ def ui_command(host: str, port: int) -> list[str]:
             "-h", host, "-p", str(port)]
 
 
+def cmd_score(args: argparse.Namespace) -> int:
+    from dagster_project.config import load_profile
+    from dagster_project.lib.lake import Lake
+    from dagster_project.resources import default_lake_root, resources_for
+    from dagster_project.scoring import ScoreError, read_texts, score_texts
+
+    profile = load_profile()
+    res = resources_for(profile)
+    try:
+        texts = read_texts(args.file, sys.stdin.read() if args.file == "-" else None)
+        out = score_texts(profile, Lake(default_lake_root(), profile.name), res["model"], res["sae"], args.probe,
+                          texts, args.layer)
+    except ScoreError as e:
+        sys.stderr.write(f"featurelake score: {e}\n")
+        return 2
+    rows = [{"index": i, "score": sc, "flagged": fl, "chars": len(t)}
+            for i, (sc, fl, t) in enumerate(zip(out.scores, out.flagged, texts, strict=True))]
+    if args.format == "json":
+        _emit(json.dumps({"probe": out.probe_id, "layer": out.layer, "threshold": out.threshold,
+                          "truncated_texts": out.n_truncated, "scores": rows}, indent=1))
+    else:
+        import polars as pl
+
+        frame = pl.DataFrame(rows)
+        _emit(frame.write_csv() if args.format == "csv" else str(frame))
+    return 0
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     """Run the Dagster UI until Ctrl-C or SIGTERM, then stop it and every process it started.
 
@@ -335,6 +364,12 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--stop-timeout", type=float, default=30.0,
                    help="seconds to wait for a clean shutdown before killing what is left")
     u.set_defaults(fn=cmd_ui)
+    sc = sub.add_parser("score", help="apply a saved probe to new texts (JSON, JSONL, or - for stdin)")
+    sc.add_argument("--probe", required=True, help="probe id (see: featurelake sql \"select probe_id from probes\")")
+    sc.add_argument("--layer", type=int, help="layer of the probe (default: search every layer)")
+    sc.add_argument("file", help="a JSON list / {samples: [...]} / JSONL file of texts or {text: ...}; - for stdin")
+    sc.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    sc.set_defaults(fn=cmd_score)
     return p
 
 

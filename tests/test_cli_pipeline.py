@@ -45,6 +45,22 @@ def test_demo_then_sql_then_backfill_a_new_layer(cli_env: dict[str, str], tmp_pa
     tok = sql_json("select count(*) as n from token_activations where layer = 1", cli_env)[0]["n"]
     assert tok > 0
 
+    # Every stage answers through SQL.
+    for view in ("feature_stats", "activation_profile", "cross_distribution", "selected_features",
+                 "descriptions", "classifications", "probe_metrics"):
+        assert sql_json(f"select count(*) as n from {view} where layer = 1", cli_env)[0]["n"] > 0, view
+
+    # `featurelake score` on the test set's texts reproduces what the evaluation computed for them.
+    best = sql_json("select probe, dataset, sample_id, score from probe_scores where layer = 1 and kind = 'sae' "
+                    "and dataset = 'te' order by sample_id", cli_env)
+    assert len(best) == 12
+    texts = sql_json("select text from samples where dataset = 'te' order by sample_id", cli_env)
+    (tmp_path / "te.json").write_text(json.dumps([t["text"] for t in texts]))
+    out = json.loads(run_cli(["score", "--probe", best[0]["probe"], str(tmp_path / "te.json"), "--format", "json"],
+                             cli_env).stdout)
+    assert out["layer"] == 1
+    assert [r["score"] for r in out["scores"]] == pytest.approx([r["score"] for r in best], rel=1e-4, abs=1e-6)
+
     # Every activation file records what made it.
     f = tmp_path / "lake" / "tiny" / "activations" / "layer=1" / "dataset=tr" / "part-0.parquet"
     meta = json.loads(pq.read_schema(f).metadata[b"featurelake"])
