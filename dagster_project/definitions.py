@@ -7,6 +7,7 @@ import dagster as dg
 from assets import activations, catalog, corpus, describe, probes, sae, statistics
 from dagster_project.config import load_profile
 from dagster_project.resources import resources_for
+from dagster_project.sensors import profile_layers
 
 
 def build_defs(lake_root: str | None = None, profile_name: str | None = None) -> dg.Definitions:
@@ -16,6 +17,7 @@ def build_defs(lake_root: str | None = None, profile_name: str | None = None) ->
         assets=dg.load_assets_from_modules(modules),
         asset_checks=dg.load_asset_checks_from_modules(modules),
         resources=resources_for(profile, lake_root),
+        sensors=[profile_layers],
         # Runs launched from the UI or the daemon: steps in subprocesses, two at a time; the `model`
         # pool (dagster.yaml) keeps it to one model-running step. `featurelake demo` runs in process.
         executor=dg.multiprocess_executor.configured({"max_concurrent": 2}),

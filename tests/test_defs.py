@@ -20,3 +20,17 @@ def test_activations_are_a_layer_by_dataset_grid() -> None:
     pdef = graph.get(dg.AssetKey("activations")).partitions_def
     assert isinstance(pdef, dg.MultiPartitionsDefinition)
     assert {d.name for d in pdef.partitions_defs} == {"layer", "dataset"}
+
+
+def test_profile_layers_sensor_registers_missing_layers() -> None:
+    from dagster_project.config import load_profile
+    from dagster_project.sensors import profile_layers
+
+    with dg.instance_for_test() as instance:
+        ctx = dg.build_sensor_context(instance=instance)
+        result = profile_layers(ctx)
+        assert isinstance(result, dg.SensorResult)
+        (req,) = result.dynamic_partitions_requests
+        assert list(req.partition_keys) == [str(x) for x in load_profile().layers]
+        instance.add_dynamic_partitions("layer", list(req.partition_keys))
+        assert isinstance(profile_layers(dg.build_sensor_context(instance=instance)), dg.SkipReason)
