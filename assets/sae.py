@@ -7,7 +7,8 @@ import dagster as dg
 
 from dagster_project.lib.datasets import parse_registry
 from dagster_project.lib.extraction import collect_vectors, tokenize
-from dagster_project.lib.sae import train_topk
+from dagster_project.lib.lake import staged_dir
+from dagster_project.lib.sae import FINISHED_MARKER, train_topk
 from dagster_project.partitions import layer_partitions
 from dagster_project.resources import LakeResource, ModelResource, SAEResource
 
@@ -52,10 +53,12 @@ def sae(context: dg.AssetExecutionContext, lake: LakeResource, model: ModelResou
         if step % 500 == 0 or step == total:
             context.log.info(f"SAE training step {step}/{total}")
 
-    res = train_topk(
-        vectors, lake.lake.sae_dir(layer), width=sae.width, k=sae.k, epochs=sae.epochs,
-        batch_size=sae.batch_size, lr=sae.lr, seed=sae.seed, progress=progress,
-    )
+    dest = lake.lake.sae_dir(layer)
+    with staged_dir(dest, FINISHED_MARKER) as out_dir:  # an S3 lake: built locally, uploaded marker last
+        res = train_topk(
+            vectors, out_dir, width=sae.width, k=sae.k, epochs=sae.epochs,
+            batch_size=sae.batch_size, lr=sae.lr, seed=sae.seed, progress=progress, location=str(dest),
+        )
     return dg.MaterializeResult(
         metadata={
             "sae_id": res.sae_id,
@@ -65,6 +68,6 @@ def sae(context: dg.AssetExecutionContext, lake: LakeResource, model: ModelResou
             "train_vectors": res.n_train,
             "heldout_vectors": res.n_heldout,
             "train_seconds": float(res.seconds),
-            "path": dg.MetadataValue.path(str(res.path)),
+            "path": dg.MetadataValue.path(str(dest)),
         }
     )

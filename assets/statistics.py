@@ -13,10 +13,7 @@ after adding a dataset.
 
 import base64
 import math
-import os
-import uuid
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -27,8 +24,9 @@ import pyarrow.compute as pc
 from dagster_project.config import StatsConfig
 from dagster_project.lib import plots_stats, stats
 from dagster_project.lib.catalog import table_globs, views_connection
-from dagster_project.lib.lake import Lake, LakeError
+from dagster_project.lib.lake import Lake, LakeError, LakePath, write_bytes
 from dagster_project.partitions import layer_partitions
+from dagster_project.provenance import check_layer, partitions
 from dagster_project.resources import LakeResource, SAEResource
 
 GROUP = "statistics"
@@ -48,18 +46,20 @@ def sae_width(sae: SAEResource, lake: Lake, layer: int) -> int:
 def _connect(
     lake: Lake, layer: int, needs: Sequence[str] = ("samples", "activations")
 ) -> duckdb.DuckDBPyConnection:
-    """The lake's views, after checking that the tables the SQL reads exist (activations at ``layer``)."""
+    """The lake's views, after checking that the tables the SQL reads exist (activations at ``layer``, made
+    with the current profile: ``provenance.check_layer``)."""
     missing = [t for t in needs if t not in table_globs(lake)]
-    if (
-        "activations" in needs
-        and "activations" not in missing
-        and not (lake.table_dir("activations") / f"layer={layer}").is_dir()
-    ):
+    if "activations" in needs and "activations" not in missing and not partitions(lake, layer, ("activations",)):
         missing.append(f"activations for layer {layer}")
     if missing:
         raise dg.Failure(
             f"lake {lake.base} has no {', '.join(missing)}: materialize samples and activations first"
         )
+    if "activations" in needs:
+        try:
+            check_layer(lake, layer)
+        except LakeError as e:
+            raise dg.Failure(str(e)) from e
     return views_connection(lake)
 
 
@@ -80,7 +80,7 @@ def recorded(lake: Lake, name: str, layer: int) -> dict[str, Any]:
         raise dg.Failure(f"{name} of layer {layer} is not in the lake: materialize it first ({e})") from e
 
 
-def write_stat(lake: Lake, name: str, table: pa.Table, layer: int, meta: dict[str, Any]) -> Path:
+def write_stat(lake: Lake, name: str, table: pa.Table, layer: int, meta: dict[str, Any]) -> LakePath:
     return lake.write(f"stats/{name}", table.drop_columns(["layer"]), layer=layer, meta=meta)
 
 
@@ -110,17 +110,9 @@ def png_md(png: bytes, alt: str = "") -> str:
     return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"
 
 
-def save_png(lake: Lake, layer: int, name: str, png: bytes) -> Path:
-    """Write ``report/layer=L/<name>.png`` atomically."""
-    path = lake.base / "report" / f"layer={layer}" / f"{name}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".tmp-{uuid.uuid4().hex}.png"
-    try:
-        tmp.write_bytes(png)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+def save_png(lake: Lake, layer: int, name: str, png: bytes) -> LakePath:
+    """Write ``report/layer=L/<name>.png`` atomically (aside and renamed; one PUT on S3)."""
+    return write_bytes(lake.base / "report" / f"layer={layer}" / f"{name}.png", png)
 
 
 def plot_metadata(lake: Lake, layer: int, name: str, png: bytes) -> dict[str, dg.MetadataValue]:
@@ -158,11 +150,7 @@ def feature_stats(
                 f"configured training datasets {', '.join(unknown)} have no samples in the lake: "
                 "fix train_datasets or materialize their samples"
             )
-        no_acts = [
-            d
-            for d in resolved
-            if not (lk.table_dir("activations") / f"layer={layer}" / f"dataset={d}").is_dir()
-        ]
+        no_acts = [d for d in resolved if not lk.exists("activations", layer, d)]
         if no_acts:
             raise dg.Failure(
                 f"training datasets {', '.join(no_acts)} have no activations at layer {layer}: materialize "

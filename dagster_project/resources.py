@@ -14,9 +14,10 @@ import dagster as dg
 
 from dagster_project.config import REPO_ROOT, Profile
 from dagster_project.describer_resource import describer_resource
-from dagster_project.lib.lake import Lake
+from dagster_project.lib.lake import Lake, LakeError, local_copy
 from dagster_project.lib.model import LoadedModel, compile_elementwise, load_model
 from dagster_project.lib.sae import (
+    FINISHED_MARKER,
     LoadedSAE,
     SAEError,
     check_fits,
@@ -28,11 +29,13 @@ from dagster_project.lib.sae import (
 
 
 def default_lake_root() -> str:
+    """``FEATURELAKE_LAKE`` (a folder, or a URL such as ``s3://bucket/prefix``), else ``lake/``."""
     return os.environ.get("FEATURELAKE_LAKE") or str(REPO_ROOT / "lake")
 
 
 class LakeResource(dg.ConfigurableResource):
-    """Where the lake lives (``FEATURELAKE_LAKE``, default ``lake/``) and the profile's namespace in it."""
+    """Where the lake lives (``FEATURELAKE_LAKE``, default ``lake/``; ``s3://bucket/prefix`` reads and writes
+    S3 through fsspec, credentials from the environment) and the profile's namespace in it."""
 
     root: str
     namespace: str = "default"
@@ -83,7 +86,11 @@ class SAEResource(dg.ConfigurableResource):
 
     def load(self, layer: int, lake: Lake, device: str = "cpu", d_model: int | None = None) -> LoadedSAE:
         if self.source == "train":
-            sae = load_trained(lake.sae_dir(layer), device=device)
+            try:  # an S3 lake: the finished folder is downloaded to a local cache first
+                folder = local_copy(lake.sae_dir(layer), FINISHED_MARKER)
+            except LakeError as e:
+                raise SAEError(str(e)) from e
+            sae = load_trained(folder, device=device)
         elif self.source == "release":
             if not self.release or not self.sae_id:
                 raise SAEError("SAE source 'release' needs 'release' and 'sae_id'")

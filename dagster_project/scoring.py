@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from dagster_project.config import Profile
-from dagster_project.lib.lake import Lake
+from dagster_project.lib.lake import Lake, local_copy
 from dagster_project.lib.probes import FittedProbe, dense_design, load_probe
 
 CHECKED = ("model_id", "sae_id", "hook", "config_hash")
@@ -38,7 +38,8 @@ class Scored:
 
 
 def find_probe(lake: Lake, probe_id: str, layer: int | None = None) -> tuple[Path, int]:
-    from dagster_project.lib.evaluation import SAVED_DIR
+    """The local folder of a saved probe (in an S3 lake, of a downloaded copy of its layer's folder)."""
+    from dagster_project.lib.evaluation import SAVED_DIR, SAVED_MARKER
 
     root = lake.base / SAVED_DIR
     layers = [layer] if layer is not None else sorted(
@@ -46,7 +47,7 @@ def find_probe(lake: Lake, probe_id: str, layer: int | None = None) -> tuple[Pat
     for lay in layers:
         d = root / f"layer={lay}" / probe_id
         if (d / "probe.json").is_file():
-            return d, lay
+            return local_copy(d.parent, SAVED_MARKER) / probe_id, lay
     known = sorted({p.parent.name for p in root.glob("layer=*/*/probe.json")})
     raise ScoreError(f"no saved probe {probe_id!r} in {root} (materialize `probes` first); saved: {known[:20]}")
 

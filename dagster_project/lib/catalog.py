@@ -3,18 +3,23 @@
 Every table folder of the lake becomes a view of the same name, read straight from its Parquet files with
 hive partitioning (``layer`` an integer, ``dataset`` a string). Statistic tables live under ``stats/`` and
 get views named for their folder (``feature_stats``, ``activation_profile``, ...).
+
+A remote lake (``s3://...``) is read through its fsspec filesystem registered on the DuckDB connection
+(:func:`connect`), so no DuckDB extension has to be downloaded.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import tempfile
 import uuid
 from pathlib import Path
 
 import duckdb
+from upath import UPath
 
-from dagster_project.lib.lake import Lake
+from dagster_project.lib.lake import Lake, LakeError, LakePath
 
 SKIP = {"sae", "probes_saved", "llm_cache", "report"}
 _TABLE = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -26,8 +31,20 @@ class ReadOnlyError(PermissionError):
 
 def table_globs(lake: Lake) -> dict[str, str]:
     """``{view name: parquet glob}`` for every table folder that holds at least one Parquet file."""
-    out: dict[str, str] = {}
-    base = lake.base
+    return {name: glob for name, (glob, _) in _tables(lake).items()}
+
+
+# Partition columns get fixed types: hive autocast alone would turn a dataset slug such as "2024" into a number.
+HIVE_TYPES = {"layer": "BIGINT", "dataset": "VARCHAR"}
+
+
+def _tables(lake: Lake) -> dict[str, tuple[str, list[str]]]:
+    """``{view name: (parquet glob, hive keys of its first file)}``, read from a local or a remote lake."""
+    return _remote_tables(lake) if isinstance(lake.base, UPath) else _local_tables(lake.base)
+
+
+def _local_tables(base: Path) -> dict[str, tuple[str, list[str]]]:
+    out: dict[str, tuple[str, list[str]]] = {}
     if not base.is_dir():
         return out
     dirs = [p for p in base.iterdir() if p.is_dir() and p.name not in SKIP and not p.name.startswith(".")]
@@ -35,44 +52,82 @@ def table_globs(lake: Lake) -> dict[str, str]:
     if stats.is_dir():
         dirs = [p for p in dirs if p != stats] + [p for p in stats.iterdir() if p.is_dir()]
     for d in sorted(dirs):
-        if _TABLE.match(d.name) and next(d.rglob("*.parquet"), None) is not None:
-            out[d.name] = str(d / "**" / "*.parquet")
+        first = next(d.rglob("*.parquet"), None) if _TABLE.match(d.name) else None
+        if first is not None:
+            keys = [p.split("=", 1)[0] for p in first.relative_to(d).parts[:-1] if "=" in p]
+            out[d.name] = (str(d / "**" / "*.parquet"), keys)
     return out
 
 
-# Partition columns get fixed types: hive autocast alone would turn a dataset slug such as "2024" into a number.
-HIVE_TYPES = {"layer": "BIGINT", "dataset": "VARCHAR"}
-
-
-def _hive_types(glob: str) -> str:
-    table_dir = Path(glob).parent.parent  # <table>/**/*.parquet
-    first = next(table_dir.rglob("*.parquet"), None)
-    keys = [] if first is None else [p.split("=", 1)[0] for p in first.relative_to(table_dir).parts[:-1] if "=" in p]
-    types = [f"'{k}': {HIVE_TYPES[k]}" for k in keys if k in HIVE_TYPES]
-    return f", hive_types = {{{', '.join(types)}}}" if types else ""
+def _remote_tables(lake: Lake) -> dict[str, tuple[str, list[str]]]:
+    """The same from one recursive listing of the namespace (objects only exist once complete)."""
+    base = lake.base
+    assert isinstance(base, UPath)
+    root = base.path.rstrip("/")
+    try:
+        keys = lake.fs.find(root)
+    except (FileNotFoundError, PermissionError) as e:
+        raise LakeError(f"cannot list the lake {base}: {e}") from e
+    found: dict[str, tuple[UPath, list[str]]] = {}
+    for key in sorted(keys):
+        parts = key[len(root) + 1 :].split("/")
+        if not key.endswith(".parquet") or any(p.startswith(".") for p in parts) or parts[0] in SKIP:
+            continue
+        n = 2 if parts[0] == "stats" else 1
+        if len(parts) <= n or not _TABLE.match(parts[n - 1]) or parts[n - 1] in found:
+            continue
+        found[parts[n - 1]] = (base.joinpath(*parts[:n]), [p.split("=", 1)[0] for p in parts[n:-1] if "=" in p])
+    return {name: (str(d / "**" / "*.parquet"), keys) for name, (d, keys) in sorted(found.items())}
 
 
 def create_views(con: duckdb.DuckDBPyConnection, lake: Lake) -> list[str]:
     names = []
-    for name, glob in table_globs(lake).items():
+    for name, (glob, keys) in _tables(lake).items():
         path = glob.replace("'", "''")
+        types = [f"'{k}': {HIVE_TYPES[k]}" for k in keys if k in HIVE_TYPES]
+        hive_types = f", hive_types = {{{', '.join(types)}}}" if types else ""
         con.execute(
             f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM "
-            f"read_parquet('{path}', hive_partitioning = true, union_by_name = true{_hive_types(glob)})"
+            f"read_parquet('{path}', hive_partitioning = true, union_by_name = true{hive_types})"
         )
         names.append(name)
     return names
 
 
+def connect(lake: Lake, database: str = ":memory:") -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection that can read the lake: a remote lake's fsspec filesystem is registered on it
+    (DuckDB's own httpfs extension is not needed)."""
+    con = duckdb.connect(database)
+    if lake.remote:
+        con.register_filesystem(lake.fs)
+    return con
+
+
 def views_connection(lake: Lake) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with a view per lake table (what assets run their SQL on)."""
-    con = duckdb.connect()
+    con = connect(lake)
     create_views(con, lake)
     return con
 
 
-def build_catalog(lake: Lake) -> tuple[Path, list[str]]:
-    """(Re)build ``lake.duckdb``, a views-only catalog any DuckDB client can open. Written aside, then renamed."""
+def build_catalog(lake: Lake) -> tuple[LakePath, list[str]]:
+    """(Re)build ``lake.duckdb``, a views-only catalog any DuckDB client can open. Written aside, then renamed.
+
+    For a remote lake the file is built in a local temp folder and uploaded whole (one object). Its views
+    read ``s3://...`` globs, so a client that opens it needs a filesystem for them: register the lake's
+    fsspec filesystem (``con.register_filesystem(Lake(root).fs)``, as ``featurelake sql`` does) or load
+    DuckDB's httpfs extension.
+    """
+    if isinstance(lake.catalog_path, UPath):
+        with tempfile.TemporaryDirectory(prefix="featurelake-catalog-") as tmpdir:
+            local = Path(tmpdir) / "lake.duckdb"
+            con = connect(lake, str(local))
+            try:
+                names = create_views(con, lake)
+            finally:
+                con.close()
+            lake.fs.put_file(str(local), lake.catalog_path.path)
+        return lake.catalog_path, names
     lake.base.mkdir(parents=True, exist_ok=True)
     tmp = lake.base / f".tmp-{uuid.uuid4().hex}.duckdb"
     con = duckdb.connect(str(tmp))
@@ -129,7 +184,7 @@ def _explained(text: str) -> str:
 
 def query(lake: Lake, sql: str) -> duckdb.DuckDBPyRelation | None:
     """Run a read-only query against the lake's views. DDL, DML, COPY, ATTACH, SET ... are refused."""
-    con = duckdb.connect()
+    con = connect(lake)
     check_read_only(con, sql)
     create_views(con, lake)
     return con.sql(sql)

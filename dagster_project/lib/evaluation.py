@@ -29,7 +29,6 @@ import html
 import json
 import logging
 import math
-import os
 import re
 import shutil
 import uuid
@@ -45,7 +44,7 @@ import pyarrow as pa
 from numpy.typing import NDArray
 
 from dagster_project.lib import plots_probes
-from dagster_project.lib.lake import Lake, LakeError
+from dagster_project.lib.lake import Lake, LakeError, LakePath, lake_path, local_copy, staged_dir, write_bytes
 from dagster_project.lib.metrics import evaluate_scores
 from dagster_project.lib.probes import (
     FittedProbe,
@@ -71,6 +70,7 @@ logger = logging.getLogger(__name__)
 
 PROVENANCE_KEYS = ("model_id", "sae_id", "hook", "dtype", "config_hash")
 SAVED_DIR = "probes_saved"
+SAVED_MARKER = "config.json"  # written last into probes_saved/layer=L (uploaded last on S3)
 REPORT_DIR = "report"
 REPORT_FILES = "probes"  # sub-folder of report/layer=L holding this report's figures and feature pages
 _PROBE_ID = re.compile(r"^[A-Za-z0-9_.+-]{1,200}$")
@@ -411,7 +411,7 @@ PROBES_SCHEMA = pa.schema(
 )
 
 
-def saved_dir(lake: Lake, layer: int) -> Path:
+def saved_dir(lake: Lake, layer: int) -> LakePath:
     return lake.base / SAVED_DIR / f"layer={int(layer)}"
 
 
@@ -431,9 +431,23 @@ def save_probes(lake: Lake, trained: TrainedProbes, provenance: Mapping[str, Any
 
     The whole layer folder is written aside and renamed into place, so probes of an older grid do not
     linger. Each probe's provenance holds ``provenance`` (model, SAE, hook, config hash, profile, ...)
-    plus its layer, id, kind and training sets; ``config.json`` beside them holds the settings.
+    plus its layer, id, kind and training sets; ``config.json`` beside them holds the settings. On S3 the
+    folder is built locally and uploaded with ``config.json`` last (``lake.staged_dir``); loaders refuse a
+    folder without it.
     """
-    final = saved_dir(lake, trained.layer)
+    location = saved_dir(lake, trained.layer)
+    with staged_dir(location, SAVED_MARKER) as final:
+        rows = _save_probes_into(final, location, trained, provenance)
+    ids = [r["probe_id"] for r in rows]
+    if len(set(ids)) != len(ids):
+        raise EvaluationError(f"duplicate probe ids in the grid: {sorted({i for i in ids if ids.count(i) > 1})}")
+    return pa.Table.from_pylist(rows, schema=PROBES_SCHEMA)
+
+
+def _save_probes_into(
+    final: Path, location: LakePath, trained: TrainedProbes, provenance: Mapping[str, Any]
+) -> list[dict[str, Any]]:
+    """Write the layer's probes folder at the local ``final``; rows name each probe under ``location``."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -474,7 +488,7 @@ def save_probes(lake: Lake, trained: TrainedProbes, provenance: Mapping[str, Any
                         "train_datasets": list(trained.train_datasets),
                         "n_pos": total["n_pos"],
                         "n_neg": total["n_neg"],
-                        "path": str(final / pid),
+                        "path": str(location / pid),
                     }
                 )
         doc = {
@@ -486,15 +500,12 @@ def save_probes(lake: Lake, trained: TrainedProbes, provenance: Mapping[str, Any
             "class_balance": trained.balance,
             "feature_sets": trained.feature_set_sizes,
         }
-        (tmp / "config.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+        (tmp / SAVED_MARKER).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
         _swap_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    ids = [r["probe_id"] for r in rows]
-    if len(set(ids)) != len(ids):
-        raise EvaluationError(f"duplicate probe ids in the grid: {sorted({i for i in ids if ids.count(i) > 1})}")
-    return pa.Table.from_pylist(rows, schema=PROBES_SCHEMA)
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -515,12 +526,23 @@ class LoadedProbe:
 
 
 def load_saved_probes(probes_table: pa.Table | pl.DataFrame) -> list[LoadedProbe]:
-    """Load every probe listed in a ``probes`` table from its ``path``, in table order."""
+    """Load every probe listed in a ``probes`` table from its ``path``, in table order.
+
+    A path in an S3 lake is read from a local copy of its layer folder, downloaded once and refused
+    (``LakeError``) while the folder lacks its ``config.json``."""
     df = probes_table if isinstance(probes_table, pl.DataFrame) else pl.from_arrow(probes_table)
     assert isinstance(df, pl.DataFrame)
     out = []
+    copies: dict[str, Path] = {}
     for r in df.iter_rows(named=True):
-        path = Path(r["path"])
+        where = lake_path(r["path"])
+        if isinstance(where, Path):
+            path = where
+        else:
+            folder = str(where.parent)
+            if folder not in copies:
+                copies[folder] = local_copy(where.parent, SAVED_MARKER)
+            path = copies[folder] / where.name
         if not (path / "probe.json").is_file():
             raise EvaluationError(f"saved probe {r['probe_id']} is missing at {path}: materialize probes again")
         out.append(
@@ -1143,7 +1165,7 @@ def feature_page_name(feature_id: int) -> str:
     return f"feature_{int(feature_id)}.html"
 
 
-def report_dir(lake: Lake, layer: int) -> Path:
+def report_dir(lake: Lake, layer: int) -> LakePath:
     return lake.base / REPORT_DIR / f"layer={int(layer)}"
 
 
@@ -1158,28 +1180,31 @@ def write_report(
     figures: Mapping[str, bytes],
     features: Sequence[FeatureInfo],
     best_probe_name: str | None,
-) -> Path:
+) -> LakePath:
     """Write ``report/layer=L/index.html`` and its files under ``report/layer=L/probes/``.
 
     The ``probes/`` folder (figures, one page per feature) is built aside and renamed into place, then
     ``index.html`` is written aside and renamed over the old one. Other files of the folder are left alone.
+    On S3 the ``probes/`` folder is built locally and uploaded (each object whole, stale pages deleted),
+    then ``index.html`` is uploaded last in one PUT.
     """
     base = report_dir(lake, layer)
-    base.mkdir(parents=True, exist_ok=True)
-    tmp = base / f".tmp-{REPORT_FILES}-{uuid.uuid4().hex[:8]}"
-    (tmp / "figures").mkdir(parents=True)
-    (tmp / "features").mkdir()
-    try:
-        for name, png in figures.items():
-            (tmp / "figures" / f"{name}.png").write_bytes(png)
-        for info in features:
-            (tmp / "features" / feature_page_name(info.feature_id)).write_text(
-                feature_page(info, layer, best_probe_name or ""), encoding="utf-8"
-            )
-        _swap_dir(tmp, base / REPORT_FILES)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with staged_dir(base / REPORT_FILES) as files_dir:
+        files_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = files_dir.parent / f".tmp-{REPORT_FILES}-{uuid.uuid4().hex[:8]}"
+        (tmp / "figures").mkdir(parents=True)
+        (tmp / "features").mkdir()
+        try:
+            for name, png in figures.items():
+                (tmp / "figures" / f"{name}.png").write_bytes(png)
+            for info in features:
+                (tmp / "features" / feature_page_name(info.feature_id)).write_text(
+                    feature_page(info, layer, best_probe_name or ""), encoding="utf-8"
+                )
+            _swap_dir(tmp, files_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
     def frame(t: pa.Table | pl.DataFrame) -> pl.DataFrame:
         out = t if isinstance(t, pl.DataFrame) else pl.from_arrow(t)
@@ -1253,12 +1278,5 @@ def write_report(
              "detection_rate", "mean_score", "n", "by_label"],
         )
     )
-    index = base / "index.html"
-    tmp_index = base / f".tmp-index-{uuid.uuid4().hex[:8]}.html"
-    try:
-        tmp_index.write_text(_page(f"featurelake probes, layer {int(layer)}", "\n".join(body)), encoding="utf-8")
-        os.replace(tmp_index, index)
-    except BaseException:
-        tmp_index.unlink(missing_ok=True)
-        raise
-    return index
+    page = _page(f"featurelake probes, layer {int(layer)}", "\n".join(body))
+    return write_bytes(base / "index.html", page.encode("utf-8"))

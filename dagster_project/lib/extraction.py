@@ -343,8 +343,9 @@ def extract_to_lake(
 ) -> dict[str, float]:
     """Extract ``items`` at every layer of ``saes`` in one pass and write each (layer, dataset) partition.
 
-    Rows stream batch by batch into Parquet writers on hidden temp files (memory does not grow with the
-    number of samples); all partitions are renamed into place only when every batch succeeded.
+    Rows stream batch by batch into Parquet writers on hidden temp files, or uploads in an S3 lake (memory
+    does not grow with the number of samples); all partitions are renamed into place (uploads completed)
+    only when every batch succeeded.
     """
     import time
     from concurrent.futures import Future, ThreadPoolExecutor

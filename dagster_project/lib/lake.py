@@ -4,34 +4,56 @@ Layout (see ``lake/README.md``)::
 
     <root>/<namespace>/<table>/[layer=L/][dataset=D/]part-0.parquet
 
-Every file is written aside under a hidden ``.tmp-*`` name and renamed into place when complete, so a
-reader never sees half a file and a rerun replaces a partition instead of appending to it. Partition
-columns live only in the path (hive partitioning). Activation files carry a provenance record (model,
-SAE, hook, dtype, config hash) in their Parquet key-value metadata under ``featurelake``.
+The root is a local folder or a remote URL (``s3://bucket/prefix``), reached through fsspec. Either way a
+reader never sees half a file and a rerun replaces a partition instead of appending to it:
+
+- local: every file is written aside under a hidden ``.tmp-*`` name and renamed into place when complete;
+- remote (S3): every object is streamed as one multipart upload that only its completion
+  (``CompleteMultipartUpload``, after the Parquet footer) makes visible, replacing the old object whole; a
+  killed writer leaves no object, only an incomplete upload, invisible to readers, that
+  :meth:`Lake.clean_temp` aborts. Folder-shaped artifacts
+  (a trained SAE, saved probes) are built locally and uploaded with their completion marker last
+  (:func:`staged_dir`, :func:`publish_dir`); loaders download them to a local cache (:func:`local_copy`)
+  and refuse a folder without its marker. Small files (plots, an HTML page) are one ``PUT`` each
+  (:func:`write_bytes`).
+
+Credentials and the endpoint of a remote lake come only from the environment (``AWS_*`` variables, the
+usual AWS config files, ``FEATURELAKE_S3_ENDPOINT_URL``); nothing of them is written to the lake or logged.
+
+Partition columns live only in the path (hive partitioning). Activation files carry a provenance record
+(model, SAE, hook, dtype, config hash) in their Parquet key-value metadata under ``featurelake``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import operator
 import os
 import re
 import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec import AbstractFileSystem
+from upath import UPath
 
 from dagster_project.lib.datasets import check_slug
 
 META_KEY = b"featurelake"
 PART = "part-0.parquet"
 PARQUET_OPTS: dict[str, Any] = {"compression": "zstd", "compression_level": 3}
+# Buffered bytes before a remote writer sends a part of its multipart upload (S3's minimum is 5 MiB).
+REMOTE_BLOCK_SIZE = 8 << 20
 
 # Tables and which partition keys they carry, in path order.
 TABLES: dict[str, tuple[str, ...]] = {
@@ -44,6 +66,9 @@ TABLES: dict[str, tuple[str, ...]] = {
 
 
 PROFILE_SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+
+# A lake path: a local Path, or a UPath (``s3://...``) whose ``.fs`` is the lake's filesystem.
+LakePath = Path | UPath
 
 
 class LakeError(RuntimeError):
@@ -92,26 +117,193 @@ def _part_dirs(table: str, layer: int | None, dataset: str | None) -> list[str]:
     return out
 
 
+# ------------------------------------------------------------------------------------------ filesystems
+
+
+def protocol_of(root: str) -> str:
+    """``"s3"`` for ``s3://bucket/prefix``, ``""`` for a local folder (also ``file://...``)."""
+    proto = root.split("://", 1)[0].lower() if "://" in root else ""
+    return "" if proto in ("file", "local") else proto
+
+
+def storage_options(protocol: str) -> dict[str, Any]:
+    """fsspec options for a remote lake, read from the environment only (never stored in the lake).
+
+    S3: ``FEATURELAKE_S3_ENDPOINT_URL`` names an S3-compatible server (MinIO, a test server); keys, region
+    and profile come from botocore's usual sources (``AWS_ACCESS_KEY_ID``, ``AWS_REGION``, ``~/.aws``, ...).
+    Listings are never cached: another process may have written since.
+    """
+    if protocol in ("s3", "s3a"):
+        opts: dict[str, Any] = {"use_listings_cache": False}
+        endpoint = os.environ.get("FEATURELAKE_S3_ENDPOINT_URL")
+        if endpoint:
+            opts["endpoint_url"] = endpoint
+        return opts
+    return {}
+
+
+def download_root() -> Path:
+    """Local cache of folders downloaded from a remote lake: ``$FEATURELAKE_CACHE/lake``, else a folder in the
+    system temp dir. Entries are keyed by content and never change; delete the folder to reclaim space."""
+    env = os.environ.get("FEATURELAKE_CACHE")
+    if env:
+        return Path(env).expanduser() / "lake"
+    return Path(tempfile.gettempdir()) / f"featurelake-lake-cache-{os.getuid()}"
+
+
+def _key(path: LakePath) -> str:
+    """The filesystem-level path of a lake path (``bucket/key`` for S3, the absolute path locally)."""
+    return path.path if isinstance(path, UPath) else str(path)
+
+
+def lake_path(location: str | os.PathLike[str]) -> LakePath:
+    """A lake path from its string form (as stored in tables and metadata): ``Path`` or ``UPath``."""
+    text = os.fspath(location)
+    proto = protocol_of(text)
+    return UPath(text, **storage_options(proto)) if proto else Path(text)
+
+
+def write_bytes(path: LakePath, data: bytes) -> LakePath:
+    """Write one small file of the lake whole: aside and renamed locally, one ``PUT`` remotely."""
+    if isinstance(path, UPath):
+        path.fs.pipe_file(_key(path), data)
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".tmp-{uuid.uuid4().hex}{path.suffix}"
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+@contextmanager
+def staged_dir(dest: LakePath, marker: str | None = None) -> Iterator[Path]:
+    """A local folder in which to build the lake folder ``dest``.
+
+    Local lake: ``dest`` itself (the builder writes aside and renames, as it always does). Remote lake: a
+    folder in a local temp dir, published to ``dest`` by :func:`publish_dir` (``marker`` last) when the
+    block ends without an error, and deleted either way.
+    """
+    if not isinstance(dest, UPath):
+        yield dest
+        return
+    with tempfile.TemporaryDirectory(prefix="featurelake-stage-") as tmp:
+        local = Path(tmp) / (dest.name or "out")
+        yield local
+        publish_dir(local, dest, marker)
+
+
+def publish_dir(local: Path, dest: UPath, marker: str | None = None) -> UPath:
+    """Upload the local folder ``local`` to the remote folder ``dest``, replacing what was there.
+
+    The marker file (``FINISHED.json``, ``config.json``) is deleted first, so readers refuse the folder
+    while it changes; then every other file is uploaded (each object whole), objects of the old folder that
+    are not in the new one are deleted, and the marker is uploaded last. A killed upload leaves a folder
+    without its marker, which loaders refuse until a rerun publishes it again. Without a marker, each
+    object is still replaced whole.
+    """
+    fs, root = dest.fs, _key(dest)
+    files = sorted(p for p in local.rglob("*") if p.is_file())
+    rels = {p.relative_to(local).as_posix() for p in files}
+    if marker is not None:
+        if marker not in rels:
+            raise LakeError(f"{local} has no {marker}: refusing to publish an unfinished folder")
+        if fs.exists(f"{root}/{marker}"):
+            fs.rm_file(f"{root}/{marker}")
+    for p in files:
+        rel = p.relative_to(local).as_posix()
+        if rel != marker:
+            fs.put_file(str(p), f"{root}/{rel}")
+    stale = [k for k in _listing(fs, root) if k not in rels]
+    if stale:
+        fs.rm([f"{root}/{k}" for k in stale])
+    if marker is not None:
+        fs.put_file(str(local / marker), f"{root}/{marker}")
+    return dest
+
+
+def local_copy(src: LakePath, marker: str) -> Path:
+    """A local folder holding the lake folder ``src``.
+
+    Local lake: ``src`` itself (its loader checks the marker). Remote lake: a download into
+    :func:`download_root`, keyed by the folder's listing (names, sizes, ETags) so an unchanged folder is
+    fetched once; refused (``LakeError``) when ``marker`` is missing or the folder changes meanwhile.
+    """
+    if not isinstance(src, UPath):
+        return src
+    fs, root = src.fs, _key(src)
+    listing = _listing(fs, root)
+    if marker not in listing:
+        raise LakeError(f"{src}: no finished folder here (missing {marker}); materialize the asset that writes it")
+    digest = hashlib.sha256(json.dumps([str(src), listing], sort_keys=True).encode()).hexdigest()[:24]
+    dest = download_root() / digest
+    if (dest / marker).is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".tmp-{uuid.uuid4().hex}"
+    try:
+        for rel in sorted(listing, key=lambda r: r == marker):  # the marker last
+            target = tmp / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fs.get_file(f"{root}/{rel}", str(target))
+        if _listing(fs, root) != listing:
+            raise LakeError(f"{src} changed while it was downloaded (being republished?): try again")
+        try:
+            os.replace(tmp, dest)
+        except OSError:  # another process put the same download there first
+            if not (dest / marker).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _listing(fs: AbstractFileSystem, root: str) -> dict[str, list[Any]]:
+    """``{relative name: [size, etag]}`` of every object under ``root``."""
+    out = {}
+    for k, info in fs.find(root, detail=True).items():
+        if k != root:
+            tag = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified")
+            out[k[len(root) + 1 :]] = [info.get("size"), str(tag)]
+    return out
+
+
 @dataclass(frozen=True)
 class Lake:
-    """A lake root plus a namespace (the profile), local folder."""
+    """A lake root (a local folder or a remote URL such as ``s3://bucket/prefix``) plus a namespace."""
 
     root: str
     namespace: str = "default"
 
     @property
-    def base(self) -> Path:
+    def remote(self) -> bool:
+        return protocol_of(self.root) != ""
+
+    @property
+    def base(self) -> LakePath:
+        """The namespace's folder: a ``Path`` for a local lake, a ``UPath`` (``s3://...``) for a remote one."""
         if not PROFILE_SLUG.match(self.namespace):
             raise LakeError(f"unsafe profile name {self.namespace!r} for a lake namespace")
+        if self.remote:
+            proto = protocol_of(self.root)
+            return UPath(self.root.rstrip("/"), **storage_options(proto)) / self.namespace
         return Path(self.root).expanduser().resolve() / self.namespace
 
-    def table_dir(self, table: str) -> Path:
+    @cached_property
+    def fs(self) -> AbstractFileSystem:
+        """The fsspec filesystem of the lake (register it on a DuckDB connection to read ``s3://`` paths)."""
+        base = self.base
+        return base.fs if isinstance(base, UPath) else fsspec.filesystem("file")
+
+    def table_dir(self, table: str) -> LakePath:
         return self.base / _check_table(table)
 
-    def partition_dir(self, table: str, layer: int | None = None, dataset: str | None = None) -> Path:
+    def partition_dir(self, table: str, layer: int | None = None, dataset: str | None = None) -> LakePath:
         return self.table_dir(table).joinpath(*_part_dirs(table, layer, dataset))
 
-    def file(self, table: str, layer: int | None = None, dataset: str | None = None) -> Path:
+    def file(self, table: str, layer: int | None = None, dataset: str | None = None) -> LakePath:
         return self.partition_dir(table, layer, dataset) / PART
 
     def glob(self, table: str) -> str:
@@ -122,10 +314,10 @@ class Lake:
         return self.file(table, layer, dataset).is_file()
 
     @property
-    def catalog_path(self) -> Path:
+    def catalog_path(self) -> LakePath:
         return self.base / "lake.duckdb"
 
-    def sae_dir(self, layer: int) -> Path:
+    def sae_dir(self, layer: int) -> LakePath:
         return self.base / "sae" / f"layer={int(layer)}"
 
     # ------------------------------------------------------------------------------------------ writing
@@ -137,7 +329,7 @@ class Lake:
         layer: int | None = None,
         dataset: str | None = None,
         meta: dict[str, Any] | None = None,
-    ) -> Path:
+    ) -> LakePath:
         with self.writer(table_name, table.schema, layer, dataset, meta) as w:
             w.write_table(table)
         return self.file(table_name, layer, dataset)
@@ -151,12 +343,21 @@ class Lake:
         dataset: str | None = None,
         meta: dict[str, Any] | None = None,
     ) -> Iterator[pq.ParquetWriter]:
-        """A ParquetWriter on a hidden temp file, renamed over the partition's file only on success."""
+        """A ParquetWriter whose file replaces the partition's file only on success.
+
+        Local: a hidden temp file, fsynced and renamed over the partition's file. Remote: one multipart
+        upload streamed as it is written; only its completion at the end makes the object visible
+        (replacing the old one whole), and a failure aborts it.
+        """
         final = self.file(table_name, layer, dataset)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.parent / f".tmp-{uuid.uuid4().hex}.parquet.inprogress"
         if meta is not None:
             schema = schema.with_metadata({**(schema.metadata or {}), META_KEY: json.dumps(meta, sort_keys=True)})
+        if isinstance(final, UPath):
+            with self._remote_writer(final, schema) as w:
+                yield w
+            return
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.parent / f".tmp-{uuid.uuid4().hex}.parquet.inprogress"
         w = pq.ParquetWriter(str(tmp), schema, **PARQUET_OPTS)
         try:
             yield w
@@ -171,16 +372,46 @@ class Lake:
                 tmp.unlink(missing_ok=True)
             raise
 
+    @contextmanager
+    def _remote_writer(self, final: UPath, schema: pa.Schema) -> Iterator[pq.ParquetWriter]:
+        # autocommit=False: close() uploads the last part but publishes nothing; commit() completes the
+        # upload (the object appears whole, replacing any old one) and discard() aborts it. Opened through
+        # _open, not open, which would also enlist the file in the filesystem's transaction bookkeeping.
+        f = self.fs._open(_key(final), mode="wb", autocommit=False, block_size=REMOTE_BLOCK_SIZE)
+        w = pq.ParquetWriter(f, schema, **PARQUET_OPTS)  # a file object: closing the writer leaves f open
+        try:
+            yield w
+            w.close()
+            f.close()
+            f.commit()
+        except BaseException:
+            try:
+                w.close()
+            finally:
+                f.discard()
+                f.closed = True  # discarded: nothing left to flush, even when garbage-collected
+            raise
+
     def remove_partition(self, table: str, layer: int | None = None, dataset: str | None = None) -> None:
         d = self.partition_dir(table, layer, dataset)
-        if d.exists():
+        if isinstance(d, UPath):
+            if self.fs.exists(_key(d)):
+                self.fs.rm(_key(d), recursive=True)
+        elif d.exists():
             shutil.rmtree(d)
 
     def clean_temp(self) -> int:
-        """Delete leftovers of writes that were killed mid-way (never visible to readers)."""
+        """Delete leftovers of writes that were killed mid-way (never visible to readers).
+
+        Local: ``.tmp-*`` files and folders. S3: incomplete multipart uploads under the namespace (as
+        locally, a write in flight in another process at that moment is lost too: its upload fails).
+        """
+        if self.remote:
+            return self._abort_uploads()
         n = 0
-        if self.base.exists():
-            for p in self.base.rglob(".tmp-*"):
+        base = self.base
+        if base.exists():
+            for p in base.rglob(".tmp-*"):
                 if p.is_dir():
                     shutil.rmtree(p, ignore_errors=True)
                 else:
@@ -188,14 +419,34 @@ class Lake:
                 n += 1
         return n
 
+    def _abort_uploads(self) -> int:
+        fs = self.fs
+        if not all(hasattr(fs, a) for a in ("split_path", "call_s3", "abort_mpu")):
+            return 0  # a remote filesystem without multipart uploads leaves nothing behind
+        bucket, prefix, _ = fs.split_path(_key(self.base))
+        n = 0
+        kw: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix.rstrip("/") + "/"}
+        while True:
+            page = fs.call_s3("list_multipart_uploads", **kw)
+            for up in page.get("Uploads", []) or []:
+                fs.abort_mpu(bucket, up["Key"], up["UploadId"])
+                n += 1
+            if not page.get("IsTruncated"):
+                return n
+            kw.update(KeyMarker=page.get("NextKeyMarker"), UploadIdMarker=page.get("NextUploadIdMarker"))
+
     # ------------------------------------------------------------------------------------------ reading
+
+    def _parquet_source(self, path: LakePath) -> tuple[str, AbstractFileSystem | None]:
+        return (_key(path), self.fs) if isinstance(path, UPath) else (str(path), None)
 
     def read_meta(self, table: str, layer: int | None = None, dataset: str | None = None) -> dict[str, Any]:
         path = self.file(table, layer, dataset)
         if not path.is_file():
             raise LakeError(f"{path} does not exist: materialize {table} for layer={layer} dataset={dataset}")
+        where, fs = self._parquet_source(path)
         try:
-            md = pq.read_schema(str(path)).metadata or {}
+            md = pq.read_schema(where, filesystem=fs).metadata or {}
         except (pa.ArrowInvalid, OSError) as e:
             raise LakeError(f"{path} is not a readable Parquet file ({e}); rerun that partition to rewrite it") from e
         raw = md.get(META_KEY)
@@ -208,8 +459,9 @@ class Lake:
         path = self.file(table, layer, dataset)
         if not path.is_file():
             raise LakeError(f"{path} does not exist: materialize {table} for layer={layer} dataset={dataset}")
+        where, fs = self._parquet_source(path)
         try:
-            return pq.read_table(str(path), **kw)
+            return pq.read_table(where, filesystem=fs, **kw)
         except (pa.ArrowInvalid, OSError) as e:
             raise LakeError(f"{path} is not a readable Parquet file ({e}); rerun that partition to rewrite it") from e
 

@@ -6,6 +6,10 @@ arrives as one small JSON file, ``<dir>/<key[:2]>/<key>.json``, written aside an
 a ``kill -9`` loses no completed call, a reader never sees half a file, and a rerun makes only the
 calls not yet made. Only replies that parsed and validated are stored; failures are retried next run.
 
+The cache lives wherever the lake does: ``root`` may be a folder or, for an S3 lake, the ``UPath`` that
+``lake.base / "llm_cache"`` gives; there each entry is one ``PUT`` (an object appears whole or not at
+all), so the same guarantees hold without temp files.
+
 The entry holds the raw reply text (re-validated on every read, so a schema change cannot smuggle an
 old reply through) plus the usage and cost of the call that produced it. No secret is ever part of a
 key or an entry.
@@ -23,6 +27,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from upath import UPath
+
+from dagster_project.lib.lake import LakePath, lake_path, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -66,15 +74,17 @@ class LLMCache:
     ``get`` returns the stored entry dict or ``None``; ``put`` stores one. Counters in :attr:`stats`.
     """
 
-    def __init__(self, root: str | Path, *, fsync: bool = True) -> None:
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+    def __init__(self, root: str | os.PathLike[str] | UPath, *, fsync: bool = True) -> None:
+        self.root: LakePath = root if isinstance(root, UPath) else lake_path(root)
+        self.remote = not isinstance(self.root, Path)
+        if not self.remote:
+            self.root.mkdir(parents=True, exist_ok=True)
         self.fsync = fsync
         self.stats = CacheStats()
         self._lock = threading.Lock()
         self.remove_stale_temp_files()
 
-    def path_for(self, key: str) -> Path:
+    def path_for(self, key: str) -> LakePath:
         if len(key) != 64 or any(c not in "0123456789abcdef" for c in key):
             raise ValueError(f"cache key must be 64 lower-case hex characters, got {key!r}")
         return self.root / key[:2] / f"{key}.json"
@@ -103,11 +113,16 @@ class LLMCache:
             self.stats.hits += 1
         return entry
 
-    def put(self, key: str, entry: dict[str, Any]) -> Path:
-        """Write ``entry`` (plus its key) aside and rename it into place."""
+    def put(self, key: str, entry: dict[str, Any]) -> LakePath:
+        """Write ``entry`` (plus its key) aside and rename it into place (one PUT in an S3 lake)."""
         path = self.path_for(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
         data = json.dumps({**entry, "key": key}, ensure_ascii=False, sort_keys=True, indent=1)
+        if not isinstance(path, Path):
+            write_bytes(path, data.encode("utf-8"))
+            with self._lock:
+                self.stats.writes += 1
+            return path
+        path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".tmp-{key[:8]}-", suffix=".json", dir=path.parent)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -137,7 +152,10 @@ class LLMCache:
         return sum(1 for p in self.root.glob("??/*.json") if not p.name.startswith("."))
 
     def remove_stale_temp_files(self, older_than_s: float = 3600.0) -> int:
-        """Delete temp files left by a killed writer (only old ones: another process may be mid-write)."""
+        """Delete temp files left by a killed writer (only old ones: another process may be mid-write).
+        An S3 cache has none: its entries are single PUTs."""
+        if self.remote:
+            return 0
         now = time.time()
         removed = 0
         for p in self.root.glob("??/.tmp-*"):

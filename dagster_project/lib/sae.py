@@ -216,11 +216,14 @@ def train_topk(
     seed: int,
     heldout_fraction: float = 0.05,
     progress: Callable[[int, int], None] | None = None,
+    location: str | None = None,
 ) -> TrainResult:
     """Train a TopK SAE with sae-lens on ``vectors`` ([n, d_in] float32) and save it in sae-lens format.
 
     The folder is written aside and renamed into place with a ``FINISHED.json`` marker last, so a killed
-    run never leaves a half-trained SAE that a reader would load as finished.
+    run never leaves a half-trained SAE that a reader would load as finished. ``location`` is where the
+    folder will finally live, recorded in the marker (default ``out_dir``; an S3 lake builds the folder
+    locally and uploads it, see ``lake.staged_dir``).
     """
     import time
 
@@ -303,7 +306,7 @@ def train_topk(
         n_heldout=int(held.shape[0]),
         seconds=time.time() - t0,
     )
-    (tmp / FINISHED_MARKER).write_text(json.dumps({**result.__dict__, "path": str(out_dir)}, indent=2))
+    (tmp / FINISHED_MARKER).write_text(json.dumps({**result.__dict__, "path": location or str(out_dir)}, indent=2))
     if out_dir.exists():
         old = out_dir.parent / f".tmp-old-{uuid.uuid4().hex}"
         os.replace(out_dir, old)
