@@ -221,6 +221,8 @@ class StatsConfig(dg.Config):
     min_selectivity: float = Field(0.3, ge=0, le=1, description="keep features with |selectivity| >= this")
     keep_negative: bool = Field(True, description="also keep features that prefer the negative class")
     min_freq: float = Field(
-        0.0, ge=0, le=1, description="keep features firing on at least this fraction of their preferred class"
+        0.05, ge=0, le=1,
+        description="keep features firing on at least this fraction of their preferred class (the seed used 0: "
+        "then features seen on one or two samples of one class, selectivity exactly +/-1, fill the top of the list)",
     )
     max_features: int | None = Field(200, ge=1, description="keep the N highest-ranked features; None keeps all")
