@@ -50,9 +50,43 @@ def cache_root() -> Path:
     return Path(env).expanduser() if env else Path(__file__).resolve().parents[2] / ".cache"
 
 
+_CLAIMED: dict[str, Any] = {}
+
+
+def claim_gpu(n_gpus: int, lock_dir: str | os.PathLike[str] | None = None) -> int:
+    """Claim one of ``n_gpus`` GPUs for this process with an exclusive file lock held until the process ends.
+
+    With the ``model`` concurrency pool set to the number of GPUs, each model-running step (its own process
+    under the multiprocess executor) takes a different GPU; a step that finds every GPU claimed waits for one.
+    """
+    import fcntl
+    import time
+
+    if "index" in _CLAIMED:
+        return int(_CLAIMED["index"])
+    root = Path(lock_dir or os.environ.get("FEATURELAKE_GPU_LOCKS", "/tmp/featurelake-gpu-locks"))
+    root.mkdir(parents=True, exist_ok=True)
+    while True:
+        for i in range(n_gpus):
+            fh = open(root / f"gpu{i}.lock", "w")  # noqa: SIM115 - held for the process lifetime
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                fh.close()
+                continue
+            _CLAIMED.update(index=i, handle=fh)
+            log.info("claimed GPU %d of %d", i, n_gpus)
+            return i
+        time.sleep(1.0)
+
+
 def resolve_device(device: str) -> torch.device:
+    """``auto``: CUDA when present (one GPU per process when there are several), else the CPU."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        n = torch.cuda.device_count()
+        return torch.device(f"cuda:{claim_gpu(n)}" if n > 1 else "cuda")
     return torch.device(device)
 
 

@@ -175,3 +175,23 @@ def test_real_gemma3_270m_gguf_matches_dense_reference(tmp_path: Path) -> None:
     # bf16 sums depend on the batch shape, so run one text per batch: then the only difference from the
     # reference is the early stop and the sparse pooling, and every value must agree.
     check_against_reference(lm, {6: sae}, TEXTS[:3], max_tokens=64, batch_tokens=1)
+
+
+def test_claim_gpu_gives_each_process_its_own_gpu(tmp_path: Path) -> None:
+    """Three processes, two GPUs: the first two get different GPUs, the third waits until one is freed."""
+    import subprocess
+    import sys
+    import time
+
+    code = ("import sys, time; from dagster_project.lib.model import claim_gpu; "
+            f"print(claim_gpu(2, {str(tmp_path)!r}), flush=True); time.sleep(float(sys.argv[1]))")
+    a = subprocess.Popen([sys.executable, "-c", code, "3"], stdout=subprocess.PIPE, text=True)
+    b = subprocess.Popen([sys.executable, "-c", code, "3"], stdout=subprocess.PIPE, text=True)
+    got = {int(a.stdout.readline()), int(b.stdout.readline())}
+    assert got == {0, 1}
+    t = time.time()
+    c = subprocess.Popen([sys.executable, "-c", code, "0"], stdout=subprocess.PIPE, text=True)
+    third = int(c.stdout.readline())
+    assert third in (0, 1) and time.time() - t > 1.0  # it had to wait for a or b to exit
+    for p in (a, b, c):
+        p.wait(timeout=30)
