@@ -31,9 +31,8 @@ test: setup-test  ## set up, then run the whole test suite
 lint: $(STAMP)
 	$(BIN)/ruff check dagster_project assets tests benchmarks
 
-bench: $(STAMP)  ## CPU benchmarks of every stage; results go to BENCHMARKS.md by hand
-	$(BIN)/python benchmarks/extract.py
-	$(BIN)/python benchmarks/stats.py
+bench: $(STAMP)  ## CPU benchmarks of every stage and one summary table (benchmarks/out/summary.md)
+	$(BIN)/python benchmarks/run_all.py
 
 ui: $(STAMP)  ## the Dagster UI (webserver + daemon) on 127.0.0.1:$(PORT); Ctrl-C stops it
 	$(BIN)/featurelake ui --port $(PORT)
