@@ -10,22 +10,13 @@ from dagster_project.lib.datasets import parse_registry
 from dagster_project.lib.extraction import extract_to_lake, tokenize
 from dagster_project.lib.lake import Lake
 from dagster_project.partitions import layer_dataset_partitions, split_keys
+from dagster_project.provenance import activation_record
 from dagster_project.resources import LakeResource, ModelResource, SAEResource
 
 
 def provenance(model: ModelResource, sae_id: str, hook: str) -> dict[str, object]:
-    return {
-        "model_id": model.model_id,
-        "sae_id": sae_id,
-        "hook": hook,
-        "dtype": model.dtype,
-        "sae_dtype": model.sae_dtype,
-        "max_tokens": model.max_tokens,
-        "config_hash": load_profile().config_hash(),
-    }
-
-
-PROVENANCE_KEYS = ("model_id", "sae_id", "hook", "dtype", "sae_dtype", "max_tokens", "config_hash")
+    """The record every file of a partition carries; readers check it (``dagster_project.provenance``)."""
+    return activation_record(model, sae_id, hook, load_profile().config_hash())
 
 
 def extract_dataset(

@@ -52,6 +52,7 @@ from dagster_project.lib.lake import Lake, LakeError
 from dagster_project.lib.llm_cache import LLMCache
 from dagster_project.lib.themes import EmbeddingModelError, cluster_descriptions
 from dagster_project.partitions import layer_partitions
+from dagster_project.provenance import check_layer
 from dagster_project.resources import LakeResource
 
 GROUP = "describe"
@@ -372,6 +373,10 @@ def layer_examples(context: dg.AssetExecutionContext, lake: Lake, layer: int, se
             f"stats/selected_features of layer {layer} is not in the lake: materialize selected_features "
             f"for layer {layer} first"
         )
+    try:
+        check_layer(lake, layer)  # the windows are cut from activations made with the current profile
+    except LakeError as e:
+        raise dg.Failure(str(e)) from e
     con = views_connection(lake)
     t0 = time.perf_counter()
     try:

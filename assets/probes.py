@@ -11,6 +11,7 @@ import pyarrow.compute as pc
 from dagster_project.config import ProbeConfig
 from dagster_project.lib.catalog import views_connection
 from dagster_project.lib.evaluation import (
+    PROVENANCE_KEYS,
     EvaluationError,
     LayerData,
     activation_provenance,
@@ -32,6 +33,7 @@ from dagster_project.lib.evaluation import (
 )
 from dagster_project.lib.lake import Lake, LakeError
 from dagster_project.partitions import layer_partitions
+from dagster_project.provenance import check_layer
 from dagster_project.resources import LakeResource
 
 PROBES_TABLE = "stats/probes"
@@ -57,6 +59,20 @@ def _best_provenance(probes_table: pa.Table) -> dict[str, Any]:
     return dict(p.probe.provenance) if p is not None else {}
 
 
+def _check_probes_match(layer: int, loaded: list[Any], current: dict[str, Any]) -> None:
+    """The saved probes were trained on activations like the layer's current ones (else rerun ``probes``)."""
+    stale = [p.probe_id for p in loaded
+             if current and any(p.probe.provenance.get(k) != current.get(k) for k in PROVENANCE_KEYS)]
+    if stale:
+        prov = next(p.probe.provenance for p in loaded if p.probe_id == stale[0])
+        diff = "; ".join(f"{k}: probe has {prov.get(k)!r}, lake has {current.get(k)!r}"
+                         for k in PROVENANCE_KEYS if prov.get(k) != current.get(k))
+        raise EvaluationError(
+            f"{len(stale)} saved probes of layer {layer} were trained on activations of another model/SAE/config "
+            f"than the layer's activations now ({diff}): materialize probes for layer {layer} again"
+        )
+
+
 @dg.asset(
     partitions_def=layer_partitions,
     group_name="probes",
@@ -75,6 +91,7 @@ def probes(context: dg.AssetExecutionContext, config: ProbeConfig, lake: LakeRes
     lk = lake.lake
     settings = config.settings()
     try:
+        check_layer(lk, layer)  # every dataset of the layer made with the current model / SAE / config
         con = views_connection(lk)
         trained = train_probes(con, layer, settings, LayerData(con, layer))
         provenance = {
@@ -138,6 +155,7 @@ def evaluation(context: dg.AssetExecutionContext, config: ProbeConfig, lake: Lak
     probes_table = _read(lk, PROBES_TABLE, layer, "probes")
     try:
         loaded = load_saved_probes(probes_table)
+        _check_probes_match(layer, loaded, check_layer(lk, layer))
         con = views_connection(lk)
         data = LayerData(con, layer)
         ev = evaluate_probes(data, loaded, settings)

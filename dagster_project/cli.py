@@ -95,6 +95,9 @@ def materialize_steps(layers: Sequence[int] | None = None, datasets: Sequence[st
     from dagster_project.partitions import LAYER_PARTITIONS_NAME, multi_key
 
     instance = instance or _instance()
+    from dagster_project.runs import recover_orphaned_runs
+
+    recover_orphaned_runs(instance)  # a killed earlier run must not hold the `model` slot for ever
     defs = build_defs(lake_root=lake_root)
     from dagster_project.config import load_profile
 
@@ -137,8 +140,10 @@ def materialize_steps(layers: Sequence[int] | None = None, datasets: Sequence[st
 
 
 def _execute(job, keys, tags, instance):  # noqa: ANN001, ANN202
+    from dagster_project.runs import process_tags
+
     partition_key = tags.get("dagster/partition")
-    other = {k: v for k, v in tags.items() if k != "dagster/partition"}
+    other = {**{k: v for k, v in tags.items() if k != "dagster/partition"}, **process_tags()}
     return job.execute_in_process(
         instance=instance, asset_selection=list(keys), partition_key=partition_key, tags=other,
         raise_on_error=True,
@@ -220,6 +225,14 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     if unknown:
         sys.stderr.write(f"featurelake backfill: unknown layer(s) {unknown}; add them first: "
                          f"featurelake layers add {' '.join(map(str, unknown))}\n")
+        return 2
+    from dagster_project.lib.datasets import parse_registry, registry_path
+
+    specs = parse_registry()
+    unknown_ds = [d for d in args.dataset or [] if d not in specs]
+    if unknown_ds:
+        sys.stderr.write(f"featurelake backfill: unknown dataset(s) {unknown_ds}; the registry {registry_path()} "
+                         f"has {sorted(specs)}\n")
         return 2
     stages = ["sae", "activations", "downstream"]
     run_ids = materialize_steps(layers=args.layer, datasets=args.dataset or None, stages=stages, instance=instance)

@@ -106,7 +106,8 @@ class SAEResource(dg.ConfigurableResource):
         else:
             raise SAEError(f"unknown SAE source {self.source!r}")
         if d_model is not None:
-            check_fits(sae, d_model, f"layer {layer}")
+            where = self.release if self.source == "release" else folder  # where the SAE came from
+            check_fits(sae, d_model, f"layer {layer} ({where})")
         return sae
 
 

@@ -147,7 +147,10 @@ def parse_registry(path: str | Path | None = None) -> dict[str, DatasetSpec]:
         where = f"{path}, datasets[{i}]"
         if not isinstance(entry, dict):
             raise DatasetError(f"{where}: expected a mapping")
-        name = check_slug(_require(entry, "name", where))
+        try:
+            name = check_slug(_require(entry, "name", where))
+        except DatasetError as e:
+            raise DatasetError(e.args[0] if str(e).startswith(where) else f"{where}: field 'name': {e}") from None
         where = f"{path}, dataset {name!r}"
         if name in specs:
             raise DatasetError(f"{where}: dataset name defined twice")

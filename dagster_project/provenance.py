@@ -1,0 +1,111 @@
+"""Which model, SAE and config made each activation partition, and the one check every reader runs.
+
+The ``activations`` asset writes :func:`activation_record` into every file of a (layer, dataset) partition
+(``activations``, ``token_activations``, ``residuals``; Parquet key-value metadata, see ``lib/lake.py``).
+Every asset that reads activations (the statistics, the describe windows, the probes) first calls
+:func:`check_layer`: each partition of the layer must carry the record the *current profile* would write
+(same model, SAE weights, hook, dtypes, ``max_tokens`` and config hash), otherwise the step stops with a
+message naming the file and the command that re-extracts it. A file that cannot be read is reported the
+same way (``Lake.read_meta``), and a folder that holds only the temp file of a killed write is no partition.
+
+The current profile is the one whose namespace the lake is (``lake.namespace == profile.name``, which
+:func:`dagster_project.resources.resources_for` guarantees for every run of the code location). A lake of
+another namespace (a test fixture, another profile's tables read by hand) has no profile to compare with:
+its partitions are then only required to agree with each other.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from dagster_project.config import Profile, load_profile
+from dagster_project.lib.lake import Lake, LakeError
+
+PROVENANCE_KEYS = ("model_id", "sae_id", "hook", "dtype", "sae_dtype", "max_tokens", "config_hash")
+ACTIVATION_TABLES = ("activations", "token_activations", "residuals")
+
+
+def activation_record(model: Any, sae_id: str, hook: str, config_hash: str) -> dict[str, Any]:
+    """The record of a partition extracted with ``model`` (a ``ModelResource``) and the SAE ``sae_id``."""
+    return {
+        "model_id": model.model_id,
+        "sae_id": sae_id,
+        "hook": hook,
+        "dtype": model.dtype,
+        "sae_dtype": model.sae_dtype,
+        "max_tokens": model.max_tokens,
+        "config_hash": config_hash,
+    }
+
+
+def current_record(lake: Lake, layer: int, profile: Profile | None = None) -> dict[str, Any] | None:
+    """The record the current profile writes at ``layer``; ``None`` when the lake is not its namespace.
+
+    Loads the layer's SAE (its id holds a digest of the weights), so an SAE retrained or replaced in place
+    is told apart from the one the activations were made with.
+    """
+    from dagster_project.lib.sae import SAEError
+    from dagster_project.resources import resources_for
+
+    profile = profile or load_profile()
+    if profile.name != lake.namespace:
+        return None
+    res = resources_for(profile, lake.root)
+    model, sae = res["model"], res["sae"]
+    try:
+        sae_id = sae.load(int(layer), lake).sae_id  # type: ignore[attr-defined]
+    except SAEError as e:
+        raise LakeError(
+            f"cannot check the activations of layer {layer} against profile {profile.name!r}: its SAE does not "
+            f"load ({e})"
+        ) from e
+    return activation_record(model, sae_id, sae.hook, profile.config_hash())  # type: ignore[attr-defined]
+
+
+def partitions(lake: Lake, layer: int, tables: Sequence[str] = ACTIVATION_TABLES) -> list[tuple[str, str]]:
+    """``(table, dataset)`` of every activation file at ``layer`` (folders without a finished file skipped)."""
+    out = []
+    for table in tables:
+        folder = lake.table_dir(table) / f"layer={int(layer)}"
+        if not folder.is_dir():
+            continue
+        for d in sorted(folder.iterdir(), key=lambda p: p.name):
+            if d.name.startswith("dataset=") and lake.exists(table, layer, d.name.split("=", 1)[1]):
+                out.append((table, d.name.split("=", 1)[1]))
+    return out
+
+
+def check_layer(
+    lake: Lake, layer: int, expected: dict[str, Any] | None | str = "current", datasets: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """Check every activation file of ``layer`` (of ``datasets``, default all) and return their record.
+
+    ``expected``: ``"current"`` (the default) compares with :func:`current_record`; a dict compares with it;
+    ``None`` only requires the files to agree with each other. Raises :class:`LakeError` naming the file and
+    how to re-extract it. Returns ``{}`` when the layer has no activations (callers say what is missing).
+    """
+    if expected == "current":
+        expected = current_record(lake, layer)
+    assert not isinstance(expected, str)
+    found = [(t, d) for t, d in partitions(lake, layer) if datasets is None or d in datasets]
+    seen: dict[str, tuple[str, str]] = {}
+    record: dict[str, Any] = {}
+    for table, dataset in found:
+        try:
+            meta = lake.read_meta(table, layer, dataset)
+        except LakeError as e:  # unreadable: say which command rewrites it
+            raise LakeError(f"{e}: featurelake backfill --layer {layer} --dataset {dataset}") from e
+        rec = {k: meta.get(k) for k in PROVENANCE_KEYS}
+        if expected is not None and any(rec[k] != expected.get(k) for k in PROVENANCE_KEYS):
+            lake.check_provenance(table, layer, dataset, expected, PROVENANCE_KEYS)  # raises, naming the fields
+        seen.setdefault(json.dumps(rec, sort_keys=True, default=str), (table, dataset))
+        record = rec
+    if len(seen) > 1:
+        detail = "; ".join(f"{t} of {d}: {r}" for r, (t, d) in seen.items())
+        raise LakeError(
+            f"activations of layer {layer} were extracted with different models/SAEs/configs ({detail}). "
+            f"Re-extract them with one profile: featurelake backfill --layer {layer}"
+        )
+    return record
