@@ -30,13 +30,16 @@ def test_ui_binds_to_loopback_by_default() -> None:
     assert ui_command(args.host, args.port)[-1] == "3456"
 
 
-def test_only_model_steps_share_a_pool() -> None:
+def test_only_model_and_llm_steps_are_pooled() -> None:
     graph = build_defs().resolve_asset_graph()
     pools = {k.to_user_string(): graph.get(k).pools for k in graph.materializable_asset_keys}
-    # dagster.yaml's default_limit applies to every pool without its own limit: `model` must stay the
-    # only one, or a new pool would silently be limited to one step too.
-    assert {k for k, v in pools.items() if v} == {"sae", "activations"}
+    # dagster.yaml's default_limit (1) applies to every pool without its own limit: one model-running step
+    # at a time (`model`), one LLM-calling step at a time (`describer`, each step is concurrent inside), and
+    # SQL steps unpooled so they run beside them. A new pool would silently be limited to one step too.
+    assert {k for k, v in pools.items() if v} == {"sae", "activations", "descriptions", "classifications",
+                                                  "detection_scores"}
     assert pools["sae"] == pools["activations"] == {"model"}
+    assert pools["descriptions"] == pools["classifications"] == pools["detection_scores"] == {"describer"}
 
 
 def test_dagster_yaml_limits_the_model_pool_to_one_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
