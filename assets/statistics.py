@@ -406,21 +406,23 @@ def feature_stats_non_empty(
     )
 
 
-@dg.asset_check(asset=feature_stats, partitions_def=layer_partitions, blocking=True)
-def feature_stats_no_nan(context: dg.AssetCheckExecutionContext, lake: LakeResource) -> dg.AssetCheckResult:
-    """No statistic is NaN or infinite (NULL selectivity means a missing class: see the train-classes check)."""
-    layer = int(context.partition_key)
+def _check_feature_stats(lake: LakeResource, layer: int, check: str) -> dg.AssetCheckResult:
+    """Run the SQL check ``sql/checks/<check>.sql`` over the layer's feature_stats table."""
     try:
         table = read_stat(lake.lake, "feature_stats", layer)
     except dg.Failure as e:
         return _missing("feature_stats", layer, e)
     con = duckdb.connect()
     try:
-        return _outcome(
-            stats.evaluate_check(con, "feature_stats_nan", {"layer": layer}, {"feature_stats": table})
-        )
+        return _outcome(stats.evaluate_check(con, check, {"layer": layer}, {"feature_stats": table}))
     finally:
         con.close()
+
+
+@dg.asset_check(asset=feature_stats, partitions_def=layer_partitions, blocking=True)
+def feature_stats_no_nan(context: dg.AssetCheckExecutionContext, lake: LakeResource) -> dg.AssetCheckResult:
+    """No statistic is NaN or infinite (NULL selectivity means a missing class: see the train-classes check)."""
+    return _check_feature_stats(lake, int(context.partition_key), "feature_stats_nan")
 
 
 @dg.asset_check(asset=feature_stats, partitions_def=layer_partitions, blocking=True)
@@ -428,18 +430,7 @@ def feature_stats_selectivity_range(
     context: dg.AssetCheckExecutionContext, lake: LakeResource
 ) -> dg.AssetCheckResult:
     """Selectivity (on max_act and on mean_act) lies in [-1, 1]; outside means negative activations."""
-    layer = int(context.partition_key)
-    try:
-        table = read_stat(lake.lake, "feature_stats", layer)
-    except dg.Failure as e:
-        return _missing("feature_stats", layer, e)
-    con = duckdb.connect()
-    try:
-        return _outcome(
-            stats.evaluate_check(con, "selectivity_range", {"layer": layer}, {"feature_stats": table})
-        )
-    finally:
-        con.close()
+    return _check_feature_stats(lake, int(context.partition_key), "selectivity_range")
 
 
 @dg.asset_check(asset=feature_stats, partitions_def=layer_partitions, blocking=True)
