@@ -49,8 +49,11 @@ def main() -> None:
     summary.append(("extract (270M, layer 9, 110 texts)", f"{rows['project'][3]} tok/s vs seed {rows['seed'][3]}",
                     f"{rows['project'][4]} the seed's; pooled storage {rows['project'][7]}"))
 
-    md, _ = run("stats", [py, "benchmarks/stats.py", "--samples", "2689", "--repeats", "1"])
-    summary.append(("stats (2,689 x 16,384, ~3,700 active)", "see benchmarks/out/stats.md", md.strip().splitlines()[-1][:120]))
+    md, _ = run("stats", [py, "benchmarks/stats.py", "--samples", "2689", "--repeats", "3"])
+    row = next((r for r in table_rows(md) if r[0] == "2,689"), None)
+    summary.append(("stats (2,689 x 16,384, ~3,700 active)",
+                    f"DuckDB {row[4]} s, {row[5]} MiB" if row else "see benchmarks/out/stats.md",
+                    f"numpy with load {row[6]} s, {row[7]} MiB" if row else ""))
 
     md, _ = run("describe", [py, "benchmarks/describe.py", "--latency", "3", "--sequential", "5", "--features", "256"])
     rows = table_rows(md)
