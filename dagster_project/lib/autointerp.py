@@ -642,8 +642,17 @@ class CallInfo:
     cost_usd: float | None = 0.0
 
 
+class _RowRecord:
+    """A record whose ``call`` (CallInfo) is inlined into one flat Parquet/DuckDB row."""
+
+    def to_row(self) -> dict[str, Any]:
+        row = asdict(self)  # type: ignore[call-overload]
+        row.update(row.pop("call"))
+        return row
+
+
 @dataclass
-class DescriptionRecord:
+class DescriptionRecord(_RowRecord):
     """One feature's description. ``status='failed'`` rows carry ``error`` and no description."""
 
     layer: int
@@ -656,15 +665,10 @@ class DescriptionRecord:
     negative_sample_ids: list[str]
     call: CallInfo
 
-    def to_row(self) -> dict[str, Any]:
-        """A flat dict for a Parquet/DuckDB row (call fields inlined)."""
-        row = asdict(self)
-        row.update(row.pop("call"))
-        return row
 
 
 @dataclass
-class ClassificationRecord:
+class ClassificationRecord(_RowRecord):
     layer: int
     feature_id: int
     status: Status
@@ -678,14 +682,10 @@ class ClassificationRecord:
     batched: bool
     call: CallInfo
 
-    def to_row(self) -> dict[str, Any]:
-        row = asdict(self)
-        row.update(row.pop("call"))
-        return row
 
 
 @dataclass
-class DetectionRecord:
+class DetectionRecord(_RowRecord):
     """Detection scoring of one description: which shuffled held-out windows the scorer picked."""
 
     layer: int
@@ -707,10 +707,6 @@ class DetectionRecord:
     window_is_activating: list[bool]
     call: CallInfo
 
-    def to_row(self) -> dict[str, Any]:
-        row = asdict(self)
-        row.update(row.pop("call"))
-        return row
 
 
 @dataclass(frozen=True)
