@@ -354,7 +354,7 @@ def extract_to_lake(
     t0 = time.time()
     layers = sorted(saes)
     lake.write("tokens", tokens_table(items, texts, lm.tokenizer), dataset=dataset,
-               meta={"model_id": lm.model_id, "max_tokens": max((t.n_real for t in items), default=0)})
+               meta={"model_id": lm.model_id, "longest_text_tokens": max((t.n_real for t in items), default=0)})
     active_total = {layer: 0 for layer in layers}
     stats: ExtractStats | None = None
     with ExitStack() as stack:
