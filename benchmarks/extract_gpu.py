@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -96,7 +97,6 @@ def saes_in(saes: dict, dtype: torch.dtype) -> dict:  # noqa: ANN001
         twin.encoder = copy.deepcopy(sae.encoder).to(dtype=dtype)
         out[layer] = twin
     return out
-    return saes
 
 
 def calibrate_thresholds(lm, saes, items, target_l0: int = 64) -> dict[int, float]:  # noqa: ANN001
@@ -164,23 +164,91 @@ def run_seed(lm, saes, items) -> dict:  # noqa: ANN001
     return {"tokens": tokens, "seconds": secs, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
 
 
-def run_project(lm, saes, items, batch_tokens: int, with_tokens: bool = True) -> dict:  # noqa: ANN001
-    from dagster_project.lib.extraction import extract_to_lake
+def check_lake(lake, lm, saes, items, n: int = 6) -> dict:  # noqa: ANN001
+    """The pipelined, batched path's pooled rows against the same computation done plainly: one text at a
+    time, no side stream, no pipelining (``encode_pool_device`` then ``to_arrow``). Races or stream mix-ups
+    would show as missing rows or wrong values; bf16 sums differ a little with the batch shape, so
+    compare the feature sets (Jaccard) and the max activations (relative error)."""
+    from dagster_project.lib.extraction import encode_pool_device, forward_layers, pad_batch
+
+    picks = items[:: max(1, len(items) // n)][:n]
+    worst_jac, worst_err = 1.0, 0.0
+    for layer, sae in saes.items():
+        got = lake.read("activations", layer=layer, dataset="bench").to_pandas()
+        for it in picks:
+            ids, _ = pad_batch([it], 0, lm.device)
+            h = forward_layers(lm, ids, None, [layer])[layer][:, 1:]
+            ref = encode_pool_device(h, [it.n_real], [it.sample_id], sae, False, False).to_arrow().pooled.to_pandas()
+            g = got[got.sample_id == it.sample_id].set_index("feature_id").max_act
+            r = ref.set_index("feature_id").max_act
+            both = g.index.intersection(r.index)
+            worst_jac = min(worst_jac, len(both) / max(len(g.index.union(r.index)), 1))
+            err = float(((g[both] - r[both]).abs() / r[both].abs().clip(lower=1e-3)).quantile(0.99))
+            worst_err = max(worst_err, err)
+    return {"feature_jaccard_min": round(worst_jac, 4), "max_act_rel_err_p99_max": round(worst_err, 4)}
+
+
+def run_project(lm, saes, items, batch_tokens: int, with_tokens: bool = True, impl=None,  # noqa: ANN001
+                check: bool = False) -> dict:
+    """Time ``extract_to_lake`` (``impl``: another module with the same function, e.g. an older copy)."""
+    from dagster_project.lib import extraction
     from dagster_project.lib.lake import Lake
 
+    impl = impl or extraction
     with tempfile.TemporaryDirectory() as tmp:
         lake = Lake(tmp, "bench")
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
-        m = extract_to_lake(lm, saes, items, {it.sample_id: "" for it in items}, lake, "bench",
-                            {L: {} for L in saes}, batch_tokens, with_tokens=with_tokens, with_residuals=True)
+        m = impl.extract_to_lake(lm, saes, items, {it.sample_id: "" for it in items}, lake, "bench",
+                                 {L: {} for L in saes}, batch_tokens, with_tokens=with_tokens, with_residuals=True)
         torch.cuda.synchronize()
         secs = time.perf_counter() - t
         size = sum(f.stat().st_size for f in Path(tmp).rglob("*.parquet"))
-    return {"tokens": m["tokens"], "seconds": secs, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-            "padding": m["padding_fraction"], "bytes": size,
-            "active_per_sample": {k: v for k, v in m.items() if k.startswith("active_features")}}
+        checked = check_lake(lake, lm, saes, items) if check else None
+    return {"check": checked, "tokens": m["tokens"], "seconds": secs, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "padding": m["padding_fraction"], "bytes": size, "batch_tokens": m.get("batch_tokens", batch_tokens),
+            "active_per_sample": {k: v for k, v in m.items() if k.startswith("active_features")},
+            "writer": {k: round(v, 3) for k, v in m.items() if k.startswith("writer_")}}
+
+
+def run_forward_only(lm, items, layers, batch_tokens: int) -> dict:  # noqa: ANN001
+    """The forward pass alone (project batching, stopped after the deepest layer): the GPU-bound ceiling."""
+    from dagster_project.lib.extraction import forward_layers, length_batches, pad_batch
+
+    batches = [[items[i] for i in b] for b in length_batches([len(t.ids) for t in items], batch_tokens)]
+
+    def once() -> float:
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for rows in batches:
+            ids, _ = pad_batch(rows, 0, lm.device)
+            forward_layers(lm, ids, None, layers)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    once()
+    secs = once()
+    return {"tokens": sum(it.n_real for it in items), "seconds": secs, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+class Compiled:
+    """Switch between compile modes in one process: patches undone and dynamo's caches reset in between."""
+
+    def __init__(self, model) -> None:  # noqa: ANN001
+        self.model = model
+        self.saved = {cls: cls.forward for cls in {type(m) for m in model.modules()}}
+
+    def set(self, mode: str) -> None:
+        from dagster_project.lib.model import compile_decoder, compile_elementwise
+
+        for cls, fwd in self.saved.items():
+            cls.forward = fwd
+        torch._dynamo.reset()
+        if mode == "elementwise":
+            compile_elementwise(self.model)
+        elif mode == "decoder":
+            compile_decoder(self.model)
 
 
 def main() -> None:
@@ -188,10 +256,14 @@ def main() -> None:
     p.add_argument("--config", choices=sorted(CONFIGS), default="270m")
     p.add_argument("--texts", type=int, default=48)
     p.add_argument("--seed-texts", type=int, default=None, help="texts for the seed's method (default: all)")
-    p.add_argument("--batch-tokens", type=int, nargs="+", default=[16384])
+    p.add_argument("--batch-tokens", type=int, nargs="+", default=[4096, 8192, 0],
+                   help="project runs with compiled decoder layers; 0 = 'auto' (sized by free GPU memory)")
+    p.add_argument("--prev", type=str, default=None,
+                   help="a module with an older extract_to_lake (e.g. benchmarks/prev_extraction.py from an "
+                        "earlier commit) timed first, with that commit's settings, as the baseline of this run")
+    p.add_argument("--prev-batch-tokens", type=int, default=8192)
+    p.add_argument("--elementwise", action="store_true", help="also time the current path with compile_elementwise")
     p.add_argument("--json", type=str, default=None)
-    p.add_argument("--no-compile", action="store_true", help="project path without torch.compile")
-    p.add_argument("--no-token-rows", action="store_true", help="also time the path without per-token rows")
     args = p.parse_args()
     from dagster_project.lib.model import LoadedModel
 
@@ -213,45 +285,69 @@ def main() -> None:
     saes_bf16 = saes_in(saes, torch.bfloat16)
     seed_items = items[: args.seed_texts] if args.seed_texts else items
     seed = run_seed(lm, saes, seed_items)  # eager, before any compile
-    if not args.no_compile:
-        from dagster_project.lib.model import compile_elementwise
-
-        compile_elementwise(model)
-    # warm-up over the whole set once: cuBLAS/cuDNN autotuning and torch.compile's graphs for every shape
-    # class (dynamo specializes batch size 1) are paid once per process, not per batch; timed apart
-    warm = {}
-    for bt in args.batch_tokens:
-        t_w = time.perf_counter()
-        run_project(lm, saes_bf16, items, bt)
-        warm[bt] = time.perf_counter() - t_w
-    rows = []
     seed_tps = seed["tokens"] / seed["seconds"]
-    rows.append(("seed's method (batch 1, whole model, dense)", seed_tps, seed["peak_gib"], ""))
     results = {"config": args.config, "tflops": tflops, "params_through_deepest": params, "tokens": tokens,
-               "floor_tps": floor_tps, "seed": seed, "project": {}, "build_s": build_s,
-               "gpu": torch.cuda.get_device_name(), "l0": l0, "warmup_s": warm}
-    for bt in args.batch_tokens:
-        pr = run_project(lm, saes_bf16, items, bt)
+               "floor_tps": floor_tps, "seed": seed, "runs": [], "build_s": build_s,
+               "gpu": torch.cuda.get_device_name(), "l0": l0, "torch": torch.__version__}
+    rows = [("seed's method (batch 1, whole model, dense, fp32 SAE)", seed_tps, seed["peak_gib"], "")]
+
+    def record(name: str, pr: dict, warm_s: float) -> None:
         tps = pr["tokens"] / pr["seconds"]
-        results["project"][bt] = pr
-        rows.append((f"project path, batch_tokens={bt}, SAE bf16{'' if args.no_compile else ', compiled'}", tps, pr["peak_gib"],
-                     f"padding {pr['padding']:.1%}, {pr['bytes'] / 2**20:.1f} MiB Parquet"))
-    print(f"\n{torch.cuda.get_device_name()}, bf16 matmul {tflops:.0f} TFLOP/s; Gemma 3 {args.config} config "
-          f"(random bf16), layers {layers}, SAEs {cfg.hidden_size}x{spec['width']} JumpReLU; {len(items)} texts, "
-          f"{tokens} tokens (seed's method on {len(seed_items)}); params through layer {deepest}: {params / 1e9:.2f} B; "
-          f"FLOP floor {floor_tps:,.0f} tok/s; SAE L0 per token {l0}; first (warm-up) pass seconds {warm}\n")
+        results["runs"].append({"name": name, "warmup_s": warm_s, **pr})
+        note = f"warm-up pass {warm_s:.1f} s"
+        if "padding" in pr:
+            note = (f"batch_tokens {pr['batch_tokens']}, padding {pr['padding']:.1%}, "
+                    f"{pr['bytes'] / 2**20:.0f} MiB Parquet; {note}")
+            w = pr.get("writer", {})
+            if w:
+                busy = ", ".join(f"{k.removeprefix('writer_busy_seconds_')} {v:.2f}" for k, v in w.items() if "busy" in k)
+                note += f"; waited for writers {w.get('writer_wait_seconds', 0):.2f} s (thread-seconds: {busy})"
+        if pr.get("check"):
+            note += f"; vs one text at a time: {pr['check']}"
+        rows.append((name, tps, pr["peak_gib"], note))
+        print(f"{name}: {tps:,.0f} tok/s ({tps / floor_tps:.0%} of floor) {note}", flush=True)
+
+    def project(name: str, bt: int, **kw) -> None:  # noqa: ANN003
+        # warm-up over the whole set once: cuBLAS autotuning and torch.compile's graphs for every shape
+        # class are paid once per process, not per batch; timed apart
+        t_w = time.perf_counter()
+        warm = run_project(lm, saes_bf16, items, bt, check=kw.get("impl") is None, **kw)  # check untimed
+        warm_s = time.perf_counter() - t_w
+        pr = run_project(lm, saes_bf16, items, bt, **kw)
+        pr["check"] = warm["check"]
+        record(name, pr, warm_s)
+
+    modes = Compiled(model)
+    if args.prev:
+        import importlib.util
+
+        spec_ = importlib.util.spec_from_file_location("prev_extraction", args.prev)
+        prev = importlib.util.module_from_spec(spec_)
+        sys.modules["prev_extraction"] = prev
+        spec_.loader.exec_module(prev)
+        modes.set("elementwise")
+        project(f"previous commit's path, batch_tokens {args.prev_batch_tokens}, compile_elementwise",
+                args.prev_batch_tokens, impl=prev)
+    if args.elementwise:
+        modes.set("elementwise")
+        project(f"this path, batch_tokens {args.prev_batch_tokens}, compile_elementwise", args.prev_batch_tokens)
+    modes.set("decoder")
+    for bt in args.batch_tokens:
+        project(f"this path, batch_tokens {bt or 'auto'}, compile_decoder", bt)
+    best = max((r for r in results["runs"] if "compile_decoder" in r["name"]), key=lambda r: r["tokens"] / r["seconds"])
+    bt_best = best["batch_tokens"]
+    project(f"this path, batch_tokens {bt_best}, without per-token rows", bt_best, with_tokens=False)
+    fo = run_forward_only(lm, items, layers, bt_best)
+    record(f"forward alone (no SAE, no host), batch_tokens {bt_best}, compile_decoder", fo, 0.0)
+    print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16 matmul {tflops:.0f} TFLOP/s; "
+          f"Gemma 3 {args.config} config (random bf16), layers {layers}, SAEs {cfg.hidden_size}x{spec['width']} "
+          f"JumpReLU; {len(items)} texts, {tokens} tokens (seed's method on {len(seed_items)}); params through "
+          f"layer {deepest}: {params / 1e9:.2f} B; FLOP floor {floor_tps:,.0f} tok/s; SAE L0 per token {l0}; "
+          f"build {build_s:.0f} s\n")
     print("| method | tokens/s | vs seed | of FLOP floor | peak GPU GiB | notes |")
     print("|---|---:|---:|---:|---:|---|")
     for name, tps, peak, note in rows:
         print(f"| {name} | {tps:,.0f} | {tps / seed_tps:.2f}x | {tps / floor_tps:.0%} | {peak:.1f} | {note} |")
-    if args.no_token_rows:
-        bt = args.batch_tokens[0]
-        run_project(lm, saes_bf16, items, bt, with_tokens=False)
-        pr = run_project(lm, saes_bf16, items, bt, with_tokens=False)
-        tps = pr["tokens"] / pr["seconds"]
-        results["project_no_token_rows"] = pr
-        print(f"| project path, batch_tokens={bt}, without per-token rows | {tps:,.0f} | {tps / seed_tps:.2f}x "
-              f"| {tps / floor_tps:.0%} | {pr['peak_gib']:.1f} | pooled + residuals only |")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=str))
 

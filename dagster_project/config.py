@@ -30,10 +30,18 @@ class ModelSpec(BaseModel):
     dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
     device: str = Field("auto", description="'auto' picks CUDA when present, else CPU")
     max_tokens: int = Field(1024, ge=8, description="texts are truncated to this many tokens (BOS excluded)")
-    batch_tokens: int = Field(4096, ge=64, description="padded tokens per forward batch")
-    compile: bool = Field(False, description="torch.compile the norm/MLP elementwise chains (GPU)")
+    batch_tokens: int | Literal["auto"] = Field(
+        4096, description="padded tokens per forward batch; 'auto' sizes batches by the GPU's free memory")
+    compile: bool = Field(False, description="torch.compile the decoder layers (GPU; fuses the elementwise work)")
     sae_dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="dtype of the SAE encode (bfloat16 on a GPU is ~20x faster than float32)")
+
+    @field_validator("batch_tokens")
+    @classmethod
+    def _batch_tokens(cls, v: int | str) -> int | str:
+        if v != "auto" and int(v) < 64:
+            raise ValueError(f"batch_tokens must be 'auto' or at least 64, got {v}")
+        return v
 
 
 class SAESpec(BaseModel):
@@ -94,7 +102,7 @@ PROFILES: dict[str, Profile] = {
     ),
     "gemma-3-27b": Profile(
         name="gemma-3-27b",
-        model=ModelSpec(id="google/gemma-3-27b-it", dtype="bfloat16", max_tokens=2048, batch_tokens=8192,
+        model=ModelSpec(id="google/gemma-3-27b-it", dtype="bfloat16", max_tokens=2048, batch_tokens="auto",
                         sae_dtype="bfloat16", compile=True),
         sae=SAESpec(
             source="release",

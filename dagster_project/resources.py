@@ -15,7 +15,7 @@ import dagster as dg
 from dagster_project.config import REPO_ROOT, Profile
 from dagster_project.describer_resource import describer_resource
 from dagster_project.lib.lake import Lake, LakeError, local_copy
-from dagster_project.lib.model import LoadedModel, compile_elementwise, load_model
+from dagster_project.lib.model import LoadedModel, compile_decoder, load_model
 from dagster_project.lib.sae import (
     FINISHED_MARKER,
     LoadedSAE,
@@ -49,7 +49,7 @@ class LakeResource(dg.ConfigurableResource):
 def _cached_model(model_id: str, dtype: str, device: str, compile_: bool) -> LoadedModel:
     lm = load_model(model_id, dtype=dtype, device=device)
     if compile_ and lm.device.type == "cuda":
-        compile_elementwise(lm.model)
+        compile_decoder(lm.model)
     return lm
 
 
@@ -60,7 +60,7 @@ class ModelResource(dg.ConfigurableResource):
     dtype: str = "bfloat16"
     device: str = "auto"
     max_tokens: int = 1024
-    batch_tokens: int = 4096
+    batch_tokens: int = 4096  # <= 0: sized by the GPU's free memory (the profile's "auto")
     sae_dtype: str = "float32"
     compile: bool = False
 
@@ -116,7 +116,8 @@ def resources_for(profile: Profile, lake_root: str | None = None) -> dict[str, d
     return {
         "lake": LakeResource(root=lake_root or default_lake_root(), namespace=profile.name),
         "model": ModelResource(
-            model_id=m.id, dtype=m.dtype, device=m.device, max_tokens=m.max_tokens, batch_tokens=m.batch_tokens,
+            model_id=m.id, dtype=m.dtype, device=m.device, max_tokens=m.max_tokens,
+            batch_tokens=0 if m.batch_tokens == "auto" else m.batch_tokens,
             sae_dtype=m.sae_dtype, compile=m.compile,
         ),
         "sae": SAEResource(**s.model_dump()),

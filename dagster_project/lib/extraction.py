@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -98,24 +98,39 @@ def tokens_table(items: Sequence[Tokenized], texts: dict[int, str], tokenizer: A
     return pa.table([sid, pos, tid, ttext, cs, ce], schema=TOKENS_SCHEMA)
 
 
-def length_batches(lengths: Sequence[int], batch_tokens: int, max_batch: int = 256) -> list[list[int]]:
+def length_batches(lengths: Sequence[int], batch_tokens: int, max_batch: int = 256,
+                   batch_cost: float | None = None) -> list[list[int]]:
     """Indices grouped so each batch's padded size (rows x longest) stays within ``batch_tokens``.
 
-    Longest first: the first batch shows the peak memory at once, and similar lengths share a batch so
-    little compute goes to padding.
+    Texts are sorted longest first (the first batch shows the peak memory at once) and cut into runs of
+    that order so that padded tokens plus ``batch_cost`` per batch are as few as possible (an exact
+    dynamic programme over the cut points): a batch is split where its padding would cost more than a
+    batch's fixed overhead (by default 256 tokens, or an eighth of a smaller budget). A text longer than the budget gets a
+    batch of its own.
     """
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    n = len(lengths)
+    if n == 0:
+        return []
+    order = sorted(range(n), key=lambda i: (-lengths[i], i))
+    L = np.asarray([lengths[i] for i in order], dtype=np.float64)
+    c = min(batch_tokens / 8, 256) if batch_cost is None else float(batch_cost)
+    best = np.zeros(n + 1)
+    start = np.zeros(n + 1, dtype=np.int64)
+    for end in range(1, n + 1):  # the last batch is order[s:end]; its longest text is L[s]
+        s = np.arange(max(0, end - max_batch), end)
+        size = end - s
+        padded = size * L[s]
+        cost = best[s] + padded + c
+        cost[(padded > batch_tokens) & (size > 1)] = np.inf
+        k = int(np.argmin(cost))
+        best[end], start[end] = cost[k], s[k]
     batches: list[list[int]] = []
-    cur: list[int] = []
-    for i in order:
-        longest = lengths[cur[0]] if cur else lengths[i]
-        if cur and ((len(cur) + 1) * longest > batch_tokens or len(cur) >= max_batch):
-            batches.append(cur)
-            cur = []
-        cur.append(i)
-    if cur:
-        batches.append(cur)
-    return batches
+    end = n
+    while end > 0:
+        s0 = int(start[end])
+        batches.append(order[s0:end])
+        end = s0
+    return batches[::-1]
 
 
 def pad_batch(rows: Sequence[Tokenized], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,7 +142,15 @@ def pad_batch(rows: Sequence[Tokenized], pad_id: int, device: torch.device) -> t
     for j, r in enumerate(rows):
         ids[j, : len(r.ids)] = torch.tensor(r.ids)
         att[j, : len(r.ids)] = 1
-    return ids.to(device), att.to(device)
+    return to_device(ids, device), to_device(att, device)
+
+
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Copy a host tensor to ``device`` without making the host wait for the device's queued work (a plain
+    ``.to("cuda")`` synchronises the stream: the next batch could not be queued while one runs)."""
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def pad_id(tokenizer: Any) -> int:
@@ -138,9 +161,15 @@ class _Stop(Exception):
     pass
 
 
-def forward_layers(lm: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+def forward_layers(lm: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                    layers: Sequence[int]) -> dict[int, torch.Tensor]:
-    """Hidden states after each decoder layer in ``layers`` (resid_post), stopping after the deepest."""
+    """Hidden states after each decoder layer in ``layers`` (resid_post), stopping after the deepest.
+
+    ``attention_mask`` may be ``None`` for right-padded batches: under causal attention a real token never
+    attends to the padding after it, so its outputs are those of the unpadded text, and without a padding
+    mask the attention runs as plain causal attention (flash kernels on a GPU). Padded positions then hold
+    values nobody reads.
+    """
     blocks = decoder_layers(lm.model)
     deepest = max(layers)
     captured: dict[int, torch.Tensor] = {}
@@ -172,7 +201,7 @@ def forward_layers(lm: LoadedModel, input_ids: torch.Tensor, attention_mask: tor
 
 @dataclass
 class LayerBatch:
-    """Sparse results of one batch at one layer, as NumPy columns ready for Arrow."""
+    """Sparse results of one batch at one layer, as Arrow tables."""
 
     pooled: pa.Table
     token_acts: pa.Table | None
@@ -180,83 +209,157 @@ class LayerBatch:
     n_tokens: int
 
 
+def _pinned_copy(t: torch.Tensor | None) -> torch.Tensor | None:
+    if t is None:
+        return None
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host
+
+
 @dataclass
 class DeviceBatch:
-    """Sparse results of one batch at one layer, still on the device (small: only non-zeros)."""
+    """Sparse results of one batch at one layer: only the non-zero entries, packed into a few tensors.
 
-    sample_ids: torch.Tensor
-    pooled: tuple[torch.Tensor, ...]  # sample index, feature, max, mean, argmax, n_active
-    token_acts: tuple[torch.Tensor, ...] | None  # sample index, position, feature, act
-    resid_mean: torch.Tensor | None
-    resid_max: torch.Tensor | None
+    Made on the model's device; :meth:`to_host` starts their copy into pinned host memory without waiting,
+    and the Arrow builders wait for that copy alone (a CUDA event), not for whatever the device was given
+    to do after it, so host-side work on batch *i* overlaps the forward pass of batch *i + 1*.
+    """
+
+    sample_ids: np.ndarray  # int32 [B], host
+    pooled_i: torch.Tensor  # int32 [4, m]: sample index, feature, argmax token, active-token count
+    pooled_f: torch.Tensor  # float32 [2, m]: max, mean
+    token_i: torch.Tensor | None  # int32 [3, n]: sample index, token position, feature
+    token_f: torch.Tensor | None  # float32 [n]: activation
+    resid: torch.Tensor | None  # float32 [2, B, d]: mean, max of the residual over real tokens
     n_tokens: int
+    ready: Any = None  # CUDA event recorded after the copies to the host
+
+    def to_host(self) -> DeviceBatch:
+        """Start the device-to-host copies (CUDA: pinned memory, asynchronous); a no-op on the CPU."""
+        if self.pooled_i.device.type != "cuda":
+            return self
+        host = DeviceBatch(self.sample_ids, *(_pinned_copy(t) for t in  # type: ignore[arg-type]
+                           (self.pooled_i, self.pooled_f, self.token_i, self.token_f, self.resid)), self.n_tokens)
+        host.ready = torch.cuda.Event()
+        host.ready.record()
+        return host
+
+    def _wait(self) -> None:
+        if self.ready is not None:
+            self.ready.synchronize()
+
+    def pooled_table(self) -> pa.Table:
+        self._wait()
+        b, f, arg, nact = self.pooled_i.cpu().numpy()
+        mx, mean = self.pooled_f.cpu().numpy()
+        # pa.array per column: zero-copy (pa.table on raw NumPy arrays takes a slow per-element path)
+        return pa.table([pa.array(c) for c in (self.sample_ids[b], f, mx, mean, arg, nact)], schema=POOLED_SCHEMA)
+
+    def token_table(self) -> pa.Table | None:
+        if self.token_i is None or self.token_f is None:
+            return None
+        self._wait()
+        tb, tt, tf = self.token_i.cpu().numpy()
+        cols = (self.sample_ids[tb], tt, tf, self.token_f.cpu().numpy())
+        return pa.table([pa.array(c) for c in cols], schema=TOKEN_ACTS_SCHEMA)
+
+    def residual_table(self) -> pa.Table | None:
+        if self.resid is None:
+            return None
+        self._wait()
+        rmean, rmax = self.resid.cpu().numpy()
+        d = rmean.shape[-1]
+        return pa.table(
+            [pa.array(self.sample_ids),
+             pa.FixedSizeListArray.from_arrays(pa.array(rmean.ravel()), d),
+             pa.FixedSizeListArray.from_arrays(pa.array(rmax.ravel()), d)],
+            schema=residual_schema(d),
+        )
 
     def to_arrow(self) -> LayerBatch:
-        """Copy to the host and build Arrow tables (runs on the writer thread, off the GPU's path)."""
-        sids = self.sample_ids.cpu().numpy().astype(np.int32)
+        """Arrow tables of the non-zero entries (copying to the host first if needed)."""
+        return LayerBatch(self.pooled_table(), self.token_table(), self.residual_table(), self.n_tokens)
 
-        def col(t: torch.Tensor, dtype: type) -> pa.Array:
-            return pa.array(t.cpu().numpy().astype(dtype, copy=False))
 
-        b, f, mx, mean, arg, nact = self.pooled
-        pooled = pa.table(
-            [pa.array(sids[b.cpu().numpy()]), col(f, np.int32), col(mx.float(), np.float32),
-             col(mean, np.float32), col(arg, np.int32), col(nact, np.int32)],
-            schema=POOLED_SCHEMA,
-        )
-        token_acts = None
-        if self.token_acts is not None:
-            tb, tt, tf, ta = self.token_acts
-            token_acts = pa.table(
-                [pa.array(sids[tb.cpu().numpy()]), col(tt, np.int32), col(tf, np.int32), col(ta.float(), np.float32)],
-                schema=TOKEN_ACTS_SCHEMA,
-            )
-        residuals = None
-        if self.resid_mean is not None and self.resid_max is not None:
-            d = self.resid_mean.shape[-1]
-            residuals = pa.table(
-                [pa.array(sids),
-                 pa.FixedSizeListArray.from_arrays(col(self.resid_mean.ravel(), np.float32), d),
-                 pa.FixedSizeListArray.from_arrays(col(self.resid_max.ravel(), np.float32), d)],
-                schema=residual_schema(d),
-            )
-        return LayerBatch(pooled, token_acts, residuals, self.n_tokens)
+@dataclass
+class PooledDevice:
+    """Dense per-batch results of one layer, on the device, made without waiting for the device: the SAE
+    activations (kept for the per-token rows) and their pooled statistics. :func:`compact` turns them into
+    the sparse :class:`DeviceBatch` (that step has to wait: ``nonzero`` needs the count on the host)."""
+
+    sample_ids: np.ndarray
+    n_tokens: int
+    acts: torch.Tensor  # [B, T, W], zero on padding
+    mx: torch.Tensor  # [B, W]
+    arg: torch.Tensor  # [B, W]
+    mean: torch.Tensor  # [B, W] float32
+    nact: torch.Tensor  # [B, W] int32
+    resid: torch.Tensor | None  # [2, B, d] float32
+
+    def record_stream(self, stream: Any) -> None:
+        """Mark every tensor as used on ``stream`` (the caching allocator then keeps its memory until
+        that stream's work is done, though the tensors were made on another)."""
+        for t in (self.acts, self.mx, self.arg, self.mean, self.nact, self.resid):
+            if t is not None:
+                t.record_stream(stream)
 
 
 @torch.inference_mode()
-def encode_pool_device(
-    hidden: torch.Tensor, mask: torch.Tensor, sample_ids: torch.Tensor, sae: LoadedSAE,
-    with_tokens: bool = True, with_residuals: bool = True,
-) -> DeviceBatch:
-    """SAE-encode ``hidden`` [B, T, d] (BOS already dropped; ``mask`` [B, T] marks real tokens) and pool,
-    all on the device; returns only the non-zero entries (still on the device)."""
+def pool_device(
+    hidden: torch.Tensor, n_real: Sequence[int], sample_ids: Sequence[int], sae: LoadedSAE,
+    with_residuals: bool = True,
+) -> PooledDevice:
+    """SAE-encode ``hidden`` [B, T, d] (BOS already dropped; row ``j`` has ``n_real[j]`` real tokens, then
+    padding) and pool over tokens (max, argmax, mean over real tokens, active-token count), on the device,
+    with no host synchronisation."""
+    T = hidden.shape[1]
+    dev = hidden.device
+    lengths = to_device(torch.tensor(list(n_real)), dev)
+    mask = torch.arange(T, device=dev)[None, :] < lengths[:, None]  # [B, T] real tokens
     acts = sae.encode(hidden)  # [B, T, W], in the encoder's dtype
     acts = acts.clamp_min_(0).masked_fill_(~mask[..., None], 0)
-    n_real = mask.sum(1)  # [B]
-    mx, arg = acts.max(1)  # [B, W]
-    mean = acts.sum(1, dtype=torch.float32) / n_real.clamp_min(1)[:, None].float()
-    nact = (acts > 0).sum(1)
-    b, f = (mx > 0).nonzero(as_tuple=True)
-    pooled = (b, f, mx[b, f], mean[b, f], arg[b, f], nact[b, f])
-    token_acts = None
-    if with_tokens:
-        tb, tt, tf = (acts > 0).nonzero(as_tuple=True)
-        token_acts = (tb, tt, tf, acts[tb, tt, tf])
-    rmean = rmax = None
+    mx, arg = acts.max(1)
+    mean = acts.sum(1, dtype=torch.float32) / lengths.clamp_min(1)[:, None].float()
+    nact = (acts > 0).sum(1, dtype=torch.int32)
+    resid = None
     if with_residuals:
         h = hidden.float()
         m = mask[..., None]
-        rmean = (h * m).sum(1) / n_real.clamp_min(1)[:, None]
+        rmean = h.masked_fill(~m, 0).sum(1) / lengths.clamp_min(1)[:, None]
         rmax = h.masked_fill(~m, float("-inf")).max(1).values
-    return DeviceBatch(sample_ids, pooled, token_acts, rmean, rmax, int(n_real.sum()))
+        resid = torch.stack([rmean, rmax])
+    return PooledDevice(np.asarray(sample_ids, dtype=np.int32), int(sum(n_real)), acts, mx, arg, mean, nact, resid)
+
+
+@torch.inference_mode()
+def compact(p: PooledDevice, with_tokens: bool = True) -> DeviceBatch:
+    """The non-zero entries of ``p``, packed into a few tensors (still on the device)."""
+    b, f = (p.mx > 0).nonzero(as_tuple=True)
+    pooled_i = torch.stack([b.int(), f.int(), p.arg[b, f].int(), p.nact[b, f]])
+    pooled_f = torch.stack([p.mx[b, f].float(), p.mean[b, f]])
+    token_i = token_f = None
+    if with_tokens:
+        tb, tt, tf = (p.acts > 0).nonzero(as_tuple=True)
+        token_i = torch.stack([tb.int(), tt.int(), tf.int()])
+        token_f = p.acts[tb, tt, tf].float()
+    return DeviceBatch(p.sample_ids, pooled_i, pooled_f, token_i, token_f, p.resid, p.n_tokens)
+
+
+def encode_pool_device(
+    hidden: torch.Tensor, n_real: Sequence[int], sample_ids: Sequence[int], sae: LoadedSAE,
+    with_tokens: bool = True, with_residuals: bool = True,
+) -> DeviceBatch:
+    """:func:`pool_device` then :func:`compact`: only the non-zero entries, still on the device."""
+    return compact(pool_device(hidden, n_real, sample_ids, sae, with_residuals), with_tokens)
 
 
 def encode_pool(
-    hidden: torch.Tensor, mask: torch.Tensor, sample_ids: torch.Tensor, sae: LoadedSAE,
+    hidden: torch.Tensor, n_real: Sequence[int], sample_ids: Sequence[int], sae: LoadedSAE,
     with_tokens: bool = True, with_residuals: bool = True,
 ) -> LayerBatch:
     """:func:`encode_pool_device` then the host copy: Arrow tables of the non-zero entries."""
-    return encode_pool_device(hidden, mask, sample_ids, sae, with_tokens, with_residuals).to_arrow()
+    return encode_pool_device(hidden, n_real, sample_ids, sae, with_tokens, with_residuals).to_arrow()
 
 
 @dataclass
@@ -266,7 +369,33 @@ class ExtractStats:
     n_truncated: int = 0
     n_batches: int = 0
     padded_tokens: int = 0
-    active_per_sample: dict[int, list[int]] = field(default_factory=dict)
+    batch_tokens: int = 0  # the padded-token budget per batch in use (after sizing, with ``auto``)
+
+
+# ``batch_tokens`` <= 0 means "size by the device's memory": on a GPU the first (longest) batch runs with
+# AUTO_PROBE_TOKENS, its peak memory per token is measured, and the rest are planned to fill AUTO_FRACTION of
+# the free memory, up to AUTO_MAX_TOKENS (measured on an H200: past ~4-8k tokens a batch the matmuls gain
+# nothing and larger batches only add padding); on a CPU, CPU_BATCH_TOKENS.
+AUTO_PROBE_TOKENS = 2048
+AUTO_FRACTION = 0.7
+AUTO_MAX_TOKENS = 8192
+CPU_BATCH_TOKENS = 4096
+
+
+def auto_batch_tokens(peak_bytes: int, probe_tokens: int, free_bytes: int, fraction: float = AUTO_FRACTION,
+                      cap: int = AUTO_MAX_TOKENS) -> int:
+    """The padded tokens per batch that keep a batch's peak within ``fraction`` of ``free_bytes``, given
+    that a batch of ``probe_tokens`` peaked ``peak_bytes`` above the memory in use before it (a multiple
+    of 512, at least 512, at most ``cap``)."""
+    per_token = max(peak_bytes, 1) / max(probe_tokens, 1)
+    n = int(free_bytes * fraction / per_token) // 512 * 512
+    return max(512, min(cap, n))
+
+
+def initial_budget(batch_tokens: int, device: torch.device) -> int:
+    if batch_tokens > 0:
+        return batch_tokens
+    return AUTO_PROBE_TOKENS if device.type == "cuda" else CPU_BATCH_TOKENS
 
 
 def extract(
@@ -279,32 +408,104 @@ def extract(
     progress: Callable[[int, int], None] | None = None,
     on_device: bool = False,
 ) -> Iterator[tuple[dict[int, Any], ExtractStats]]:
-    """Yield, batch by batch, ``{layer: LayerBatch}`` for every layer in ``saes`` from one forward pass
-    (``{layer: DeviceBatch}`` with ``on_device``: the caller copies to the host when it suits it)."""
+    """Yield, batch by batch, ``{layer: LayerBatch}`` for every layer in ``saes`` from one forward pass.
+
+    With ``on_device`` it yields ``{layer: DeviceBatch}`` whose copies to the host have been started but
+    not waited for: the caller builds the Arrow tables (on another thread) while the next batch computes.
+    ``batch_tokens`` <= 0 sizes the batches by the device's free memory (see ``auto_batch_tokens``).
+
+    Software-pipelined: batch *i*'s forward pass and pooling are queued on the device before batch *i-1*
+    is compacted (the step that waits for the device); on a GPU that compaction runs on a side stream, so
+    the device always has the next forward pass queued while the host waits, copies and yields.
+    """
+    from contextlib import nullcontext
+
     layers = sorted(saes)
     for layer in layers:
         lm.check_layer(layer)
         check_fits(saes[layer], lm.d_model, f"layer {layer}")
-    stats = ExtractStats(n_samples=len(items), n_truncated=sum(t.truncated for t in items))
-    batches = length_batches([len(t.ids) for t in items], batch_tokens)
+    dev = torch.device(lm.device)
+    cuda = dev.type == "cuda"
+    side = torch.cuda.Stream(dev) if cuda else None
+    probing = batch_tokens <= 0 and cuda
+    budget = initial_budget(batch_tokens, dev)
+    stats = ExtractStats(n_samples=len(items), n_truncated=sum(t.truncated for t in items), batch_tokens=budget)
+    lengths = [len(t.ids) for t in items]
+    batches = length_batches(lengths, budget)
     done = 0
-    for idx in batches:
-        rows = [items[i] for i in idx]
+
+    def start(rows: list[Tokenized]) -> tuple[dict[int, PooledDevice], Any]:
+        """Queue the forward pass and pooling of one batch (nothing waits for the device)."""
+        ids, _att = pad_batch(rows, pad_id(lm.tokenizer), lm.device)
+        # right padding + causal attention: no padding mask needed (see forward_layers)
+        hidden = forward_layers(lm, ids, None, layers)
+        n_real = [r.n_real for r in rows]
+        sids = [r.sample_id for r in rows]
+        pooled = {layer: pool_device(hidden[layer][:, 1:], n_real, sids, saes[layer], with_residuals)
+                  for layer in layers}
+        ready = None
+        if cuda:
+            ready = torch.cuda.Event()
+            ready.record()
+        return pooled, ready
+
+    def finish(pooled: dict[int, PooledDevice], ready: Any) -> dict[int, Any]:
+        """Compact one batch (waits for its pooling only) and start its copies to the host."""
+        with torch.cuda.stream(side) if side is not None else nullcontext():
+            if side is not None:
+                side.wait_event(ready)
+            out: dict[int, Any] = {}
+            for layer, p in pooled.items():
+                if side is not None:
+                    p.record_stream(side)
+                db = compact(p, with_tokens)
+                out[layer] = db.to_host() if on_device else db.to_arrow()
+        return out
+
+    def account(rows: list[Tokenized]) -> None:
+        nonlocal done
         T = max(len(r.ids) for r in rows)
-        ids, att = pad_batch(rows, pad_id(lm.tokenizer), lm.device)
-        hidden = forward_layers(lm, ids, att, layers)
-        sids = torch.tensor([r.sample_id for r in rows], device=lm.device)
-        mask = att[:, 1:].bool()  # drop BOS
-        out = {}
-        for layer in layers:
-            db = encode_pool_device(hidden[layer][:, 1:], mask, sids, saes[layer], with_tokens, with_residuals)
-            out[layer] = db if on_device else db.to_arrow()
         stats.n_batches += 1
-        stats.n_tokens += out[layers[0]].n_tokens
+        stats.n_tokens += sum(r.n_real for r in rows)
         stats.padded_tokens += len(rows) * (T - 1)
         done += len(rows)
         if progress:
             progress(done, len(items))
+
+    i = 0
+    if probing and batches:  # the first (longest) batch alone, measured, then the rest planned by memory
+        rows = [items[j] for j in batches[0]]
+        T = max(len(r.ids) for r in rows)
+        torch.cuda.synchronize(dev)
+        base = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        out = finish(*start(rows))
+        torch.cuda.synchronize(dev)
+        peak = torch.cuda.max_memory_allocated(dev) - base
+        free, _total = torch.cuda.mem_get_info(dev)
+        cached = torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
+        # pipelined, one batch's pooled results wait while the next runs: plan for about twice the SAE part
+        budget = auto_batch_tokens(int(peak * 1.5), len(rows) * T, free + cached)
+        rest = [j for b in batches[1:] for j in b]
+        batches[1:] = [[rest[k] for k in b] for b in length_batches([lengths[j] for j in rest], budget)]
+        stats.batch_tokens = budget
+        log.info("batch size by memory: %d tokens peaked %.2f GiB; %.1f GiB free -> batch_tokens %d",
+                 len(rows) * T, peak / 2**30, (free + cached) / 2**30, budget)
+        account(rows)
+        yield out, stats
+        i = 1
+    pending: tuple[list[Tokenized], dict[int, PooledDevice], Any] | None = None
+    for idx in batches[i:]:
+        rows = [items[j] for j in idx]
+        pooled, ready = start(rows)
+        if pending is not None:
+            out = finish(*pending[1:])
+            account(pending[0])
+            yield out, stats
+        pending = (rows, pooled, ready)
+    if pending is not None:
+        out = finish(*pending[1:])
+        account(pending[0])
         yield out, stats
 
 
@@ -314,10 +515,11 @@ def collect_vectors(lm: LoadedModel, layer: int, items: Sequence[Tokenized], bat
     lm.check_layer(layer)
     chunks = []
     total = 0
-    for idx in length_batches([len(t.ids) for t in items], batch_tokens):
+    budget = batch_tokens if batch_tokens > 0 else CPU_BATCH_TOKENS
+    for idx in length_batches([len(t.ids) for t in items], budget):
         rows = [items[i] for i in idx]
         ids, att = pad_batch(rows, pad_id(lm.tokenizer), lm.device)
-        h = forward_layers(lm, ids, att, [layer])[layer][:, 1:]
+        h = forward_layers(lm, ids, None, [layer])[layer][:, 1:]
         v = h[att[:, 1:].bool()].float().cpu()
         chunks.append(v)
         total += v.shape[0]
@@ -326,6 +528,10 @@ def collect_vectors(lm: LoadedModel, layer: int, items: Sequence[Tokenized], bat
         g = torch.Generator().manual_seed(seed)
         allv = allv[torch.randperm(allv.shape[0], generator=g)[:max_vectors]]
     return allv
+
+
+# Batches whose tables may wait for the writer threads while the next batch computes (bounds host memory).
+WRITE_DEPTH = 2
 
 
 def extract_to_lake(
@@ -345,9 +551,12 @@ def extract_to_lake(
 
     Rows stream batch by batch into Parquet writers on hidden temp files, or uploads in an S3 lake (memory
     does not grow with the number of samples); all partitions are renamed into place (uploads completed)
-    only when every batch succeeded.
+    only when every batch succeeded. Each file has its own writer thread (Arrow building and Parquet
+    encoding release the GIL), so the files of one batch are written side by side while the device runs
+    the next batches; at most ``WRITE_DEPTH`` batches wait.
     """
     import time
+    from collections import deque
     from concurrent.futures import Future, ThreadPoolExecutor
     from contextlib import ExitStack
 
@@ -357,38 +566,48 @@ def extract_to_lake(
                meta={"model_id": lm.model_id, "longest_text_tokens": max((t.n_real for t in items), default=0)})
     active_total = {layer: 0 for layer in layers}
     stats: ExtractStats | None = None
-    with ExitStack() as stack:
-        writers: dict[tuple[str, int], Any] = {}
-        for layer in layers:
-            writers[("activations", layer)] = stack.enter_context(
-                lake.writer("activations", POOLED_SCHEMA, layer, dataset, metas[layer]))
-            if with_tokens:
-                writers[("token_activations", layer)] = stack.enter_context(
-                    lake.writer("token_activations", TOKEN_ACTS_SCHEMA, layer, dataset, metas[layer]))
-            if with_residuals:
-                writers[("residuals", layer)] = stack.enter_context(
-                    lake.writer("residuals", residual_schema(lm.d_model), layer, dataset, metas[layer]))
-        def write(out: dict[int, DeviceBatch]) -> None:
-            for layer, db in out.items():
-                lb = db.to_arrow()
-                writers[("activations", layer)].write_table(lb.pooled.sort_by([("feature_id", "ascending")]))
-                active_total[layer] += lb.pooled.num_rows
-                if lb.token_acts is not None:
-                    writers[("token_activations", layer)].write_table(lb.token_acts)
-                if lb.residuals is not None:
-                    writers[("residuals", layer)].write_table(lb.residuals)
+    tables = ["activations"] + (["token_activations"] if with_tokens else []) + (["residuals"] if with_residuals else [])
+    schemas = {"activations": POOLED_SCHEMA, "token_activations": TOKEN_ACTS_SCHEMA,
+               "residuals": residual_schema(lm.d_model)}
 
-        # Host copies, Arrow conversion and Parquet writes of batch i run on one writer thread while the
-        # device computes batch i+1 (at most one batch waits, so memory stays bounded).
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lake-writer") as pool:
-            pending: Future[None] | None = None
-            for out, stats in extract(lm, saes, items, batch_tokens, with_tokens, with_residuals, progress,  # noqa: B007
-                                      on_device=True):
-                if pending is not None:
-                    pending.result()
-                pending = pool.submit(write, out)
-            if pending is not None:
-                pending.result()
+    busy: dict[tuple[str, int], float] = {}  # seconds each file's thread spent (only that thread writes it)
+    waited = [0.0]  # seconds the device loop stood still waiting for the writers
+
+    def write(key: tuple[str, int], db: DeviceBatch) -> None:
+        t_start = time.perf_counter()
+        name, layer = key
+        if name == "activations":
+            t = db.pooled_table().sort_by([("feature_id", "ascending")])
+            active_total[layer] += t.num_rows  # only this file's thread touches this layer's count
+        elif name == "token_activations":
+            t = db.token_table()
+        else:
+            t = db.residual_table()
+        writers[key].write_table(t)
+        busy[key] = busy.get(key, 0.0) + time.perf_counter() - t_start
+
+    with ExitStack() as stack:
+        writers: dict[tuple[str, int], Any] = {
+            (name, layer): stack.enter_context(lake.writer(name, schemas[name], layer, dataset, metas[layer]))
+            for layer in layers for name in tables
+        }
+        # entered after the writers, so shut down (their queued work finished) before any writer closes
+        threads = {key: stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix=f"lake-{key[0]}-L{key[1]}"))
+                   for key in writers}
+        waiting: deque[list[Future[None]]] = deque()
+        for out, stats in extract(lm, saes, items, batch_tokens, with_tokens, with_residuals, progress,  # noqa: B007
+                                  on_device=True):
+            waiting.append([threads[key].submit(write, key, out[key[1]]) for key in writers])
+            while len(waiting) > WRITE_DEPTH:
+                t_wait = time.perf_counter()
+                for f in waiting.popleft():
+                    f.result()
+                waited[0] += time.perf_counter() - t_wait
+        t_wait = time.perf_counter()
+        while waiting:
+            for f in waiting.popleft():
+                f.result()
+        waited[0] += time.perf_counter() - t_wait
     if stats is None:
         raise ValueError(f"dataset {dataset!r} has no samples to extract")
     seconds = time.time() - t0
@@ -399,6 +618,10 @@ def extract_to_lake(
         "seconds": seconds,
         "tokens_per_s": stats.n_tokens / max(seconds, 1e-9),
         "padding_fraction": 1 - stats.n_tokens / max(stats.padded_tokens, 1),
+        "batch_tokens": stats.batch_tokens,
+        # where host time went: a large wait means the Parquet writes, not the device, set the pace
+        "writer_wait_seconds": waited[0],
+        **{f"writer_busy_seconds_{name}": sum(v for k, v in busy.items() if k[0] == name) for name in tables},
         **{f"active_features_per_sample_L{layer}": active_total[layer] / max(stats.n_samples, 1) for layer in layers},
         **{f"pooled_rows_L{layer}": active_total[layer] for layer in layers},
     }

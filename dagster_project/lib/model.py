@@ -169,9 +169,29 @@ def compile_elementwise(model: Any) -> list[str]:
     done = []
     for cls in {type(m) for m in model.modules()}:
         name = cls.__name__
-        if (name.endswith("RMSNorm") or name.endswith("MLP")) and not getattr(cls.forward, "_featurelake_compiled", False):
-            compiled = torch.compile(cls.forward, dynamic=True)
-            compiled._featurelake_compiled = True  # type: ignore[attr-defined]
-            cls.forward = compiled
+        if (name.endswith("RMSNorm") or name.endswith("MLP")) and _patch_forward(cls):
             done.append(name)
     return sorted(done)
+
+
+def _patch_forward(cls: type, dynamic: bool = True) -> bool:
+    if getattr(cls.forward, "_featurelake_compiled", False):
+        return False
+    compiled = torch.compile(cls.forward, dynamic=dynamic)
+    compiled._featurelake_compiled = True  # type: ignore[attr-defined]
+    cls.forward = compiled
+    return True
+
+
+def compile_decoder(model: Any) -> list[str]:
+    """``torch.compile`` the decoder-layer class's forward: norms, rotary, attention, MLP and residual adds
+    of a layer as one graph (fused elementwise kernels around the matmuls and SDPA). Patched per class with
+    dynamic shapes: every layer of a kind (Gemma 3: sliding / global) shares one graph, and hooks on the
+    layer modules still fire (they run outside ``forward``). Returns the classes compiled.
+    """
+    import torch._dynamo
+
+    # one graph per layer kind x mask / no mask x batch-size-1 specialization: more than dynamo's default 8
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    cls = type(decoder_layers(model)[0])
+    return [cls.__name__] if _patch_forward(cls) else []

@@ -195,3 +195,108 @@ def test_claim_gpu_gives_each_process_its_own_gpu(tmp_path: Path) -> None:
     assert third in (0, 1) and time.time() - t > 1.0  # it had to wait for a or b to exit
     for p in (a, b, c):
         p.wait(timeout=30)
+
+
+def _random_items(n: int, vocab: int, seed: int = 0) -> list:
+    from dagster_project.lib.extraction import Tokenized
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        ids = [2, *rng.integers(10, vocab, int(rng.integers(3, 40))).tolist()]
+        out.append(Tokenized(i, ids, [(0, 0)] * len(ids), False))
+    return out
+
+
+def _pooled_frame(lm: LoadedModel, saes: dict, items: list, batch_tokens: int):  # noqa: ANN202
+    import pandas as pd
+
+    frames = []
+    for out, _stats in extract(lm, saes, items, batch_tokens):
+        for layer, lb in out.items():
+            frames.append(lb.pooled.to_pandas().assign(layer=layer))
+    return pd.concat(frames).sort_values(["layer", "sample_id", "feature_id"]).reset_index(drop=True)
+
+
+def test_compiled_decoder_layers_give_the_eager_results(monkeypatch: pytest.MonkeyPatch, tiny_saes: Path) -> None:
+    """``compile_decoder`` (what a GPU profile with ``compile: true`` runs) changes no value: same rows,
+    same numbers as eager, over batches with padding, sliding-window layers and the early stop."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from dagster_project.lib.model import compile_decoder
+
+    cfg = Gemma3TextConfig(vocab_size=512, hidden_size=TINY_D, intermediate_size=128, num_hidden_layers=4,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=32, sliding_window=8,
+                           bos_token_id=2, eos_token_id=1, pad_token_id=0)
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(cfg).eval()
+    lm = LoadedModel(model, type("Tok", (), {"pad_token_id": 0})(), "tiny", 4, TINY_D, torch.device("cpu"),
+                     torch.float32)
+    saes = {layer: load_gemmascope_dir(tiny_saes / f"layer_{layer}") for layer in (0, 2)}
+    items = _random_items(12, cfg.vocab_size)
+    eager = _pooled_frame(lm, saes, items, batch_tokens=96)
+    layer_cls = type(model.model.layers[0])
+    monkeypatch.setattr(layer_cls, "forward", layer_cls.forward)  # undone after the test
+    assert compile_decoder(model) == [layer_cls.__name__]
+    assert compile_decoder(model) == []  # patched once
+    compiled = _pooled_frame(lm, saes, items, batch_tokens=96)
+    assert len(eager) > 100
+    assert (compiled[["layer", "sample_id", "feature_id", "argmax_token", "n_active_tokens"]]
+            .equals(eager[["layer", "sample_id", "feature_id", "argmax_token", "n_active_tokens"]]))
+    np.testing.assert_allclose(compiled.max_act, eager.max_act, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(compiled.mean_act, eager.mean_act, rtol=1e-4, atol=1e-5)
+
+
+def test_auto_batch_tokens_fills_the_free_memory_it_measured() -> None:
+    from dagster_project.lib.extraction import auto_batch_tokens
+
+    # 2,048 tokens peaked 1 GiB over the model: 0.5 MiB a token; 4 GiB free x 0.7 -> 5,734 -> 5,632 tokens
+    assert auto_batch_tokens(2**30, 2048, 4 * 2**30) == 5632
+    assert auto_batch_tokens(2**30, 2048, 400 * 2**30) == 8192  # capped
+    assert auto_batch_tokens(2**30, 2048, 2**29) == 512  # never below one small batch
+    assert auto_batch_tokens(2**30, 2048, 4 * 2**30) % 512 == 0
+
+
+def test_profile_batch_tokens_auto_reaches_the_model_resource() -> None:
+    from pydantic import ValidationError
+
+    from dagster_project.config import ModelSpec, load_profile
+    from dagster_project.resources import resources_for
+
+    big = load_profile("gemma-3-27b")
+    assert big.model.batch_tokens == "auto"
+    assert resources_for(big, lake_root="/tmp/unused")["model"].batch_tokens == 0
+    with pytest.raises(ValidationError, match="batch_tokens must be 'auto' or at least 64"):
+        ModelSpec(id="x", batch_tokens=8)
+
+
+def test_length_batches_are_the_cheapest_cut_of_the_sorted_order() -> None:
+    """Against brute force over every cut of the longest-first order: no plan within the budget has fewer
+    padded tokens plus per-batch cost; and it pads less than filling each batch greedily."""
+    import itertools
+
+    rng = np.random.default_rng(7)
+    for _ in range(30):
+        n = int(rng.integers(1, 9))
+        lengths = rng.integers(1, 60, n).tolist()
+        budget, cost = 128, 16.0
+        order = sorted(range(n), key=lambda i: (-lengths[i], i))
+
+        def plan_cost(groups: list[list[int]], lengths: list[int] = lengths, cost: float = cost) -> float:
+            return sum(len(g) * max(lengths[i] for i in g) + cost for g in groups)
+
+        best = min(
+            plan_cost(groups)
+            for cuts in itertools.product([0, 1], repeat=n - 1)
+            for groups in [[order[a:b] for a, b in itertools.pairwise(
+                [0, *[i + 1 for i, c in enumerate(cuts) if c], n])]]
+            if all(len(g) == 1 or len(g) * max(lengths[i] for i in g) <= budget for g in groups)
+        )
+        got = length_batches(lengths, budget, batch_cost=cost)
+        assert sorted(i for b in got for i in b) == list(range(n))
+        assert plan_cost(got) == pytest.approx(best)
+    # two long and many short texts: filling batches greedily gives [100, 90, 10, 10] + ten 10s = 500
+    # padded tokens; the cheapest cut keeps the short texts together: [100, 90] + twelve 10s = 320
+    lengths = [100, 90, *[10] * 12]
+    got = length_batches(lengths, batch_tokens=400)
+    assert sum(len(b) * max(lengths[i] for i in b) for b in got) == 320 and len(got) == 2

@@ -215,3 +215,28 @@ def test_remove_partition(lake: Lake) -> None:
     lake.remove_partition("activations", 1, "a")
     lake.remove_partition("activations", 1, "never")
     assert not lake.exists("activations", 1, "a") and lake.exists("activations", 1, "b")
+
+
+def test_sparse_tables_dictionary_encode_only_their_key_columns(lake: Lake) -> None:
+    """token_activations / activations: dictionary pages on the repeating keys, plain zstd on feature ids and
+    values (faster to write, no larger); other tables keep the defaults; every value reads back."""
+    from dagster_project.lib.extraction import TOKEN_ACTS_SCHEMA
+
+    n = 5000
+    rng = np.random.default_rng(0)
+    tokens = pa.table({"sample_id": pa.array(np.repeat(np.arange(50), 100), pa.int32()),
+                       "token_pos": pa.array(np.tile(np.arange(100), 50), pa.int32()),
+                       "feature_id": pa.array(rng.integers(0, 16384, n), pa.int32()),
+                       "act": pa.array(rng.random(n), pa.float32())}, schema=TOKEN_ACTS_SCHEMA)
+    lake.write("token_activations", tokens, layer=1, dataset="d", meta=META)
+    lake.write("activations", _acts(n), layer=1, dataset="d", meta=META)
+
+    def dict_columns(table: str) -> set[str]:
+        md = pq.ParquetFile(lake.file(table, 1, "d")).metadata.row_group(0)
+        return {md.column(i).path_in_schema for i in range(md.num_columns)
+                if any("DICTIONARY" in e for e in md.column(i).encodings)}
+
+    assert dict_columns("token_activations") == {"sample_id", "token_pos"}
+    assert dict_columns("activations") == {"sample_id"}
+    assert pq.ParquetFile(lake.file("token_activations", 1, "d")).metadata.row_group(0).column(2).compression == "ZSTD"
+    assert lake.read("token_activations", layer=1, dataset="d").equals(tokens)
