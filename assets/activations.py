@@ -77,7 +77,8 @@ def activations(context: dg.AssetExecutionContext, config: ExtractionConfig, lak
         context.log.info(f"{dataset} layers {layers}: {m['tokens']} tokens at {m['tokens_per_s']:.0f} tok/s, "
                          f"{m['truncated_texts']} truncated")
         for k, v in m.items():
-            summary[k] = summary.get(k, 0) + v if k in ("samples", "tokens", "truncated_texts", "seconds") else v
+            summed = k in ("samples", "tokens", "truncated_texts", "seconds") or k.startswith("writer_")
+            summary[k] = summary.get(k, 0) + v if summed else v
     summary["tokens_per_s"] = summary["tokens"] / max(summary["seconds"], 1e-9)
     return dg.MaterializeResult(
         metadata={

@@ -1,12 +1,26 @@
-"""Where the project's GPU extraction spends its time: forward alone, + SAE encode/pool, + host writes.
+"""Where the project's GPU extraction spends its time, stage by stage, on the lent GPU machine.
 
-Companion to extract_gpu.py (same model, SAEs and texts). Prints a breakdown and the top CUDA kernels.
+Companion to extract_gpu.py (same model, SAEs and texts; the decoder compiled as ``compile: true`` does).
+Each stage adds one piece of ``extract_to_lake`` to the one before, so the differences locate the cost:
+
+1. forward alone (project batching, no padding mask, stopped after the deepest layer);
+2. + SAE encode and pooling on the device (``pool_device``), nothing compacted;
+3. ``extract(on_device=True)``: + compaction on the side stream and the asynchronous copies to the host;
+4. ``extract_to_lake`` into a lake whose writers drop the tables (Arrow built, threads run, no Parquet);
+5. ``extract_to_lake`` into a real Parquet lake (what the ``activations`` asset does).
+
+Then a torch profiler pass over stage 5: GPU busy time (sum of kernel times on all streams) against wall time,
+and the top kernels. Run: ``python benchmarks/profile_gpu.py --config 27b --batch-tokens 0``.
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import torch
 
@@ -16,104 +30,115 @@ from benchmarks.extract_gpu import (
     build_model,
     build_saes,
     calibrate_thresholds,
+    saes_in,
     synthetic_items,
 )
 
 
+class NullLake:
+    """A lake that accepts every table and keeps none: the host-side cost without Parquet and disk."""
+
+    class _Writer:
+        def write_table(self, table: Any) -> None:
+            pass
+
+    def write(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    @contextmanager
+    def writer(self, *args: Any, **kwargs: Any) -> Iterator[_Writer]:
+        yield NullLake._Writer()
+
+
 def main() -> None:
-    from dagster_project.lib.extraction import encode_pool, forward_layers, length_batches, pad_batch
-    from dagster_project.lib.model import LoadedModel
+    from dagster_project.lib.extraction import (
+        extract,
+        extract_to_lake,
+        forward_layers,
+        initial_budget,
+        length_batches,
+        pad_batch,
+        pool_device,
+    )
+    from dagster_project.lib.lake import Lake
+    from dagster_project.lib.model import LoadedModel, compile_decoder
 
     p = argparse.ArgumentParser()
-    p.add_argument("--config", default="27b")
-    p.add_argument("--batch-tokens", type=int, default=8192)
+    p.add_argument("--config", default="27b", choices=sorted(CONFIGS))
+    p.add_argument("--batch-tokens", type=int, default=4096, help="0 = auto (sized by free memory)")
     p.add_argument("--texts", type=int, default=48)
-    p.add_argument("--full", action="store_true")
-    p.add_argument("--compile", action="store_true", help="torch.compile the RMSNorm and MLP forwards")
+    p.add_argument("--no-trace", action="store_true")
     args = p.parse_args()
     spec = CONFIGS[args.config]
     model, cfg = build_model(args.config)
-    if args.compile:
-        from transformers.models.gemma3 import modeling_gemma3 as mg
-
-        mg.Gemma3RMSNorm.forward = torch.compile(mg.Gemma3RMSNorm.forward, dynamic=True)
-        mg.Gemma3MLP.forward = torch.compile(mg.Gemma3MLP.forward, dynamic=True)
     lm = LoadedModel(model, StubTokenizer(), "x", cfg.num_hidden_layers, cfg.hidden_size, torch.device("cuda"),
                      torch.bfloat16)
     saes = build_saes(cfg.hidden_size, spec["width"], spec["layers"])
     items = synthetic_items(args.texts, cfg.vocab_size)
     calibrate_thresholds(lm, saes, items)
+    saes = saes_in(saes, torch.bfloat16)
+    compile_decoder(model)
     layers = sorted(saes)
-    batches = [[items[i] for i in b] for b in length_batches([len(t.ids) for t in items], args.batch_tokens)]
+    budget = initial_budget(args.batch_tokens, lm.device) if args.batch_tokens > 0 else 8192
+    batches = [[items[i] for i in b] for b in length_batches([len(t.ids) for t in items], budget)]
     tokens = sum(t.n_real for t in items)
+    results: dict[str, float] = {}
 
     def timed(label: str, fn) -> None:  # noqa: ANN001
-        fn()
+        fn()  # warm-up: compile for every shape, cuBLAS tuning
         torch.cuda.synchronize()
         t = time.perf_counter()
         fn()
         torch.cuda.synchronize()
         dt = time.perf_counter() - t
-        print(f"{label:45s} {dt:7.3f} s  {tokens / dt:10,.0f} tok/s", flush=True)
+        results[label] = tokens / dt
+        print(f"{label:70s} {dt:7.3f} s  {tokens / dt:10,.0f} tok/s", flush=True)
 
-    def fwd() -> None:
+    def forward() -> None:
         for rows in batches:
-            ids, att = pad_batch(rows, 0, lm.device)
-            forward_layers(lm, ids, att, layers)
-
-    def fwd_nomask() -> None:
-        for rows in batches:
-            ids, att = pad_batch(rows, 0, lm.device)
+            ids, _ = pad_batch(rows, 0, lm.device)
             forward_layers(lm, ids, None, layers)
 
-    def fwd_encode(tok: bool, res: bool) -> None:
+    def forward_pool() -> None:
         for rows in batches:
-            ids, att = pad_batch(rows, 0, lm.device)
-            h = forward_layers(lm, ids, att, layers)
-            sids = torch.arange(len(rows), device="cuda")
-            for L in layers:
-                encode_pool(h[L][:, 1:], att[:, 1:].bool(), sids, saes[L], tok, res)
+            ids, _ = pad_batch(rows, 0, lm.device)
+            h = forward_layers(lm, ids, None, layers)
+            for layer in layers:
+                pool_device(h[layer][:, 1:], [r.n_real for r in rows], [r.sample_id for r in rows], saes[layer])
 
-    print(f"{len(batches)} batches, {tokens} tokens")
-    from benchmarks.extract_gpu import saes_in
-    from dagster_project.lib.extraction import extract
-
-    saes16 = saes_in(saes, torch.bfloat16)
-
-    def gpu_only() -> None:
-        for _out, _st in extract(lm, saes16, items, args.batch_tokens, on_device=True):
+    def on_device() -> None:
+        for _out, _stats in extract(lm, saes, items, args.batch_tokens, on_device=True):
             pass
 
-    timed("extract(), bf16 SAE, on device, no host copy", gpu_only)
-    outs = [o for o, _ in extract(lm, saes16, items, args.batch_tokens, on_device=True)]
-    torch.cuda.synchronize()
-    import tempfile
+    def to_lake(lake: Any) -> None:
+        extract_to_lake(lm, saes, items, {it.sample_id: "" for it in items}, lake, "bench",
+                        {layer: {} for layer in layers}, args.batch_tokens)
 
-    import pyarrow.parquet as pq
+    print(f"{args.config}: {len(batches)} batches at budget {budget}, {tokens} tokens", flush=True)
+    timed("1 forward alone", forward)
+    timed("2 + SAE encode and pooling (pool_device)", forward_pool)
+    timed("3 extract(on_device): + compaction on the side stream, copies started", on_device)
+    timed("4 extract_to_lake, writers drop the tables (Arrow + threads, no Parquet)", lambda: to_lake(NullLake()))
+    with tempfile.TemporaryDirectory() as tmp:
+        timed("5 extract_to_lake, Parquet lake", lambda: to_lake(Lake(tmp, "bench")))
+        if not args.no_trace:
+            from torch.profiler import ProfilerActivity, profile
 
-    t = time.perf_counter()
-    lbs = [{L: db.to_arrow() for L, db in o.items()} for o in outs]
-    t_arrow = time.perf_counter() - t
-    n_rows = sum(lb.token_acts.num_rows for o in lbs for lb in o.values())
-    print(f"host: device->Arrow for all batches {t_arrow:.3f} s ({n_rows:,} token rows)", flush=True)
-    for codec, level in (("zstd", 3), ("zstd", 1), ("lz4", None), ("none", None)):
-        with tempfile.TemporaryDirectory() as tmp:
-            t = time.perf_counter()
-            for i, o in enumerate(lbs):
-                for L, lb in o.items():
-                    kw = {"compression": codec} if level is None else {"compression": codec, "compression_level": level}
-                    pq.write_table(lb.token_acts, f"{tmp}/t{i}_{L}.parquet", **kw)
-                    pq.write_table(lb.pooled, f"{tmp}/p{i}_{L}.parquet", **kw)
-            dt = time.perf_counter() - t
-            import pathlib
-
-            size = sum(f.stat().st_size for f in pathlib.Path(tmp).iterdir())
-            print(f"host: Parquet write {codec}:{level} {dt:.3f} s, {size / 2**20:.1f} MiB", flush=True)
-    timed("forward only (mask)", fwd)
-    if args.full:
-        timed("forward only (no mask)", fwd_nomask)
-        timed("forward + encode/pool (pooled only)", lambda: fwd_encode(False, False))
-        timed("forward + encode/pool (+tokens, +resid)", lambda: fwd_encode(True, True))
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                t = time.perf_counter()
+                to_lake(Lake(tmp, "bench"))
+                torch.cuda.synchronize()
+                wall = time.perf_counter() - t
+            events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+            busy = sum(e.self_device_time_total for e in events) / 1e6
+            print(f"\nprofiled pass of stage 5: wall {wall:.3f} s, GPU kernels {busy:.3f} s summed over streams "
+                  f"({busy / wall:.0%} of wall; under 100% means the device waited)", flush=True)
+            print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=15), flush=True)
+    print("\n| stage | tokens/s | vs forward alone |\n|---|---:|---:|")
+    base = results["1 forward alone"]
+    for k, v in results.items():
+        print(f"| {k} | {v:,.0f} | {v / base:.0%} |")
 
 
 if __name__ == "__main__":

@@ -242,3 +242,13 @@ def test_corrupted_parquet_is_named_with_the_command_that_rewrites_it(extracted:
     assert _materialize(samples, name, resources).success
     assert _materialize(activations, multi_key(1, name), resources).success
     assert _materialize(feature_stats, "1", resources).success
+
+
+def test_activations_metadata_says_where_the_time_went(extracted: dict[str, Any]) -> None:
+    """The run's metadata carries the batch budget, padding and the writer threads' busy / wait seconds."""
+    meta = {k: v.value for k, v in extracted["meta"].items()}
+    assert meta["batch_tokens"] == 512  # the tiny profile's fixed budget
+    assert 0 <= meta["padding_fraction"] < 1
+    assert meta["writer_wait_seconds"] >= 0
+    for table in ("activations", "token_activations", "residuals"):
+        assert meta[f"writer_busy_seconds_{table}"] > 0  # each table's writer thread did work
