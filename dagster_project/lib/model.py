@@ -164,7 +164,8 @@ def compile_elementwise(model: Any) -> list[str]:
     """``torch.compile`` the elementwise-heavy modules of a decoder (RMSNorm, gated MLP) so their chains of
     upcasts, powers, activations and products run as fused kernels. Patched per class, with dynamic shapes,
     so every layer shares one compiled graph (no recompile per layer or per sequence length). Returns the
-    classes compiled. Worth it on a GPU (measured: +26% tokens/s on the 27B config); skip it on a CPU.
+    classes compiled. Measured +26% tokens/s on the 27B config over eager; profiles with ``compile: true`` now
+    use :func:`compile_decoder` (the whole layer; BENCHMARKS.md compares the two). Skip both on a CPU.
     """
     done = []
     for cls in {type(m) for m in model.modules()}:
