@@ -495,9 +495,30 @@ def extract(
         yield out, stats
         i = 1
     pending: tuple[list[Tokenized], dict[int, PooledDevice], Any] | None = None
-    for idx in batches[i:]:
-        rows = [items[j] for j in idx]
-        pooled, ready = start(rows)
+    while i < len(batches):
+        rows = [items[j] for j in batches[i]]
+        try:
+            pooled, ready = start(rows)
+        except torch.OutOfMemoryError as e:
+            # the device ran out of memory (a fixed budget too large for this card, or a batch the
+            # estimate missed): halve the budget and re-plan the batches not done yet; nothing of this
+            # batch was kept, so nothing is lost or written twice
+            longest = max(len(r.ids) for r in rows)
+            if len(rows) == 1:  # halving goes down to one text a batch; past that nothing helps
+                raise MemoryError(
+                    f"the device ran out of memory on a batch of {len(rows)} text(s), the longest "
+                    f"{longest - 1} tokens (sample_id {max(rows, key=lambda r: len(r.ids)).sample_id}), at "
+                    f"batch_tokens {budget}; lower max_tokens or the number of layers per run") from e
+            if cuda:
+                torch.cuda.empty_cache()
+            budget = max(budget // 2, 1)  # down to one text a batch (length_batches never splits a text)
+            rest = [j for b in batches[i:] for j in b]
+            batches[i:] = [[rest[k] for k in b] for b in length_batches([lengths[j] for j in rest], budget)]
+            stats.batch_tokens = budget
+            log.warning("out of device memory at %d padded tokens; batch_tokens lowered to %d",
+                        len(rows) * longest, budget)
+            continue
+        i += 1
         if pending is not None:
             out = finish(*pending[1:])
             account(pending[0])

@@ -300,3 +300,41 @@ def test_length_batches_are_the_cheapest_cut_of_the_sorted_order() -> None:
     lengths = [100, 90, *[10] * 12]
     got = length_batches(lengths, batch_tokens=400)
     assert sum(len(b) * max(lengths[i] for i in b) for b in got) == 320 and len(got) == 2
+
+
+def test_out_of_device_memory_halves_the_batch_and_loses_nothing(
+    tiny_lm: LoadedModel, tiny_saes: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch that does not fit (simulated: the forward raises torch's OutOfMemoryError above 40 padded
+    tokens) is re-planned at half the budget until it fits; every sample comes out once, with the values of
+    a run that used small batches from the start; a single text that cannot fit is a clear error."""
+    import dagster_project.lib.extraction as ex
+
+    saes = {layer: load_gemmascope_dir(tiny_saes / f"layer_{layer}") for layer in (0, 2)}
+    items = _random_items(10, 4096, seed=3)
+    small = _pooled_frame(tiny_lm, saes, items, batch_tokens=40)
+    real = ex.forward_layers
+
+    def tight(lm, ids, att, layers):  # noqa: ANN001, ANN202
+        if ids.shape[0] * ids.shape[1] > 40:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(lm, ids, att, layers)
+
+    monkeypatch.setattr(ex, "forward_layers", tight)
+    stats = None
+    frames = []
+    for out, stats in extract(tiny_lm, saes, items, batch_tokens=1024):  # noqa: B007
+        for layer, lb in out.items():
+            frames.append(lb.pooled.to_pandas().assign(layer=layer))
+    import pandas as pd
+
+    got = pd.concat(frames).sort_values(["layer", "sample_id", "feature_id"]).reset_index(drop=True)
+    assert stats is not None and stats.batch_tokens <= 64 and stats.n_samples == 10
+    assert sorted(set(got.sample_id)) == list(range(10))
+    assert got[["layer", "sample_id", "feature_id", "argmax_token"]].equals(
+        small[["layer", "sample_id", "feature_id", "argmax_token"]])
+    np.testing.assert_allclose(got.max_act, small.max_act, rtol=1e-4, atol=1e-5)
+
+    monkeypatch.setattr(ex, "forward_layers", lambda *a: (_ for _ in ()).throw(torch.OutOfMemoryError("oom")))
+    with pytest.raises(MemoryError, match=r"ran out of memory on a batch of 1 text\(s\).*lower max_tokens"):
+        list(extract(tiny_lm, saes, items[:1], batch_tokens=1024))
