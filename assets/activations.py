@@ -70,7 +70,11 @@ def activations(context: dg.AssetExecutionContext, config: ExtractionConfig, lak
     Each file records the model, SAE, hook, dtype and config hash it was made with."""
     by_dataset = split_keys(context.partition_keys)
     lk = lake.lake
-    lk.clean_temp()
+    # leftovers of a killed run, only in the partitions this run writes: another extraction running beside
+    # this one (one per GPU) keeps its writes in flight
+    lk.clean_temp([lk.partition_dir(t, layer, d) for d, layers in by_dataset.items() for layer in layers
+                   for t in ("activations", "token_activations", "residuals")]
+                  + [lk.partition_dir("tokens", None, d) for d in by_dataset])
     summary: dict[str, float] = {}
     for dataset, layers in by_dataset.items():
         m = extract_dataset(context, lk, model, sae, dataset, layers, config)

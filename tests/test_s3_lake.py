@@ -250,8 +250,11 @@ def test_killed_write_leaves_no_partial_partition(s3_root: str) -> None:
     assert not lake.exists("activations", 1, "te")
     assert query(lake, "select dataset, count(*) from activations group by all").fetchall() == [("tr", 6)]
 
-    # clean_temp aborts the dead uploads (they were never visible; this only frees their storage).
-    assert lake.clean_temp() == len(uploads) and _uploads(s3_root) == []
+    # clean_temp aborts the dead uploads (they were never visible; this only frees their storage): given
+    # folders, only the uploads under them (dataset=te's, not dataset=tr's); without, every one left.
+    assert len(uploads) == 2
+    assert lake.clean_temp([lake.partition_dir("activations", 1, "te")]) == 1 and len(_uploads(s3_root)) == 1
+    assert lake.clean_temp() == 1 and _uploads(s3_root) == []
     assert lake.read("activations", 1, "tr").num_rows == 6
 
 

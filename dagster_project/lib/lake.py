@@ -34,7 +34,7 @@ import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
@@ -411,30 +411,32 @@ class Lake:
         elif d.exists():
             shutil.rmtree(d)
 
-    def clean_temp(self) -> int:
+    def clean_temp(self, folders: Iterable[LakePath] | None = None) -> int:
         """Delete leftovers of writes that were killed mid-way (never visible to readers).
 
-        Local: ``.tmp-*`` files and folders. S3: incomplete multipart uploads under the namespace (as
-        locally, a write in flight in another process at that moment is lost too: its upload fails).
+        Local: ``.tmp-*`` files and folders. S3: incomplete multipart uploads. With ``folders`` (the
+        partition folders a step is about to write), only what lies directly in those: steps running side
+        by side (one extraction per GPU) then never delete each other's writes in flight. Without, the
+        whole namespace: only for when nothing else is writing to it.
         """
         if self.remote:
-            return self._abort_uploads()
+            return sum(self._abort_uploads(f) for f in folders) if folders is not None else self._abort_uploads()
         n = 0
-        base = self.base
-        if base.exists():
-            for p in base.rglob(".tmp-*"):
-                if p.is_dir():
-                    shutil.rmtree(p, ignore_errors=True)
-                else:
-                    p.unlink(missing_ok=True)
-                n += 1
+        found = ([p for f in folders if Path(f).is_dir() for p in Path(f).glob(".tmp-*")] if folders is not None
+                 else list(self.base.rglob(".tmp-*")) if self.base.exists() else [])
+        for p in found:
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            n += 1
         return n
 
-    def _abort_uploads(self) -> int:
+    def _abort_uploads(self, folder: LakePath | None = None) -> int:
         fs = self.fs
         if not all(hasattr(fs, a) for a in ("split_path", "call_s3", "abort_mpu")):
             return 0  # a remote filesystem without multipart uploads leaves nothing behind
-        bucket, prefix, _ = fs.split_path(_key(self.base))
+        bucket, prefix, _ = fs.split_path(_key(self.base if folder is None else folder))
         n = 0
         kw: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix.rstrip("/") + "/"}
         while True:

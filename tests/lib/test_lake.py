@@ -240,3 +240,17 @@ def test_sparse_tables_dictionary_encode_only_their_key_columns(lake: Lake) -> N
     assert dict_columns("activations") == {"sample_id"}
     assert pq.ParquetFile(lake.file("token_activations", 1, "d")).metadata.row_group(0).column(2).compression == "ZSTD"
     assert lake.read("token_activations", layer=1, dataset="d").equals(tokens)
+
+
+def test_clean_temp_in_given_folders_spares_other_writes_in_flight(lake: Lake) -> None:
+    """Two extractions side by side (one per GPU): the one starting cleans only its own partitions, so the
+    other's temp file, still being written, survives and its rename into place succeeds."""
+    mine = lake.partition_dir("activations", 1, "a")
+    with lake.writer("activations", SCHEMA, 2, "b", META) as other:  # in flight in "another process"
+        other.write_table(_acts(4))
+        mine.mkdir(parents=True, exist_ok=True)
+        (mine / ".tmp-dead.parquet.inprogress").write_bytes(b"left by a killed run")
+        assert lake.clean_temp([mine, lake.partition_dir("tokens", None, "a")]) == 1
+        assert not list(mine.glob(".tmp-*"))
+        assert len(list(lake.partition_dir("activations", 2, "b").glob(".tmp-*"))) == 1
+    assert lake.read("activations", 2, "b").num_rows == 4
