@@ -44,7 +44,16 @@ import pyarrow as pa
 from numpy.typing import NDArray
 
 from dagster_project.lib import plots_probes
-from dagster_project.lib.lake import Lake, LakeError, LakePath, lake_path, local_copy, staged_dir, write_bytes
+from dagster_project.lib.lake import (
+    Lake,
+    LakeError,
+    LakePath,
+    lake_path,
+    local_copy,
+    replace_dir,
+    staged_dir,
+    write_bytes,
+)
 from dagster_project.lib.metrics import evaluate_scores
 from dagster_project.lib.probes import (
     FittedProbe,
@@ -415,17 +424,6 @@ def saved_dir(lake: Lake, layer: int) -> LakePath:
     return lake.base / SAVED_DIR / f"layer={int(layer)}"
 
 
-def _swap_dir(tmp: Path, final: Path) -> None:
-    """Rename ``tmp`` over ``final`` (the old folder is moved aside first, then deleted)."""
-    old: Path | None = None
-    if final.exists():
-        old = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
-        final.rename(old)
-    tmp.rename(final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def save_probes(lake: Lake, trained: TrainedProbes, provenance: Mapping[str, Any]) -> pa.Table:
     """Save every probe under ``probes_saved/layer=L/<probe_id>`` and return the ``probes`` table.
 
@@ -501,7 +499,7 @@ def _save_probes_into(
             "feature_sets": trained.feature_set_sizes,
         }
         (tmp / SAVED_MARKER).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
-        _swap_dir(tmp, final)
+        replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -1201,7 +1199,7 @@ def write_report(
                 (tmp / "features" / feature_page_name(info.feature_id)).write_text(
                     feature_page(info, layer, best_probe_name or ""), encoding="utf-8"
                 )
-            _swap_dir(tmp, files_dir)
+            replace_dir(tmp, files_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

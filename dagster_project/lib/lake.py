@@ -61,6 +61,19 @@ TABLE_PARQUET_OPTS: dict[str, dict[str, Any]] = {
 }
 
 
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Rename the finished folder ``tmp`` over ``final``: the old folder is moved aside, the new one renamed
+    in, the old one deleted. A kill between the two renames leaves a hidden ``.old-<name>-*`` folder (and, for
+    that moment, no ``final``); the next replace of the same folder deletes such leftovers."""
+    old: Path | None = None
+    if final.exists():
+        old = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
+        final.rename(old)
+    tmp.rename(final)
+    for stale in final.parent.glob(f".old-{final.name}-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 def parquet_opts(table_name: str) -> dict[str, Any]:
     return {**PARQUET_OPTS, **TABLE_PARQUET_OPTS.get(table_name, {})}
 # Buffered bytes before a remote writer sends a part of its multipart upload (S3's minimum is 5 MiB).

@@ -42,6 +42,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 from sklearn.preprocessing import QuantileTransformer, StandardScaler
 
+from dagster_project.lib.lake import replace_dir
 from dagster_project.lib.metrics import auroc, evaluate_scores, threshold_at_fpr
 
 logger = logging.getLogger(__name__)
@@ -581,13 +582,7 @@ class FittedProbe:
                 "arrays": {"file": PROBE_ARRAYS, "sha256": digest},
             }
             (tmp / PROBE_JSON).write_text(json.dumps(doc, indent=2, sort_keys=False) + "\n")
-            old: Path | None = None
-            if target.exists():
-                old = target.parent / f".old-{target.name}-{uuid.uuid4().hex[:8]}"
-                target.rename(old)
-            tmp.rename(target)
-            if old is not None:
-                shutil.rmtree(old)
+            replace_dir(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

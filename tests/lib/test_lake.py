@@ -254,3 +254,19 @@ def test_clean_temp_in_given_folders_spares_other_writes_in_flight(lake: Lake) -
         assert not list(mine.glob(".tmp-*"))
         assert len(list(lake.partition_dir("activations", 2, "b").glob(".tmp-*"))) == 1
     assert lake.read("activations", 2, "b").num_rows == 4
+
+
+def test_replace_dir_swaps_whole_folders_and_clears_a_killed_swaps_leftover(tmp_path: Path) -> None:
+    from dagster_project.lib.lake import replace_dir
+
+    final = tmp_path / "layer=1"
+    # what a kill between the two renames of an earlier replace left: the old folder moved aside
+    (tmp_path / ".old-layer=1-deadbeef").mkdir()
+    (tmp_path / ".old-layer=1-deadbeef" / "probe.json").write_text("v0")
+    for version in ("v1", "v2"):
+        tmp = tmp_path / f".tmp-{version}"
+        tmp.mkdir()
+        (tmp / "probe.json").write_text(version)
+        replace_dir(tmp, final)
+        assert (final / "probe.json").read_text() == version
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["layer=1"]  # nothing hidden left behind
