@@ -7,7 +7,7 @@ import dagster as dg
 
 from dagster_project.config import ExtractionConfig, load_profile
 from dagster_project.lib.datasets import parse_registry
-from dagster_project.lib.extraction import extract_to_lake, tokenize
+from dagster_project.lib.extraction import LAYER_TABLES, extract_to_lake, tokenize
 from dagster_project.lib.lake import Lake
 from dagster_project.partitions import layer_dataset_partitions, split_keys
 from dagster_project.provenance import activation_record
@@ -73,7 +73,7 @@ def activations(context: dg.AssetExecutionContext, config: ExtractionConfig, lak
     # leftovers of a killed run, only in the partitions this run writes: another extraction running beside
     # this one (one per GPU) keeps its writes in flight
     lk.clean_temp([lk.partition_dir(t, layer, d) for d, layers in by_dataset.items() for layer in layers
-                   for t in ("activations", "token_activations", "residuals")]
+                   for t in LAYER_TABLES]
                   + [lk.partition_dir("tokens", None, d) for d in by_dataset])
     summary: dict[str, float] = {}
     for dataset, layers in by_dataset.items():

@@ -354,14 +354,6 @@ def encode_pool_device(
     return compact(pool_device(hidden, n_real, sample_ids, sae, with_residuals), with_tokens)
 
 
-def encode_pool(
-    hidden: torch.Tensor, n_real: Sequence[int], sample_ids: Sequence[int], sae: LoadedSAE,
-    with_tokens: bool = True, with_residuals: bool = True,
-) -> LayerBatch:
-    """:func:`encode_pool_device` then the host copy: Arrow tables of the non-zero entries."""
-    return encode_pool_device(hidden, n_real, sample_ids, sae, with_tokens, with_residuals).to_arrow()
-
-
 @dataclass
 class ExtractStats:
     n_samples: int = 0
@@ -462,6 +454,11 @@ def extract(
                 out[layer] = db.to_host() if on_device else db.to_arrow()
         return out
 
+    def replan(first: int) -> None:
+        """Cut the batches from ``first`` on again at the current ``budget``."""
+        rest = [j for b in batches[first:] for j in b]
+        batches[first:] = [[rest[k] for k in b] for b in length_batches([lengths[j] for j in rest], budget)]
+
     def account(rows: list[Tokenized]) -> None:
         nonlocal done
         T = max(len(r.ids) for r in rows)
@@ -486,8 +483,7 @@ def extract(
         cached = torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
         # pipelined, one batch's pooled results wait while the next runs: plan for about twice the SAE part
         budget = auto_batch_tokens(int(peak * 1.5), len(rows) * T, free + cached)
-        rest = [j for b in batches[1:] for j in b]
-        batches[1:] = [[rest[k] for k in b] for b in length_batches([lengths[j] for j in rest], budget)]
+        replan(1)
         stats.batch_tokens = budget
         log.info("batch size by memory: %d tokens peaked %.2f GiB; %.1f GiB free -> batch_tokens %d",
                  len(rows) * T, peak / 2**30, (free + cached) / 2**30, budget)
@@ -512,8 +508,7 @@ def extract(
             if cuda:
                 torch.cuda.empty_cache()
             budget = max(budget // 2, 1)  # down to one text a batch (length_batches never splits a text)
-            rest = [j for b in batches[i:] for j in b]
-            batches[i:] = [[rest[k] for k in b] for b in length_batches([lengths[j] for j in rest], budget)]
+            replan(i)
             stats.batch_tokens = budget
             log.warning("out of device memory at %d padded tokens; batch_tokens lowered to %d",
                         len(rows) * longest, budget)
@@ -553,6 +548,8 @@ def collect_vectors(lm: LoadedModel, layer: int, items: Sequence[Tokenized], bat
 
 # Batches whose tables may wait for the writer threads while the next batch computes (bounds host memory).
 WRITE_DEPTH = 2
+# What an extraction writes per (layer, dataset) partition; ``tokens`` is written per dataset.
+LAYER_TABLES = ("activations", "token_activations", "residuals")
 
 
 def extract_to_lake(
@@ -587,9 +584,10 @@ def extract_to_lake(
                meta={"model_id": lm.model_id, "longest_text_tokens": max((t.n_real for t in items), default=0)})
     active_total = {layer: 0 for layer in layers}
     stats: ExtractStats | None = None
-    tables = ["activations"] + (["token_activations"] if with_tokens else []) + (["residuals"] if with_residuals else [])
     schemas = {"activations": POOLED_SCHEMA, "token_activations": TOKEN_ACTS_SCHEMA,
                "residuals": residual_schema(lm.d_model)}
+    wanted = {"activations": True, "token_activations": with_tokens, "residuals": with_residuals}
+    tables = [t for t in LAYER_TABLES if wanted[t]]
 
     busy: dict[tuple[str, int], float] = {}  # seconds each file's thread spent (only that thread writes it)
     waited = [0.0]  # seconds the device loop stood still waiting for the writers
@@ -616,19 +614,20 @@ def extract_to_lake(
         threads = {key: stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix=f"lake-{key[0]}-L{key[1]}"))
                    for key in writers}
         waiting: deque[list[Future[None]]] = deque()
+
+        def drain(keep: int) -> None:
+            """Wait until at most ``keep`` batches are still being written (raising a writer's error)."""
+            t_wait = time.perf_counter()
+            while len(waiting) > keep:
+                for f in waiting.popleft():
+                    f.result()
+            waited[0] += time.perf_counter() - t_wait
+
         for out, stats in extract(lm, saes, items, batch_tokens, with_tokens, with_residuals, progress,  # noqa: B007
                                   on_device=True):
             waiting.append([threads[key].submit(write, key, out[key[1]]) for key in writers])
-            while len(waiting) > WRITE_DEPTH:
-                t_wait = time.perf_counter()
-                for f in waiting.popleft():
-                    f.result()
-                waited[0] += time.perf_counter() - t_wait
-        t_wait = time.perf_counter()
-        while waiting:
-            for f in waiting.popleft():
-                f.result()
-        waited[0] += time.perf_counter() - t_wait
+            drain(WRITE_DEPTH)
+        drain(0)
     if stats is None:
         raise ValueError(f"dataset {dataset!r} has no samples to extract")
     seconds = time.time() - t0

@@ -61,6 +61,10 @@ TABLE_PARQUET_OPTS: dict[str, dict[str, Any]] = {
 }
 
 
+def parquet_opts(table_name: str) -> dict[str, Any]:
+    return {**PARQUET_OPTS, **TABLE_PARQUET_OPTS.get(table_name, {})}
+
+
 def replace_dir(tmp: Path, final: Path) -> None:
     """Rename the finished folder ``tmp`` over ``final``: the old folder is moved aside, the new one renamed
     in, the old one deleted. A kill between the two renames leaves a hidden ``.old-<name>-*`` folder (and, for
@@ -74,8 +78,6 @@ def replace_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def parquet_opts(table_name: str) -> dict[str, Any]:
-    return {**PARQUET_OPTS, **TABLE_PARQUET_OPTS.get(table_name, {})}
 # Buffered bytes before a remote writer sends a part of its multipart upload (S3's minimum is 5 MiB).
 REMOTE_BLOCK_SIZE = 8 << 20
 
