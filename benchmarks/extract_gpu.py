@@ -58,6 +58,38 @@ def matmul_tflops(n: int = 8192, reps: int = 10) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t) / 1e12
 
 
+def gemm_shapes(cfg, m: int, peak: float, reps: int = 20) -> dict:  # noqa: ANN001
+    """One decoder layer's projections at ``m`` tokens: as transformers runs them (q, k, v, o, gate, up,
+    down apart) and with q/k/v and gate/up fused into one GEMM each; the rate of each against ``peak``."""
+    d, inter = cfg.hidden_size, cfg.intermediate_size
+    hq, hkv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    x = torch.randn(m, d, device="cuda", dtype=torch.bfloat16)
+    xa = torch.randn(m, hq, device="cuda", dtype=torch.bfloat16)
+    xi = torch.randn(m, inter, device="cuda", dtype=torch.bfloat16)
+    shapes = {"q": (x, hq), "k": (x, hkv), "v": (x, hkv), "o": (xa, d), "gate": (x, inter), "up": (x, inter),
+              "down": (xi, d), "qkv fused": (x, hq + 2 * hkv), "gate+up fused": (x, 2 * inter)}
+    out = {}
+    for name, (a, n) in shapes.items():
+        w = torch.randn(n, a.shape[1], device="cuda", dtype=torch.bfloat16)
+        for _ in range(3):
+            torch.nn.functional.linear(a, w)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(reps):
+            torch.nn.functional.linear(a, w)
+        torch.cuda.synchronize()
+        secs = (time.perf_counter() - t) / reps
+        out[name] = {"ms": secs * 1e3, "tflops": 2 * m * n * a.shape[1] / secs / 1e12}
+    apart = sum(out[k]["ms"] for k in ("q", "k", "v", "o", "gate", "up", "down"))
+    fused = sum(out[k]["ms"] for k in ("qkv fused", "o", "gate+up fused", "down"))
+    flops = 2 * m * (d * (hq + 2 * hkv) + hq * d + 3 * d * inter)
+    print(f"\nGEMMs of one layer at {m} tokens: apart {apart:.3f} ms ({flops / apart / 1e9 / peak:.0%} of peak), "
+          f"fused {fused:.3f} ms ({flops / fused / 1e9 / peak:.0%} of peak)")
+    for k, v in out.items():
+        print(f"  {k}: {v['ms']:.3f} ms, {v['tflops']:.0f} TFLOP/s ({v['tflops'] / peak:.0%})")
+    return {"m": m, "apart_ms": apart, "fused_ms": fused, "shapes": out}
+
+
 def build_model(name: str):  # noqa: ANN201
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
@@ -128,8 +160,13 @@ def synthetic_items(n: int, vocab: int, seed: int = 0, lo: int = 150, hi: int = 
     items = []
     for i, n_tok in enumerate(lengths):
         ids = [2, *rng.integers(10, vocab, int(n_tok)).tolist()]
-        items.append(Tokenized(i, ids, [(0, 0)] * len(ids), False))
+        # each token covers 4 characters of its text (``synthetic_texts``), as real offsets do
+        items.append(Tokenized(i, ids, [(0, 0)] + [(4 * p, 4 * p + 4) for p in range(int(n_tok))], False))
     return items
+
+
+def synthetic_texts(items) -> dict[int, str]:  # noqa: ANN001
+    return {it.sample_id: "tok " * it.n_real for it in items}
 
 
 class StubTokenizer(SimpleNamespace):
@@ -189,32 +226,36 @@ def check_lake(lake, lm, saes, items, n: int = 6) -> dict:  # noqa: ANN001
 
 
 def run_project(lm, saes, items, batch_tokens: int, with_tokens: bool = True, impl=None,  # noqa: ANN001
-                check: bool = False) -> dict:
-    """Time ``extract_to_lake`` (``impl``: another module with the same function, e.g. an older copy)."""
+                check: bool = False, pack: bool | None = None) -> dict:
+    """Time ``extract_to_lake`` (``impl``: another module with the same function, e.g. an older copy;
+    ``pack``: this path's packed batches, ``None`` = its default)."""
     from dagster_project.lib import extraction
     from dagster_project.lib.lake import Lake
 
+    kw = {} if impl is not None else {"pack": pack}
     impl = impl or extraction
     with tempfile.TemporaryDirectory() as tmp:
         lake = Lake(tmp, "bench")
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
-        m = impl.extract_to_lake(lm, saes, items, {it.sample_id: "" for it in items}, lake, "bench",
-                                 {L: {} for L in saes}, batch_tokens, with_tokens=with_tokens, with_residuals=True)
+        m = impl.extract_to_lake(lm, saes, items, synthetic_texts(items), lake, "bench",
+                                 {L: {} for L in saes}, batch_tokens, with_tokens=with_tokens, with_residuals=True,
+                                 **kw)
         torch.cuda.synchronize()
         secs = time.perf_counter() - t
         size = sum(f.stat().st_size for f in Path(tmp).rglob("*.parquet"))
         checked = check_lake(lake, lm, saes, items) if check else None
     return {"check": checked, "tokens": m["tokens"], "seconds": secs, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-            "padding": m["padding_fraction"], "bytes": size, "batch_tokens": m.get("batch_tokens", batch_tokens),
+            "padding": m["padding_fraction"], "packed": m.get("packed", False), "bytes": size, "batch_tokens": m.get("batch_tokens", batch_tokens),
             "active_per_sample": {k: v for k, v in m.items() if k.startswith("active_features")},
             "writer": {k: round(v, 3) for k, v in m.items() if k.startswith("writer_")}}
 
 
-def run_forward_only(lm, items, layers, batch_tokens: int) -> dict:  # noqa: ANN001
+def run_forward_only(lm, items, layers, batch_tokens: int, pack: bool = False) -> dict:  # noqa: ANN001
     """The forward pass alone (project batching, stopped after the deepest layer): the GPU-bound ceiling."""
     from dagster_project.lib.extraction import forward_layers, length_batches, pad_batch
+    from dagster_project.lib.packing import pack_batch, packed_attention
 
     batches = [[items[i] for i in b] for b in length_batches([len(t.ids) for t in items], batch_tokens)]
 
@@ -222,6 +263,11 @@ def run_forward_only(lm, items, layers, batch_tokens: int) -> dict:  # noqa: ANN
         torch.cuda.synchronize()
         t = time.perf_counter()
         for rows in batches:
+            if pack:
+                pb = pack_batch([r.ids for r in rows], lm.device)
+                with packed_attention(lm.model):
+                    forward_layers(lm, pb.ids, None, layers, **pb.model_kwargs())
+                continue
             ids, _ = pad_batch(rows, 0, lm.device)
             forward_layers(lm, ids, None, layers)
         torch.cuda.synchronize()
@@ -263,6 +309,7 @@ def main() -> None:
                         "earlier commit) timed first, with that commit's settings, as the baseline of this run")
     p.add_argument("--prev-batch-tokens", type=int, default=8192)
     p.add_argument("--elementwise", action="store_true", help="also time the current path with compile_elementwise")
+    p.add_argument("--gemms", action="store_true", help="also time the layer's GEMM shapes, separate vs fused")
     p.add_argument("--json", type=str, default=None)
     args = p.parse_args()
     from dagster_project.lib.model import LoadedModel
@@ -336,9 +383,15 @@ def main() -> None:
         project(f"this path, batch_tokens {bt or 'auto'}, compile_decoder", bt)
     best = max((r for r in results["runs"] if "compile_decoder" in r["name"]), key=lambda r: r["tokens"] / r["seconds"])
     bt_best = best["batch_tokens"]
+    packed = bool(best.get("packed"))
+    if packed:  # the same path with padded batches, for the packing's share
+        project(f"this path, batch_tokens {bt_best}, padded batches (pack=False)", bt_best, pack=False)
     project(f"this path, batch_tokens {bt_best}, without per-token rows", bt_best, with_tokens=False)
-    fo = run_forward_only(lm, items, layers, bt_best)
-    record(f"forward alone (no SAE, no host), batch_tokens {bt_best}, compile_decoder", fo, 0.0)
+    for pk in ([False, True] if packed else [False]):
+        fo = run_forward_only(lm, items, layers, bt_best, pack=pk)
+        record(f"forward alone (no SAE, no host), batch_tokens {bt_best}, {'packed' if pk else 'padded'}", fo, 0.0)
+    if args.gemms:
+        results["gemms"] = gemm_shapes(cfg, bt_best, tflops)
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16 matmul {tflops:.0f} TFLOP/s; "
           f"Gemma 3 {args.config} config (random bf16), layers {layers}, SAEs {cfg.hidden_size}x{spec['width']} "
           f"JumpReLU; {len(items)} texts, {tokens} tokens (seed's method on {len(seed_items)}); params through "

@@ -84,18 +84,30 @@ def tokenize(tokenizer: Any, texts: Sequence[str], sample_ids: Sequence[int], ma
 
 
 def tokens_table(items: Sequence[Tokenized], texts: dict[int, str], tokenizer: Any) -> pa.Table:
-    """The ``tokens`` rows (BOS dropped) with the text slice each token covers."""
-    sid, pos, tid, ttext, cs, ce = [], [], [], [], [], []
+    """The ``tokens`` rows (BOS dropped) with the text slice each token covers (a token that covers no
+    characters, e.g. a special token, gets its vocabulary string). Built column-wise: the only per-token
+    Python work is slicing the text (a 2,048-token text takes about a millisecond)."""
+    from itertools import chain
+
+    n = np.asarray([len(t.ids) - 1 for t in items], dtype=np.int64)
+    total = int(n.sum())
+    sid = np.repeat(np.asarray([t.sample_id for t in items], dtype=np.int32), n)
+    starts = np.repeat(np.cumsum(n) - n, n)
+    pos = (np.arange(total) - starts).astype(np.int32)
+    tid = np.fromiter(chain.from_iterable(t.ids[1:] for t in items), dtype=np.int64, count=total)
+    offs = np.fromiter(chain.from_iterable(o for t in items for o in t.offsets[1:]), dtype=np.int64,
+                       count=2 * total).reshape(total, 2)
+    ttext: list[str] = []
     for t in items:
         text = texts[t.sample_id]
-        for p, (i, (a, b)) in enumerate(zip(t.ids[1:], t.offsets[1:], strict=True)):
-            sid.append(t.sample_id)
-            pos.append(p)
-            tid.append(i)
-            ttext.append(text[a:b] if b > a else tokenizer.convert_ids_to_tokens(i))
-            cs.append(a)
-            ce.append(b)
-    return pa.table([sid, pos, tid, ttext, cs, ce], schema=TOKENS_SCHEMA)
+        ttext.extend(text[a:b] for a, b in t.offsets[1:])
+    empty = np.flatnonzero(offs[:, 1] <= offs[:, 0])
+    if len(empty):
+        names = {i: tokenizer.convert_ids_to_tokens(i) for i in np.unique(tid[empty]).tolist()}
+        for k, i in zip(empty.tolist(), tid[empty].tolist(), strict=True):
+            ttext[k] = names[i]
+    cols = [sid, pos, tid.astype(np.int32), ttext, offs[:, 0].astype(np.int32), offs[:, 1].astype(np.int32)]
+    return pa.table(cols, schema=TOKENS_SCHEMA)
 
 
 def length_batches(lengths: Sequence[int], batch_tokens: int, max_batch: int = 256,
@@ -162,13 +174,14 @@ class _Stop(Exception):
 
 
 def forward_layers(lm: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                   layers: Sequence[int]) -> dict[int, torch.Tensor]:
+                   layers: Sequence[int], **model_kwargs: Any) -> dict[int, torch.Tensor]:
     """Hidden states after each decoder layer in ``layers`` (resid_post), stopping after the deepest.
 
     ``attention_mask`` may be ``None`` for right-padded batches: under causal attention a real token never
     attends to the padding after it, so its outputs are those of the unpadded text, and without a padding
     mask the attention runs as plain causal attention (flash kernels on a GPU). Padded positions then hold
-    values nobody reads.
+    values nobody reads. ``model_kwargs`` go to the model as they are (a packed batch's positions and text
+    boundaries: see ``lib/packing.py``).
     """
     blocks = decoder_layers(lm.model)
     deepest = max(layers)
@@ -187,7 +200,7 @@ def forward_layers(lm: LoadedModel, input_ids: torch.Tensor, attention_mask: tor
         handles.append(blocks[idx].register_forward_hook(make_hook(idx)))
     try:
         with torch.inference_mode():
-            base_model(lm.model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            base_model(lm.model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_kwargs)
     except _Stop:
         pass
     finally:
@@ -362,6 +375,7 @@ class ExtractStats:
     n_batches: int = 0
     padded_tokens: int = 0
     batch_tokens: int = 0  # the padded-token budget per batch in use (after sizing, with ``auto``)
+    packed: bool = False  # texts run end to end, no padding (``lib/packing.py``)
 
 
 # ``batch_tokens`` <= 0 means "size by the device's memory": on a GPU the first (longest) batch runs with
@@ -399,12 +413,15 @@ def extract(
     with_residuals: bool = True,
     progress: Callable[[int, int], None] | None = None,
     on_device: bool = False,
+    pack: bool | None = None,
 ) -> Iterator[tuple[dict[int, Any], ExtractStats]]:
     """Yield, batch by batch, ``{layer: LayerBatch}`` for every layer in ``saes`` from one forward pass.
 
     With ``on_device`` it yields ``{layer: DeviceBatch}`` whose copies to the host have been started but
     not waited for: the caller builds the Arrow tables (on another thread) while the next batch computes.
     ``batch_tokens`` <= 0 sizes the batches by the device's free memory (see ``auto_batch_tokens``).
+    ``pack``: run each batch's texts end to end in one row, no padding (``lib/packing.py``); ``None``
+    packs where the fast kernel runs (a GPU with ``varlen_attn`` and a known model type).
 
     Software-pipelined: batch *i*'s forward pass and pooling are queued on the device before batch *i-1*
     is compacted (the step that waits for the device); on a GPU that compaction runs on a side stream, so
@@ -426,14 +443,31 @@ def extract(
     batches = length_batches(lengths, budget)
     done = 0
 
-    def start(rows: list[Tokenized]) -> tuple[dict[int, PooledDevice], Any]:
-        """Queue the forward pass and pooling of one batch (nothing waits for the device)."""
+    if pack is None:
+        from dagster_project.lib.packing import can_pack
+
+        pack = can_pack(lm.model, dev)
+    stats.packed = bool(pack)
+
+    def forward(rows: list[Tokenized]) -> dict[int, torch.Tensor]:
+        """Hidden states [B, T, d] of the batch at every layer, BOS dropped, right-padded."""
+        if pack:
+            from dagster_project.lib.packing import pack_batch, packed_attention
+
+            pb = pack_batch([r.ids for r in rows], lm.device)
+            with packed_attention(lm.model):
+                hidden = forward_layers(lm, pb.ids, None, layers, **pb.model_kwargs())
+            return {layer: pb.unpack(h) for layer, h in hidden.items()}
         ids, _att = pad_batch(rows, pad_id(lm.tokenizer), lm.device)
         # right padding + causal attention: no padding mask needed (see forward_layers)
-        hidden = forward_layers(lm, ids, None, layers)
+        return {layer: h[:, 1:] for layer, h in forward_layers(lm, ids, None, layers).items()}
+
+    def start(rows: list[Tokenized]) -> tuple[dict[int, PooledDevice], Any]:
+        """Queue the forward pass and pooling of one batch (nothing waits for the device)."""
+        hidden = forward(rows)
         n_real = [r.n_real for r in rows]
         sids = [r.sample_id for r in rows]
-        pooled = {layer: pool_device(hidden[layer][:, 1:], n_real, sids, saes[layer], with_residuals)
+        pooled = {layer: pool_device(hidden[layer], n_real, sids, saes[layer], with_residuals)
                   for layer in layers}
         ready = None
         if cuda:
@@ -464,7 +498,8 @@ def extract(
         T = max(len(r.ids) for r in rows)
         stats.n_batches += 1
         stats.n_tokens += sum(r.n_real for r in rows)
-        stats.padded_tokens += len(rows) * (T - 1)
+        # tokens the model ran over (BOS excluded): packed batches have no padding
+        stats.padded_tokens += sum(r.n_real for r in rows) if pack else len(rows) * (T - 1)
         done += len(rows)
         if progress:
             progress(done, len(items))
@@ -564,6 +599,7 @@ def extract_to_lake(
     with_tokens: bool = True,
     with_residuals: bool = True,
     progress: Callable[[int, int], None] | None = None,
+    pack: bool | None = None,
 ) -> dict[str, float]:
     """Extract ``items`` at every layer of ``saes`` in one pass and write each (layer, dataset) partition.
 
@@ -580,8 +616,11 @@ def extract_to_lake(
 
     t0 = time.time()
     layers = sorted(saes)
-    lake.write("tokens", tokens_table(items, texts, lm.tokenizer), dataset=dataset,
-               meta={"model_id": lm.model_id, "longest_text_tokens": max((t.n_real for t in items), default=0)})
+
+    def write_tokens() -> None:
+        lake.write("tokens", tokens_table(items, texts, lm.tokenizer), dataset=dataset,
+                   meta={"model_id": lm.model_id, "longest_text_tokens": max((t.n_real for t in items), default=0)})
+
     active_total = {layer: 0 for layer in layers}
     stats: ExtractStats | None = None
     schemas = {"activations": POOLED_SCHEMA, "token_activations": TOKEN_ACTS_SCHEMA,
@@ -614,6 +653,8 @@ def extract_to_lake(
         threads = {key: stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix=f"lake-{key[0]}-L{key[1]}"))
                    for key in writers}
         waiting: deque[list[Future[None]]] = deque()
+        # the tokens partition is built and written beside the first batches (the device does not wait)
+        tokens_done = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="lake-tokens")).submit(write_tokens)
 
         def drain(keep: int) -> None:
             """Wait until at most ``keep`` batches are still being written (raising a writer's error)."""
@@ -624,10 +665,11 @@ def extract_to_lake(
             waited[0] += time.perf_counter() - t_wait
 
         for out, stats in extract(lm, saes, items, batch_tokens, with_tokens, with_residuals, progress,  # noqa: B007
-                                  on_device=True):
+                                  on_device=True, pack=pack):
             waiting.append([threads[key].submit(write, key, out[key[1]]) for key in writers])
             drain(WRITE_DEPTH)
         drain(0)
+        tokens_done.result()
     if stats is None:
         raise ValueError(f"dataset {dataset!r} has no samples to extract")
     seconds = time.time() - t0
@@ -639,6 +681,7 @@ def extract_to_lake(
         "tokens_per_s": stats.n_tokens / max(seconds, 1e-9),
         "padding_fraction": 1 - stats.n_tokens / max(stats.padded_tokens, 1),
         "batch_tokens": stats.batch_tokens,
+        "packed": stats.packed,
         # where host time went: a large wait means the Parquet writes, not the device, set the pace
         "writer_wait_seconds": waited[0],
         **{f"writer_busy_seconds_{name}": sum(v for k, v in busy.items() if k[0] == name) for name in tables},

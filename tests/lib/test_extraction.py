@@ -52,13 +52,14 @@ def dense_reference(lm: LoadedModel, sae, texts: list[str], layer: int, max_toke
 
 
 def check_against_reference(
-    lm: LoadedModel, saes: dict, texts: list[str], max_tokens: int, batch_tokens: int
+    lm: LoadedModel, saes: dict, texts: list[str], max_tokens: int, batch_tokens: int, pack: bool | None = None
 ) -> None:
     items = tokenize(lm.tokenizer, texts, list(range(len(texts))), max_tokens)
     pooled: dict[int, list] = {layer: [] for layer in saes}
     token_rows: dict[int, list] = {layer: [] for layer in saes}
     resid: dict[int, list] = {layer: [] for layer in saes}
-    for out, _stats in extract(lm, saes, items, batch_tokens):
+    for out, stats in extract(lm, saes, items, batch_tokens, pack=pack):
+        assert stats.packed == bool(pack)
         for layer, lb in out.items():
             pooled[layer].append(lb.pooled.to_pandas())
             token_rows[layer].append(lb.token_acts.to_pandas())
@@ -112,6 +113,42 @@ def test_pooled_values_equal_dense_reference_tiny(tiny_lm: LoadedModel, tiny_sae
     saes = {layer: load_gemmascope_dir(tiny_saes / f"layer_{layer}") for layer in (0, 2)}
     # small batch budget: several batches of mixed lengths, padding inside batches
     check_against_reference(tiny_lm, saes, TEXTS, max_tokens=64, batch_tokens=80)
+
+
+def test_packed_batches_equal_dense_reference_tiny(
+    tiny_lm: LoadedModel, tiny_saes: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Texts laid end to end in one row (positions restarting, attention within each text and within the
+    sliding window of 8 tokens, shorter than the texts) give every pooled value, token row and residual
+    of the one-text-at-a-time reference."""
+    from dagster_project.lib import packing
+
+    calls = []  # the packed attention really ran (transformers would otherwise mask packed rows itself)
+    real = packing._reference
+    monkeypatch.setattr(packing, "_reference", lambda *a: calls.append(a[3].numel() - 1) or real(*a))
+    saes = {layer: load_gemmascope_dir(tiny_saes / f"layer_{layer}") for layer in (0, 2)}
+    check_against_reference(tiny_lm, saes, TEXTS, max_tokens=64, batch_tokens=80, pack=True)
+    assert calls and max(calls) > 1  # layers 0..2 of each batch, several texts in one row
+
+
+def test_packed_forward_matches_each_text_alone_and_restores_attention(tiny_lm: LoadedModel) -> None:
+    from dagster_project.lib.packing import PACKED, can_pack, pack_batch, packed_attention
+
+    items = tokenize(tiny_lm.tokenizer, TEXTS, list(range(len(TEXTS))), 64)
+    before = tiny_lm.model.config._attn_implementation
+    pb = pack_batch([it.ids for it in items], tiny_lm.device)
+    assert pb.ids.shape == (1, sum(len(it.ids) for it in items))  # no padding at all
+    with packed_attention(tiny_lm.model):
+        assert tiny_lm.model.config._attn_implementation == PACKED
+        h = forward_layers(tiny_lm, pb.ids, None, [1], **pb.model_kwargs())[1]
+    assert tiny_lm.model.config._attn_implementation == before
+    padded = pb.unpack(h)  # [B, T, d], BOS dropped
+    for j, it in enumerate(items):
+        alone = forward_layers(tiny_lm, torch.tensor([it.ids]), None, [1])[1][0, 1:]
+        torch.testing.assert_close(padded[j, : it.n_real], alone, rtol=1e-4, atol=1e-4)
+        # padded positions repeat the text's last token: never another text's
+        torch.testing.assert_close(padded[j, it.n_real:], alone[-1:].expand(padded.shape[1] - it.n_real, -1))
+    assert not can_pack(tiny_lm.model, torch.device("cpu"))  # the reference attention is for tests, not speed
 
 
 def test_truncation_is_counted_and_tokens_keep_offsets(tiny_lm: LoadedModel) -> None:
