@@ -254,8 +254,7 @@ def run_project(lm, saes, items, batch_tokens: int, with_tokens: bool = True, im
 
 def run_forward_only(lm, items, layers, batch_tokens: int, pack: bool = False) -> dict:  # noqa: ANN001
     """The forward pass alone (project batching, stopped after the deepest layer): the GPU-bound ceiling."""
-    from dagster_project.lib.extraction import forward_layers, length_batches, pad_batch
-    from dagster_project.lib.packing import pack_batch, packed_attention
+    from dagster_project.lib.extraction import batch_hidden, length_batches
 
     batches = [[items[i] for i in b] for b in length_batches([len(t.ids) for t in items], batch_tokens)]
 
@@ -263,13 +262,7 @@ def run_forward_only(lm, items, layers, batch_tokens: int, pack: bool = False) -
         torch.cuda.synchronize()
         t = time.perf_counter()
         for rows in batches:
-            if pack:
-                pb = pack_batch([r.ids for r in rows], lm.device)
-                with packed_attention(lm.model):
-                    forward_layers(lm, pb.ids, None, layers, **pb.model_kwargs())
-                continue
-            ids, _ = pad_batch(rows, 0, lm.device)
-            forward_layers(lm, ids, None, layers)
+            batch_hidden(lm, rows, layers, pack)
         torch.cuda.synchronize()
         return time.perf_counter() - t
 

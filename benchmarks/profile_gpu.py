@@ -3,7 +3,7 @@
 Companion to extract_gpu.py (same model, SAEs and texts; the decoder compiled as ``compile: true`` does).
 Each stage adds one piece of ``extract_to_lake`` to the one before, so the differences locate the cost:
 
-1. forward alone (project batching, no padding mask, stopped after the deepest layer);
+1. forward alone (project batching, packed where `extract` packs, stopped after the deepest layer);
 2. + SAE encode and pooling on the device (``pool_device``), nothing compacted;
 3. ``extract(on_device=True)``: + compaction on the side stream and the asynchronous copies to the host;
 4. ``extract_to_lake`` into a lake whose writers drop the tables (Arrow built, threads run, no Parquet);
@@ -32,6 +32,7 @@ from benchmarks.extract_gpu import (
     calibrate_thresholds,
     saes_in,
     synthetic_items,
+    synthetic_texts,
 )
 
 
@@ -52,16 +53,16 @@ class NullLake:
 
 def main() -> None:
     from dagster_project.lib.extraction import (
+        batch_hidden,
         extract,
         extract_to_lake,
-        forward_layers,
         initial_budget,
         length_batches,
-        pad_batch,
         pool_device,
     )
     from dagster_project.lib.lake import Lake
     from dagster_project.lib.model import LoadedModel, compile_decoder
+    from dagster_project.lib.packing import can_pack
 
     p = argparse.ArgumentParser()
     p.add_argument("--config", default="27b", choices=sorted(CONFIGS))
@@ -94,29 +95,50 @@ def main() -> None:
         results[label] = tokens / dt
         print(f"{label:70s} {dt:7.3f} s  {tokens / dt:10,.0f} tok/s", flush=True)
 
+    pack = can_pack(model, lm.device)  # as extract decides
+
     def forward() -> None:
         for rows in batches:
-            ids, _ = pad_batch(rows, 0, lm.device)
-            forward_layers(lm, ids, None, layers)
+            batch_hidden(lm, rows, layers, pack)
 
     def forward_pool() -> None:
         for rows in batches:
-            ids, _ = pad_batch(rows, 0, lm.device)
-            h = forward_layers(lm, ids, None, layers)
+            h = batch_hidden(lm, rows, layers, pack)
             for layer in layers:
-                pool_device(h[layer][:, 1:], [r.n_real for r in rows], [r.sample_id for r in rows], saes[layer])
+                pool_device(h[layer], [r.n_real for r in rows], [r.sample_id for r in rows], saes[layer])
+
+    @torch.compile(dynamic=True)
+    def pool_math(h, w, b, thr, lengths):  # noqa: ANN001, ANN202
+        """Experiment: pool_device's JumpReLU encode and pooling as one compiled graph (fused epilogue)."""
+        B, T, d = h.shape
+        pre = torch.addmm(b, h.reshape(-1, d), w).reshape(B, T, -1)
+        real = (torch.arange(T, device=h.device)[None, :] < lengths[:, None])[..., None]
+        acts = torch.where((pre > thr) & real & (pre > 0), pre, 0)
+        mx, arg = acts.max(1)
+        return acts, mx, arg, acts.sum(1, dtype=torch.float32) / lengths[:, None], (acts > 0).sum(1, dtype=torch.int32)
+
+    def forward_pool_compiled() -> None:
+        from dagster_project.lib.extraction import to_device
+
+        for rows in batches:
+            h = batch_hidden(lm, rows, layers, pack)
+            lengths = to_device(torch.tensor([r.n_real for r in rows]), lm.device)
+            for layer in layers:
+                e = saes[layer].encoder
+                pool_math(h[layer], e.W_enc, e.b_enc, e.threshold, lengths)
 
     def on_device() -> None:
         for _out, _stats in extract(lm, saes, items, args.batch_tokens, on_device=True):
             pass
 
     def to_lake(lake: Any) -> None:
-        extract_to_lake(lm, saes, items, {it.sample_id: "" for it in items}, lake, "bench",
+        extract_to_lake(lm, saes, items, synthetic_texts(items), lake, "bench",
                         {layer: {} for layer in layers}, args.batch_tokens)
 
-    print(f"{args.config}: {len(batches)} batches at budget {budget}, {tokens} tokens", flush=True)
+    print(f"{args.config}: {len(batches)} batches at budget {budget}, {tokens} tokens, packed {pack}", flush=True)
     timed("1 forward alone", forward)
     timed("2 + SAE encode and pooling (pool_device)", forward_pool)
+    timed("2b experiment: encode and pooling compiled as one graph (no residuals)", forward_pool_compiled)
     timed("3 extract(on_device): + compaction on the side stream, copies started", on_device)
     timed("4 extract_to_lake, writers drop the tables (Arrow + threads, no Parquet)", lambda: to_lake(NullLake()))
     with tempfile.TemporaryDirectory() as tmp:

@@ -212,6 +212,23 @@ def forward_layers(lm: LoadedModel, input_ids: torch.Tensor, attention_mask: tor
     return captured
 
 
+def batch_hidden(lm: LoadedModel, rows: Sequence[Tokenized], layers: Sequence[int],
+                 pack: bool = False) -> dict[int, torch.Tensor]:
+    """Hidden states [B, T, d] of a batch at every layer in ``layers``, BOS dropped, right-padded (T: the
+    longest text). ``pack``: the model runs the texts end to end in one row (``lib/packing.py``), and the
+    result is laid out padded afterwards; otherwise the model runs the padded batch itself."""
+    if pack:
+        from dagster_project.lib.packing import pack_batch, packed_attention
+
+        pb = pack_batch([r.ids for r in rows], lm.device)
+        with packed_attention(lm.model):
+            hidden = forward_layers(lm, pb.ids, None, layers, **pb.model_kwargs())
+        return {layer: pb.unpack(h) for layer, h in hidden.items()}
+    ids, _att = pad_batch(rows, pad_id(lm.tokenizer), lm.device)
+    # right padding + causal attention: no padding mask needed (see forward_layers)
+    return {layer: h[:, 1:] for layer, h in forward_layers(lm, ids, None, layers).items()}
+
+
 @dataclass
 class LayerBatch:
     """Sparse results of one batch at one layer, as Arrow tables."""
@@ -449,22 +466,9 @@ def extract(
         pack = can_pack(lm.model, dev)
     stats.packed = bool(pack)
 
-    def forward(rows: list[Tokenized]) -> dict[int, torch.Tensor]:
-        """Hidden states [B, T, d] of the batch at every layer, BOS dropped, right-padded."""
-        if pack:
-            from dagster_project.lib.packing import pack_batch, packed_attention
-
-            pb = pack_batch([r.ids for r in rows], lm.device)
-            with packed_attention(lm.model):
-                hidden = forward_layers(lm, pb.ids, None, layers, **pb.model_kwargs())
-            return {layer: pb.unpack(h) for layer, h in hidden.items()}
-        ids, _att = pad_batch(rows, pad_id(lm.tokenizer), lm.device)
-        # right padding + causal attention: no padding mask needed (see forward_layers)
-        return {layer: h[:, 1:] for layer, h in forward_layers(lm, ids, None, layers).items()}
-
     def start(rows: list[Tokenized]) -> tuple[dict[int, PooledDevice], Any]:
         """Queue the forward pass and pooling of one batch (nothing waits for the device)."""
-        hidden = forward(rows)
+        hidden = batch_hidden(lm, rows, layers, bool(pack))
         n_real = [r.n_real for r in rows]
         sids = [r.sample_id for r in rows]
         pooled = {layer: pool_device(hidden[layer], n_real, sids, saes[layer], with_residuals)
