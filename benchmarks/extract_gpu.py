@@ -379,6 +379,11 @@ def main() -> None:
     packed = bool(best.get("packed"))
     if packed:  # the same path with padded batches, for the packing's share
         project(f"this path, batch_tokens {bt_best}, padded batches (pack=False)", bt_best, pack=False)
+    from dagster_project.lib import extraction
+
+    extraction.COMPILE_POOL = False  # the SAE encode and pooling as separate eager kernels
+    project(f"this path, batch_tokens {bt_best}, encode+pool not compiled (COMPILE_POOL=False)", bt_best)
+    extraction.COMPILE_POOL = True
     project(f"this path, batch_tokens {bt_best}, without per-token rows", bt_best, with_tokens=False)
     for pk in ([False, True] if packed else [False]):
         fo = run_forward_only(lm, items, layers, bt_best, pack=pk)

@@ -335,6 +335,38 @@ class PooledDevice:
                 t.record_stream(stream)
 
 
+def jumprelu_pool(
+    hidden: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, threshold: torch.Tensor,
+    b_dec_in: torch.Tensor | None, lengths: torch.Tensor,
+) -> tuple[torch.Tensor, ...]:
+    """A JumpReLU SAE's encode of ``hidden`` [B, T, d] and its pooling over the real tokens (the first
+    ``lengths[j]`` of row ``j``): ``acts`` [B, T, W] (zero on padding), max, argmax, mean (fp32) and
+    active-token count [B, W]. Written as one function so ``torch.compile`` fuses the threshold, the
+    padding mask and the reductions into the GEMM's epilogue and a few passes (:data:`COMPILE_POOL`)."""
+    B, T, d = hidden.shape
+    x = hidden.reshape(-1, d).to(W_enc.dtype)
+    if b_dec_in is not None:
+        x = x - b_dec_in
+    pre = torch.addmm(b_enc, x, W_enc).reshape(B, T, -1)
+    real = (torch.arange(T, device=hidden.device)[None, :] < lengths[:, None])[..., None]
+    acts = torch.where(real & (pre > threshold) & (pre > 0), pre, 0)
+    mx, arg = acts.max(1)
+    mean = acts.sum(1, dtype=torch.float32) / lengths.clamp_min(1)[:, None].float()
+    nact = (acts > 0).sum(1, dtype=torch.int32)
+    return acts, mx, arg, mean, nact
+
+
+# on a GPU, a JumpReLU SAE's encode and pooling run as one compiled graph (BENCHMARKS.md has the gain)
+COMPILE_POOL = True
+_COMPILED: dict[str, Any] = {}
+
+
+def _compiled_jumprelu_pool() -> Callable[..., tuple[torch.Tensor, ...]]:
+    if "pool" not in _COMPILED:
+        _COMPILED["pool"] = torch.compile(jumprelu_pool, dynamic=True)
+    return _COMPILED["pool"]
+
+
 @torch.inference_mode()
 def pool_device(
     hidden: torch.Tensor, n_real: Sequence[int], sample_ids: Sequence[int], sae: LoadedSAE,
@@ -347,11 +379,16 @@ def pool_device(
     dev = hidden.device
     lengths = to_device(torch.tensor(list(n_real)), dev)
     mask = torch.arange(T, device=dev)[None, :] < lengths[:, None]  # [B, T] real tokens
-    acts = sae.encode(hidden)  # [B, T, W], in the encoder's dtype
-    acts = acts.clamp_min_(0).masked_fill_(~mask[..., None], 0)
-    mx, arg = acts.max(1)
-    mean = acts.sum(1, dtype=torch.float32) / lengths.clamp_min(1)[:, None].float()
-    nact = (acts > 0).sum(1, dtype=torch.int32)
+    enc = sae.encoder
+    if COMPILE_POOL and dev.type == "cuda" and enc is not None and enc.threshold is not None:
+        acts, mx, arg, mean, nact = _compiled_jumprelu_pool()(hidden, enc.W_enc, enc.b_enc, enc.threshold,
+                                                              enc.b_dec_in, lengths)
+    else:
+        acts = sae.encode(hidden)  # [B, T, W], in the encoder's dtype
+        acts = acts.clamp_min_(0).masked_fill_(~mask[..., None], 0)
+        mx, arg = acts.max(1)
+        mean = acts.sum(1, dtype=torch.float32) / lengths.clamp_min(1)[:, None].float()
+        nact = (acts > 0).sum(1, dtype=torch.int32)
     resid = None
     if with_residuals:
         h = hidden.float()

@@ -375,3 +375,31 @@ def test_out_of_device_memory_halves_the_batch_and_loses_nothing(
     monkeypatch.setattr(ex, "forward_layers", lambda *a: (_ for _ in ()).throw(torch.OutOfMemoryError("oom")))
     with pytest.raises(MemoryError, match=r"ran out of memory on a batch of 1 text\(s\).*lower max_tokens"):
         list(extract(tiny_lm, saes, items[:1], batch_tokens=1024))
+
+
+def test_compiled_jumprelu_pool_equals_the_eager_pooling() -> None:
+    """The GPU's fused encode+pool (``jumprelu_pool`` under ``torch.compile``, here on the CPU) gives what
+    ``pool_device``'s eager path gives: activations zero on padding, max, argmax, mean, active counts."""
+    from dagster_project.lib.extraction import jumprelu_pool, pool_device
+    from dagster_project.lib.sae import LoadedSAE, NativeEncoder
+
+    g = torch.Generator().manual_seed(3)
+    d, w = 16, 48
+    enc = NativeEncoder(torch.randn(d, w, generator=g), torch.randn(w, generator=g) * 0.1,
+                        threshold=torch.rand(w, generator=g) * 0.5, b_dec_in=torch.randn(d, generator=g) * 0.1)
+    sae = LoadedSAE(enc, "test", d, w)
+    hidden = torch.randn(3, 10, d, generator=g)
+    n_real = [10, 4, 7]
+    ref = pool_device(hidden, n_real, [0, 1, 2], sae, with_residuals=False)  # eager (CPU)
+    compiled = torch.compile(jumprelu_pool, dynamic=True)
+    acts, mx, arg, mean, nact = compiled(hidden, enc.W_enc, enc.b_enc, enc.threshold, enc.b_dec_in,
+                                         torch.tensor(n_real))
+    torch.testing.assert_close(acts, ref.acts)
+    assert float(acts[1, 4:].abs().sum()) == 0.0  # padding never activates
+    torch.testing.assert_close(mx, ref.mx)
+    torch.testing.assert_close(mean, ref.mean)
+    assert torch.equal(nact, ref.nact)
+    live = mx > 0
+    assert live.sum() > 10
+    picked = acts.gather(1, arg[:, None, :])[:, 0]  # argmax: the position of the max (ties allowed)
+    torch.testing.assert_close(picked[live], mx[live])
