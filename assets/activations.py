@@ -86,7 +86,8 @@ def activations(context: dg.AssetExecutionContext, config: ExtractionConfig, lak
     summary["tokens_per_s"] = summary["tokens"] / max(summary["seconds"], 1e-9)
     return dg.MaterializeResult(
         metadata={
-            **{k: float(v) if isinstance(v, float) else int(v) for k, v in summary.items()},
+            **{k: v if isinstance(v, bool) else float(v) if isinstance(v, float) else int(v)
+               for k, v in summary.items()},
             "partitions": dg.MetadataValue.json({d: v for d, v in by_dataset.items()}),
             "model_id": model.model_id,
             "sae_source": sae.source,

@@ -249,6 +249,7 @@ def test_activations_metadata_says_where_the_time_went(extracted: dict[str, Any]
     meta = {k: v.value for k, v in extracted["meta"].items()}
     assert meta["batch_tokens"] == 512  # the tiny profile's fixed budget
     assert 0 <= meta["padding_fraction"] < 1
+    assert meta["packed"] is False  # a CPU run pads (packing needs the GPU kernel)
     assert meta["writer_wait_seconds"] >= 0
     for table in ("activations", "token_activations", "residuals"):
         assert meta[f"writer_busy_seconds_{table}"] > 0  # each table's writer thread did work
