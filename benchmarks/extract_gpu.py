@@ -302,6 +302,7 @@ def main() -> None:
                         "earlier commit) timed first, with that commit's settings, as the baseline of this run")
     p.add_argument("--prev-batch-tokens", type=int, default=8192)
     p.add_argument("--elementwise", action="store_true", help="also time the current path with compile_elementwise")
+    p.add_argument("--no-extras", action="store_true", help="only the seed, previous and budget rows")
     p.add_argument("--gemms", action="store_true", help="also time the layer's GEMM shapes, separate vs fused")
     p.add_argument("--json", type=str, default=None)
     args = p.parse_args()
@@ -357,6 +358,24 @@ def main() -> None:
         pr["check"] = warm["check"]
         record(name, pr, warm_s)
 
+    def extras(bt_best: int, packed: bool) -> None:
+        """The shares of the pieces at the best budget: padding, the compiled pool, per-token rows, the
+        forward pass alone (padded and packed), and the GEMM shapes."""
+        from dagster_project.lib import extraction
+
+        if packed:  # the same path with padded batches, for the packing's share
+            project(f"this path, batch_tokens {bt_best}, padded batches (pack=False)", bt_best, pack=False)
+        extraction.COMPILE_POOL = False  # the SAE encode and pooling as separate eager kernels
+        project(f"this path, batch_tokens {bt_best}, encode+pool not compiled (COMPILE_POOL=False)", bt_best)
+        extraction.COMPILE_POOL = True
+        project(f"this path, batch_tokens {bt_best}, without per-token rows", bt_best, with_tokens=False)
+        for pk in ([False, True] if packed else [False]):
+            fo = run_forward_only(lm, items, layers, bt_best, pack=pk)
+            record(f"forward alone (no SAE, no host), batch_tokens {bt_best}, {'packed' if pk else 'padded'}",
+                   fo, 0.0)
+        if args.gemms:
+            results["gemms"] = gemm_shapes(cfg, bt_best, tflops)
+
     modes = Compiled(model)
     if args.prev:
         import importlib.util
@@ -377,19 +396,8 @@ def main() -> None:
     best = max((r for r in results["runs"] if "compile_decoder" in r["name"]), key=lambda r: r["tokens"] / r["seconds"])
     bt_best = best["batch_tokens"]
     packed = bool(best.get("packed"))
-    if packed:  # the same path with padded batches, for the packing's share
-        project(f"this path, batch_tokens {bt_best}, padded batches (pack=False)", bt_best, pack=False)
-    from dagster_project.lib import extraction
-
-    extraction.COMPILE_POOL = False  # the SAE encode and pooling as separate eager kernels
-    project(f"this path, batch_tokens {bt_best}, encode+pool not compiled (COMPILE_POOL=False)", bt_best)
-    extraction.COMPILE_POOL = True
-    project(f"this path, batch_tokens {bt_best}, without per-token rows", bt_best, with_tokens=False)
-    for pk in ([False, True] if packed else [False]):
-        fo = run_forward_only(lm, items, layers, bt_best, pack=pk)
-        record(f"forward alone (no SAE, no host), batch_tokens {bt_best}, {'packed' if pk else 'padded'}", fo, 0.0)
-    if args.gemms:
-        results["gemms"] = gemm_shapes(cfg, bt_best, tflops)
+    if not args.no_extras:
+        extras(bt_best, packed)
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16 matmul {tflops:.0f} TFLOP/s; "
           f"Gemma 3 {args.config} config (random bf16), layers {layers}, SAEs {cfg.hidden_size}x{spec['width']} "
           f"JumpReLU; {len(items)} texts, {tokens} tokens (seed's method on {len(seed_items)}); params through "
