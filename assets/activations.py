@@ -50,7 +50,7 @@ def extract_dataset(
             context.log.info(f"{dataset} layers {layers}: {done}/{total} samples")
 
     return extract_to_lake(lm, saes, items, texts, lake, dataset, metas, model.batch_tokens,
-                           cfg.write_token_activations, cfg.write_residuals, progress)
+                           cfg.write_token_activations, cfg.write_residuals, progress, pack=model.pack)
 
 
 @dg.asset(

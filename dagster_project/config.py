@@ -33,6 +33,9 @@ class ModelSpec(BaseModel):
     batch_tokens: int | Literal["auto"] = Field(
         4096, description="padded tokens per forward batch; 'auto' sizes batches by the GPU's free memory")
     compile: bool = Field(False, description="torch.compile the decoder layers (GPU; fuses the elementwise work)")
+    pack: bool | Literal["auto"] = Field(
+        "auto", description="run each batch's texts end to end with no padding; 'auto': on a GPU with torch's "
+                            "varlen flash attention (lib/packing.py)")
     sae_dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="dtype of the SAE encode (bfloat16 on a GPU is ~20x faster than float32)")
 
@@ -88,7 +91,7 @@ class Profile(BaseModel):
 
     def config_hash(self) -> str:
         """Hash of what decides activation values (not the describer)."""
-        d = {"model": self.model.model_dump(exclude={"batch_tokens", "device"}), "sae": self.sae.model_dump()}
+        d = {"model": self.model.model_dump(exclude={"batch_tokens", "device", "pack"}), "sae": self.sae.model_dump()}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -63,6 +63,7 @@ class ModelResource(dg.ConfigurableResource):
     batch_tokens: int = 4096  # <= 0: sized by the GPU's free memory (the profile's "auto")
     sae_dtype: str = "float32"
     compile: bool = False
+    pack: bool | None = None  # packed batches; None: where the GPU kernel runs (lib/packing.py)
 
     def load(self) -> LoadedModel:
         return _cached_model(self.model_id, self.dtype, self.device, self.compile)
@@ -118,7 +119,7 @@ def resources_for(profile: Profile, lake_root: str | None = None) -> dict[str, d
         "model": ModelResource(
             model_id=m.id, dtype=m.dtype, device=m.device, max_tokens=m.max_tokens,
             batch_tokens=0 if m.batch_tokens == "auto" else m.batch_tokens,
-            sae_dtype=m.sae_dtype, compile=m.compile,
+            sae_dtype=m.sae_dtype, compile=m.compile, pack=None if m.pack == "auto" else m.pack,
         ),
         "sae": SAEResource(**s.model_dump()),
         "describer": describer_resource(profile.describer),

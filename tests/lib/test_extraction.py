@@ -305,6 +305,12 @@ def test_profile_batch_tokens_auto_reaches_the_model_resource() -> None:
     assert resources_for(big, lake_root="/tmp/unused")["model"].batch_tokens == 0
     with pytest.raises(ValidationError, match="batch_tokens must be 'auto' or at least 64"):
         ModelSpec(id="x", batch_tokens=8)
+    # packing: 'auto' reaches the resource as None (decided by the device), a fixed choice as itself, and
+    # it is a speed setting like batch_tokens: the partitions' config hash does not change with it
+    assert resources_for(big, lake_root="/tmp/unused")["model"].pack is None
+    off = big.model_copy(update={"model": big.model.model_copy(update={"pack": False})})
+    assert resources_for(off, lake_root="/tmp/unused")["model"].pack is False
+    assert off.config_hash() == big.config_hash()
 
 
 def test_length_batches_are_the_cheapest_cut_of_the_sorted_order() -> None:
