@@ -28,9 +28,10 @@ import torch
 from dagster_project.lib.extraction import to_device
 
 PACKED = "featurelake_packed"
-# model types whose attention goes through transformers' attention interface with (q, k, v) of shape
-# [batch, heads, tokens, head_dim] and whose positions come from ``position_ids`` (tested: Gemma 3)
-PACKABLE_MODEL_TYPES = {"gemma3_text", "gemma3", "gemma2", "gemma", "llama", "mistral", "qwen2", "qwen3"}
+# model types checked to run packed (positions from ``position_ids``, attention through transformers'
+# attention interface with q/k/v as [batch, heads, tokens, head_dim]): Gemma 3, text-only or multimodal.
+# Llama-likes are built the same way but untested here, so they run padded until a test covers them.
+PACKABLE_MODEL_TYPES = {"gemma3_text", "gemma3"}
 
 
 def _find_varlen() -> tuple[Any, bool]:
