@@ -40,8 +40,8 @@ from dagster_project import cli
 kill_dataset = os.environ.get("KILL_DATASET")
 real = activations_asset.extract_to_lake
 
-def extract_then_die(lm, saes, items, texts, lake, dataset, *args):
-    *rest, progress = args  # extract_dataset passes everything positionally, the progress callback last
+def extract_then_die(lm, saes, items, texts, lake, dataset, *args, **kwargs):
+    *rest, progress = args  # extract_dataset passes the progress callback last of its positional arguments
     assert len(rest) == 4, "extract_to_lake's call changed: update this test's kill point"
     batches = [0]
 
@@ -51,7 +51,7 @@ def extract_then_die(lm, saes, items, texts, lake, dataset, *args):
         if dataset == kill_dataset and batches[0] == 2:
             os.kill(os.getpid(), signal.SIGKILL)  # kill -9 with two batches in the partition's files
 
-    return real(lm, saes, items, texts, lake, dataset, *rest, on_batch)
+    return real(lm, saes, items, texts, lake, dataset, *rest, on_batch, **kwargs)
 
 activations_asset.extract_to_lake = extract_then_die
 layers = [int(x) for x in os.environ["LAYERS"].split(",")]
