@@ -107,26 +107,6 @@ def main() -> None:
             for layer in layers:
                 pool_device(h[layer], [r.n_real for r in rows], [r.sample_id for r in rows], saes[layer])
 
-    @torch.compile(dynamic=True)
-    def pool_math(h, w, b, thr, lengths):  # noqa: ANN001, ANN202
-        """Experiment: pool_device's JumpReLU encode and pooling as one compiled graph (fused epilogue)."""
-        B, T, d = h.shape
-        pre = torch.addmm(b, h.reshape(-1, d), w).reshape(B, T, -1)
-        real = (torch.arange(T, device=h.device)[None, :] < lengths[:, None])[..., None]
-        acts = torch.where((pre > thr) & real & (pre > 0), pre, 0)
-        mx, arg = acts.max(1)
-        return acts, mx, arg, acts.sum(1, dtype=torch.float32) / lengths[:, None], (acts > 0).sum(1, dtype=torch.int32)
-
-    def forward_pool_compiled() -> None:
-        from dagster_project.lib.extraction import to_device
-
-        for rows in batches:
-            h = batch_hidden(lm, rows, layers, pack)
-            lengths = to_device(torch.tensor([r.n_real for r in rows]), lm.device)
-            for layer in layers:
-                e = saes[layer].encoder
-                pool_math(h[layer], e.W_enc, e.b_enc, e.threshold, lengths)
-
     def on_device() -> None:
         for _out, _stats in extract(lm, saes, items, args.batch_tokens, on_device=True):
             pass
@@ -138,7 +118,6 @@ def main() -> None:
     print(f"{args.config}: {len(batches)} batches at budget {budget}, {tokens} tokens, packed {pack}", flush=True)
     timed("1 forward alone", forward)
     timed("2 + SAE encode and pooling (pool_device)", forward_pool)
-    timed("2b experiment: encode and pooling compiled as one graph (no residuals)", forward_pool_compiled)
     timed("3 extract(on_device): + compaction on the side stream, copies started", on_device)
     timed("4 extract_to_lake, writers drop the tables (Arrow + threads, no Parquet)", lambda: to_lake(NullLake()))
     with tempfile.TemporaryDirectory() as tmp:

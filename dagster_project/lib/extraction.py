@@ -9,6 +9,7 @@ non-zero entries leave the device as sparse rows.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -358,13 +359,11 @@ def jumprelu_pool(
 
 # on a GPU, a JumpReLU SAE's encode and pooling run as one compiled graph (BENCHMARKS.md has the gain)
 COMPILE_POOL = True
-_COMPILED: dict[str, Any] = {}
 
 
+@functools.cache
 def _compiled_jumprelu_pool() -> Callable[..., tuple[torch.Tensor, ...]]:
-    if "pool" not in _COMPILED:
-        _COMPILED["pool"] = torch.compile(jumprelu_pool, dynamic=True)
-    return _COMPILED["pool"]
+    return torch.compile(jumprelu_pool, dynamic=True)
 
 
 @torch.inference_mode()

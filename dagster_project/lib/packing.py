@@ -21,6 +21,7 @@ import inspect
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -134,25 +135,24 @@ class PackedBatch:
     positions: torch.Tensor
     cu: torch.Tensor
     max_len: int
-    lengths: list[int]
 
     def model_kwargs(self) -> dict[str, Any]:
         return {"position_ids": self.positions, "cu_seq_lens_q": self.cu, "cu_seq_lens_k": self.cu,
                 "max_length_q": self.max_len, "max_length_k": self.max_len}
 
-    def unpack(self, hidden: torch.Tensor, drop_first: bool = True) -> torch.Tensor:
-        """[1, N, d] packed hidden states -> [B, T, d] padded (right), the first token (BOS) of each text
-        dropped when ``drop_first``. Padded positions repeat a real token of their text: readers mask them."""
-        skip = 1 if drop_first else 0
-        T = max(self.max_len - skip, 1)
-        dev = hidden.device
-        lengths = torch.tensor(self.lengths, device="cpu")
-        starts = torch.tensor([0, *self.lengths[:-1]]).cumsum(0)
-        t = torch.arange(T)
-        # row j, position t -> packed index start_j + skip + min(t, L_j - skip - 1)
-        last = (lengths - skip - 1).clamp_min(0)
-        idx = starts[:, None] + skip + torch.minimum(t[None, :], last[:, None])
-        return hidden[0][to_device(idx, dev)]
+    @cached_property
+    def padded_index(self) -> torch.Tensor:
+        """[B, T] packed position of row ``j``'s token ``t`` with the first token (BOS) dropped:
+        ``start_j + min(1 + t, L_j - 1)``, so padded positions repeat the text's last token (a text of BOS
+        alone repeats its BOS), never another text's. Derived from ``cu`` on its device, once a batch."""
+        starts, lengths = self.cu[:-1].long(), self.cu.diff().long()
+        t = torch.arange(1, max(self.max_len, 2), device=self.cu.device)
+        return starts[:, None] + torch.minimum(t[None, :], (lengths - 1)[:, None])
+
+    def unpack(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[1, N, d] packed hidden states -> [B, T, d] right-padded, BOS dropped (T: the longest text less
+        one); readers mask the padded positions."""
+        return hidden[0][self.padded_index]
 
 
 def pack_batch(seqs: Sequence[Sequence[int]], device: torch.device) -> PackedBatch:
@@ -162,4 +162,4 @@ def pack_batch(seqs: Sequence[Sequence[int]], device: torch.device) -> PackedBat
     positions = torch.cat([torch.arange(n) for n in lengths])[None, :]
     cu = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)
     return PackedBatch(to_device(ids, device), to_device(positions, device), to_device(cu, device),
-                       max(lengths), lengths)
+                       max(lengths))

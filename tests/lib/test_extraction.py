@@ -150,6 +150,15 @@ def test_packed_forward_matches_each_text_alone_and_restores_attention(tiny_lm: 
         torch.testing.assert_close(padded[j, it.n_real:], alone[-1:].expand(padded.shape[1] - it.n_real, -1))
     assert not can_pack(tiny_lm.model, torch.device("cpu"))  # the reference attention is for tests, not speed
 
+    # a text of BOS alone (an empty text) last in the row: its padded positions repeat its own BOS, never
+    # an index past the row's end
+    pb = pack_batch([items[0].ids, [tiny_lm.tokenizer.bos_token_id]], tiny_lm.device)
+    with packed_attention(tiny_lm.model):
+        h = forward_layers(tiny_lm, pb.ids, None, [1], **pb.model_kwargs())[1]
+    padded = pb.unpack(h)
+    assert padded.shape[:2] == (2, items[0].n_real)
+    torch.testing.assert_close(padded[1], h[0, -1:].expand(items[0].n_real, -1))
+
 
 def test_truncation_is_counted_and_tokens_keep_offsets(tiny_lm: LoadedModel) -> None:
     full = tokenize(tiny_lm.tokenizer, TEXTS, [10, 11, 12, 13], max_tokens=10_000)
