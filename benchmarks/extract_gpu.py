@@ -226,7 +226,7 @@ def check_lake(lake, lm, saes, items, n: int = 6) -> dict:  # noqa: ANN001
 
 
 def run_project(lm, saes, items, batch_tokens: int, with_tokens: bool = True, impl=None,  # noqa: ANN001
-                check: bool = False, pack: bool | None = None) -> dict:
+                check: bool = False, pack: bool | None = None, lake_dir: str | None = None) -> dict:
     """Time ``extract_to_lake`` (``impl``: another module with the same function, e.g. an older copy;
     ``pack``: this path's packed batches, ``None`` = its default)."""
     from dagster_project.lib import extraction
@@ -234,7 +234,7 @@ def run_project(lm, saes, items, batch_tokens: int, with_tokens: bool = True, im
 
     kw = {} if impl is not None else {"pack": pack}
     impl = impl or extraction
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=lake_dir) as tmp:
         lake = Lake(tmp, "bench")
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -343,6 +343,8 @@ def main() -> None:
             if w:
                 busy = ", ".join(f"{k.removeprefix('writer_busy_seconds_')} {v:.2f}" for k, v in w.items() if "busy" in k)
                 note += f"; waited for writers {w.get('writer_wait_seconds', 0):.2f} s (thread-seconds: {busy})"
+                if "writer_close_seconds" in w:
+                    note += f", closing the files {w['writer_close_seconds']:.2f} s"
         if pr.get("check"):
             note += f"; vs one text at a time: {pr['check']}"
         rows.append((name, tps, pr["peak_gib"], note))
@@ -369,6 +371,9 @@ def main() -> None:
         project(f"this path, batch_tokens {bt_best}, encode+pool not compiled (COMPILE_POOL=False)", bt_best)
         extraction.COMPILE_POOL = True
         project(f"this path, batch_tokens {bt_best}, without per-token rows", bt_best, with_tokens=False)
+        if Path("/dev/shm").is_dir():  # the disk's share
+            project(f"this path, batch_tokens {bt_best}, lake in /dev/shm (memory, no disk)", bt_best,
+                    lake_dir="/dev/shm")
         for pk in ([False, True] if packed else [False]):
             fo = run_forward_only(lm, items, layers, bt_best, pack=pk)
             record(f"forward alone (no SAE, no host), batch_tokens {bt_best}, {'packed' if pk else 'padded'}",

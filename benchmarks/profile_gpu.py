@@ -7,7 +7,8 @@ Each stage adds one piece of ``extract_to_lake`` to the one before, so the diffe
 2. + SAE encode and pooling on the device (``pool_device``), nothing compacted;
 3. ``extract(on_device=True)``: + compaction on the side stream and the asynchronous copies to the host;
 4. ``extract_to_lake`` into a lake whose writers drop the tables (Arrow built, threads run, no Parquet);
-5. ``extract_to_lake`` into a real Parquet lake (what the ``activations`` asset does).
+5. ``extract_to_lake`` into a real Parquet lake (what the ``activations`` asset does); before it, where the
+   machine has ``/dev/shm``, the same into a lake in memory (5m): the disk's share.
 
 Then a torch profiler pass over stage 5: GPU busy time (sum of kernel times on all streams) against wall time,
 and the top kernels. Run: ``python benchmarks/profile_gpu.py --config 27b --batch-tokens 0``.
@@ -20,6 +21,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,6 +43,12 @@ class NullLake:
 
     class _Writer:
         def write_table(self, table: Any) -> None:
+            pass
+
+        def sync(self) -> None:
+            pass
+
+        def finish(self) -> None:
             pass
 
     def write(self, *args: Any, **kwargs: Any) -> None:
@@ -111,17 +119,29 @@ def main() -> None:
         for _out, _stats in extract(lm, saes, items, args.batch_tokens, on_device=True):
             pass
 
+    metrics: dict[str, Any] = {}
+
     def to_lake(lake: Any) -> None:
-        extract_to_lake(lm, saes, items, synthetic_texts(items), lake, "bench",
-                        {layer: {} for layer in layers}, args.batch_tokens)
+        metrics.update(extract_to_lake(lm, saes, items, synthetic_texts(items), lake, "bench",
+                                       {layer: {} for layer in layers}, args.batch_tokens))
+
+    def writers() -> None:
+        print(f"{'':70s} writers: loop waited {metrics['writer_wait_seconds']:.3f} s, closing "
+              f"{metrics['writer_close_seconds']:.3f} s", flush=True)
 
     print(f"{args.config}: {len(batches)} batches at budget {budget}, {tokens} tokens, packed {pack}", flush=True)
     timed("1 forward alone", forward)
     timed("2 + SAE encode and pooling (pool_device)", forward_pool)
     timed("3 extract(on_device): + compaction on the side stream, copies started", on_device)
     timed("4 extract_to_lake, writers drop the tables (Arrow + threads, no Parquet)", lambda: to_lake(NullLake()))
+    shm = Path("/dev/shm")
+    if shm.is_dir():  # the same writes into memory: the disk's share of stage 5
+        with tempfile.TemporaryDirectory(dir=shm) as tmp:
+            timed("5m extract_to_lake, Parquet lake in /dev/shm (no disk)", lambda: to_lake(Lake(tmp, "bench")))
+            writers()
     with tempfile.TemporaryDirectory() as tmp:
         timed("5 extract_to_lake, Parquet lake", lambda: to_lake(Lake(tmp, "bench")))
+        writers()
         if not args.no_trace:
             from torch.profiler import ProfilerActivity, profile
 

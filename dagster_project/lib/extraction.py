@@ -682,6 +682,7 @@ def extract_to_lake(
         else:
             t = db.residual_table()
         writers[key].write_table(t)
+        writers[key].sync()  # durable as it goes: the closing fsync at the end finds little left to write
         busy[key] = busy.get(key, 0.0) + time.perf_counter() - t_start
 
     with ExitStack() as stack:
@@ -709,7 +710,12 @@ def extract_to_lake(
             waiting.append([threads[key].submit(write, key, out[key[1]]) for key in writers])
             drain(WRITE_DEPTH)
         drain(0)
+        t_close = time.perf_counter()
+        # every file closed and fsynced by its own thread, side by side; the renames follow when all succeeded
+        for f in [threads[key].submit(writers[key].finish) for key in writers]:
+            f.result()
         tokens_done.result()
+    closing = time.perf_counter() - t_close  # the renames (at the stack's exit) included
     if stats is None:
         raise ValueError(f"dataset {dataset!r} has no samples to extract")
     seconds = time.time() - t0
@@ -724,6 +730,8 @@ def extract_to_lake(
         "packed": stats.packed,
         # where host time went: a large wait means the Parquet writes, not the device, set the pace
         "writer_wait_seconds": waited[0],
+        # after the last batch: closing and fsyncing the files (the device idles meanwhile)
+        "writer_close_seconds": closing,
         **{f"writer_busy_seconds_{name}": sum(v for k, v in busy.items() if k[0] == name) for name in tables},
         **{f"active_features_per_sample_L{layer}": active_total[layer] / max(stats.n_samples, 1) for layer in layers},
         **{f"pooled_rows_L{layer}": active_total[layer] for layer in layers},

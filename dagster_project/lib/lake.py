@@ -182,6 +182,76 @@ def _key(path: LakePath) -> str:
     return path.path if isinstance(path, UPath) else str(path)
 
 
+# A streaming local writer makes its file durable as it goes, a sync per this many new bytes (``sync``), so
+# that closing it (the final fsync) has little left to write: the tail of an extraction stays short.
+SYNC_BYTES = 16 * 2**20
+_fdatasync = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
+
+
+class LocalPartWriter(pq.ParquetWriter):
+    """The ParquetWriter behind :meth:`Lake.writer` on a local lake: a hidden temp file that the context
+    renames into place. Beyond ``write_table``, a streaming caller may call, from its own thread:
+
+    - :meth:`sync` after a write: flush what reached the file so far to disk (every ``SYNC_BYTES``);
+    - :meth:`finish` when done: close and fsync the file (idempotent; the context's exit calls it anyway,
+      and then only renames), so the closes of many files run side by side instead of one after another.
+    """
+
+    def __init__(self, path: Path, schema: pa.Schema, **opts: Any) -> None:
+        super().__init__(str(path), schema, **opts)
+        self.path = path
+        self._fd: int | None = os.open(path, os.O_RDONLY)
+        self._synced = 0
+        self._done = False
+
+    def sync(self) -> None:
+        if self._fd is None:
+            return
+        size = os.fstat(self._fd).st_size
+        if size - self._synced >= SYNC_BYTES:
+            _fdatasync(self._fd)
+            self._synced = size
+
+    def finish(self) -> None:
+        if self._done:
+            return
+        self.close()
+        if self._fd is not None:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = None
+        self._done = True
+
+    def abort(self) -> None:
+        try:
+            self.close()
+        finally:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+
+class RemotePartWriter(pq.ParquetWriter):
+    """The ParquetWriter behind :meth:`Lake.writer` on a remote lake, over one multipart upload (``f``,
+    opened with ``autocommit=False``): :meth:`finish` writes the footer and uploads the last part (publishing
+    nothing; the context's exit completes the upload); :meth:`sync` does nothing (parts upload as they fill)."""
+
+    def __init__(self, f: Any, schema: pa.Schema, **opts: Any) -> None:
+        super().__init__(f, schema, **opts)  # a file object: closing the writer leaves f open
+        self.f = f
+        self._done = False
+
+    def sync(self) -> None:
+        pass
+
+    def finish(self) -> None:
+        if self._done:
+            return
+        self.close()
+        self.f.close()
+        self._done = True
+
+
 def lake_path(location: str | os.PathLike[str]) -> LakePath:
     """A lake path from its string form (as stored in tables and metadata): ``Path`` or ``UPath``."""
     text = os.fspath(location)
@@ -368,12 +438,13 @@ class Lake:
         layer: int | None = None,
         dataset: str | None = None,
         meta: dict[str, Any] | None = None,
-    ) -> Iterator[pq.ParquetWriter]:
+    ) -> Iterator[LocalPartWriter | RemotePartWriter]:
         """A ParquetWriter whose file replaces the partition's file only on success.
 
         Local: a hidden temp file, fsynced and renamed over the partition's file. Remote: one multipart
         upload streamed as it is written; only its completion at the end makes the object visible
-        (replacing the old one whole), and a failure aborts it.
+        (replacing the old one whole), and a failure aborts it. A streaming writer may call the writer's
+        ``sync`` after writes and ``finish`` from its own thread (see :class:`LocalPartWriter`).
         """
         final = self.file(table_name, layer, dataset)
         if meta is not None:
@@ -384,31 +455,28 @@ class Lake:
             return
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = final.parent / f".tmp-{uuid.uuid4().hex}.parquet.inprogress"
-        w = pq.ParquetWriter(str(tmp), schema, **parquet_opts(table_name))
+        w = LocalPartWriter(tmp, schema, **parquet_opts(table_name))
         try:
             yield w
-            w.close()
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
+            w.finish()
             os.replace(tmp, final)
         except BaseException:
             try:
-                w.close()
+                w.abort()
             finally:
                 tmp.unlink(missing_ok=True)
             raise
 
     @contextmanager
-    def _remote_writer(self, final: UPath, schema: pa.Schema, table_name: str) -> Iterator[pq.ParquetWriter]:
+    def _remote_writer(self, final: UPath, schema: pa.Schema, table_name: str) -> Iterator[RemotePartWriter]:
         # autocommit=False: close() uploads the last part but publishes nothing; commit() completes the
         # upload (the object appears whole, replacing any old one) and discard() aborts it. Opened through
         # _open, not open, which would also enlist the file in the filesystem's transaction bookkeeping.
         f = self.fs._open(_key(final), mode="wb", autocommit=False, block_size=REMOTE_BLOCK_SIZE)
-        w = pq.ParquetWriter(f, schema, **parquet_opts(table_name))  # a file object: closing the writer leaves f open
+        w = RemotePartWriter(f, schema, **parquet_opts(table_name))
         try:
             yield w
-            w.close()
-            f.close()
+            w.finish()
             f.commit()
         except BaseException:
             try:

@@ -85,6 +85,32 @@ def test_writer_in_batches(lake: Lake) -> None:
     assert lake.read_meta("token_activations", 3, "a") == META
 
 
+def test_streaming_writer_syncs_as_it_goes_and_finishes_apart(lake: Lake, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A streaming writer (the extraction's) flushes its file to disk every SYNC_BYTES and may close and
+    fsync it from its own thread (``finish``) before the context renames it; nothing shows until then."""
+    from dagster_project.lib import lake as lake_mod
+
+    synced: list[int] = []
+    monkeypatch.setattr(lake_mod, "SYNC_BYTES", 1)
+    monkeypatch.setattr(lake_mod, "_fdatasync", lambda fd: synced.append(fd))
+    lake.write("activations", _acts(4), layer=5, dataset="a", meta=META)
+    with lake.writer("activations", SCHEMA, 5, "a", META) as w:
+        w.write_table(_acts(10))
+        w.sync()
+        w.sync()  # nothing new since the last sync: no second flush
+        assert len(synced) == 1
+        w.write_table(_acts(10, start=10))
+        w.sync()
+        assert len(synced) == 2
+        w.finish()
+        w.finish()  # idempotent: the context's exit calls it again
+        assert not w.is_open
+        assert pq.read_table(w.path).num_rows == 20, "finish should leave a complete file"
+        assert lake.read("activations", 5, "a").num_rows == 4, "the old file stays until the rename"
+    assert lake.read("activations", 5, "a").column("sample_id").to_pylist() == list(range(20))
+    assert not [p for p in lake.partition_dir("activations", 5, "a").iterdir() if p.name.startswith(".tmp-")]
+
+
 def test_temp_leftover_invisible_and_cleaned(lake: Lake) -> None:
     lake.write("activations", _acts(3), layer=1, dataset="a")
     part = lake.partition_dir("activations", 1, "a")

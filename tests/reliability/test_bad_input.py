@@ -251,5 +251,6 @@ def test_activations_metadata_says_where_the_time_went(extracted: dict[str, Any]
     assert 0 <= meta["padding_fraction"] < 1
     assert meta["packed"] is False  # a CPU run pads (packing needs the GPU kernel)
     assert meta["writer_wait_seconds"] >= 0
+    assert meta["writer_close_seconds"] > 0  # the files' closes and fsyncs after the last batch
     for table in ("activations", "token_activations", "residuals"):
         assert meta[f"writer_busy_seconds_{table}"] > 0  # each table's writer thread did work
