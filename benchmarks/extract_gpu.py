@@ -301,6 +301,8 @@ def main() -> None:
                    help="a module with an older extract_to_lake (e.g. benchmarks/prev_extraction.py from an "
                         "earlier commit) timed first, with that commit's settings, as the baseline of this run")
     p.add_argument("--prev-batch-tokens", type=int, default=8192)
+    p.add_argument("--prev-compile", choices=["decoder", "elementwise"], default="decoder",
+                   help="how the previous commit compiled the model (elementwise before commit 1ac2721)")
     p.add_argument("--elementwise", action="store_true", help="also time the current path with compile_elementwise")
     p.add_argument("--no-extras", action="store_true", help="only the seed, previous and budget rows")
     p.add_argument("--gemms", action="store_true", help="also time the layer's GEMM shapes, separate vs fused")
@@ -389,8 +391,8 @@ def main() -> None:
         prev = importlib.util.module_from_spec(spec_)
         sys.modules["prev_extraction"] = prev
         spec_.loader.exec_module(prev)
-        modes.set("elementwise")
-        project(f"previous commit's path, batch_tokens {args.prev_batch_tokens}, compile_elementwise",
+        modes.set(args.prev_compile)
+        project(f"previous commit's path, batch_tokens {args.prev_batch_tokens}, compile_{args.prev_compile}",
                 args.prev_batch_tokens, impl=prev)
     if args.elementwise:
         modes.set("elementwise")

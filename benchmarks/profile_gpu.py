@@ -59,9 +59,44 @@ class NullLake:
         yield NullLake._Writer()
 
 
+class Gaps:
+    """Wraps ``batch_hidden`` to time, with CUDA events, each batch's forward pass on the device and the time
+    between one forward's end and the next one's start (the pooling of the batch, plus any wait for the
+    host), and counts the batches whose launch found the previous forward already finished (the device
+    had run dry: the host was late)."""
+
+    def __init__(self, fn) -> None:  # noqa: ANN001
+        self.fn = fn
+        self.reset()
+
+    def reset(self) -> None:
+        self.events: list[tuple[Any, Any]] = []
+        self.late = 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.events and self.events[-1][1].query():
+            self.late += 1
+        before = torch.cuda.Event(enable_timing=True)
+        before.record()
+        out = self.fn(*args, **kwargs)
+        after = torch.cuda.Event(enable_timing=True)
+        after.record()
+        self.events.append((before, after))
+        return out
+
+    def summary(self) -> str:
+        torch.cuda.synchronize()
+        ev = self.events
+        fwd = sum(b.elapsed_time(a) for b, a in ev) / 1e3
+        between = sum(ev[i][1].elapsed_time(ev[i + 1][0]) for i in range(len(ev) - 1)) / 1e3
+        return (f"device: forwards {fwd:.3f} s, between forwards {between:.3f} s; {self.late} of {len(ev)} "
+                f"launches found the device idle")
+
+
 def main() -> None:
+    from dagster_project.lib import extraction
+    from dagster_project.lib import lake as lake_mod
     from dagster_project.lib.extraction import (
-        batch_hidden,
         extract,
         extract_to_lake,
         initial_budget,
@@ -77,6 +112,8 @@ def main() -> None:
     p.add_argument("--batch-tokens", type=int, default=4096, help="0 = auto (sized by free memory)")
     p.add_argument("--texts", type=int, default=48)
     p.add_argument("--no-trace", action="store_true")
+    p.add_argument("--experiments", action="store_true",
+                   help="also stage 5 with the per-token rows uncompressed, and without the writers' syncs")
     args = p.parse_args()
     spec = CONFIGS[args.config]
     model, cfg = build_model(args.config)
@@ -93,15 +130,21 @@ def main() -> None:
     tokens = sum(t.n_real for t in items)
     results: dict[str, float] = {}
 
+    gaps = Gaps(extraction.batch_hidden)
+    extraction.batch_hidden = gaps  # extract looks the name up at each batch
+    batch_hidden = gaps
+
     def timed(label: str, fn) -> None:  # noqa: ANN001
         fn()  # warm-up: compile for every shape, cuBLAS tuning
         torch.cuda.synchronize()
+        gaps.reset()
         t = time.perf_counter()
         fn()
         torch.cuda.synchronize()
         dt = time.perf_counter() - t
         results[label] = tokens / dt
         print(f"{label:70s} {dt:7.3f} s  {tokens / dt:10,.0f} tok/s", flush=True)
+        print(f"{'':70s} {gaps.summary()}", flush=True)
 
     pack = can_pack(model, lm.device)  # as extract decides
 
@@ -142,6 +185,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         timed("5 extract_to_lake, Parquet lake", lambda: to_lake(Lake(tmp, "bench")))
         writers()
+        if args.experiments:
+            saved = dict(lake_mod.TABLE_PARQUET_OPTS["token_activations"])
+            lake_mod.TABLE_PARQUET_OPTS["token_activations"]["compression"] = "none"
+            timed("5u ... per-token rows uncompressed", lambda: to_lake(Lake(tmp, "bench")))
+            lake_mod.TABLE_PARQUET_OPTS["token_activations"] = saved
+            sync_bytes, lake_mod.SYNC_BYTES = lake_mod.SYNC_BYTES, 2**62
+            timed("5s ... no syncs while writing (all at the close)", lambda: to_lake(Lake(tmp, "bench")))
+            writers()
+            lake_mod.SYNC_BYTES = sync_bytes
         if not args.no_trace:
             from torch.profiler import ProfilerActivity, profile
 
