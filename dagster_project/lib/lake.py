@@ -184,7 +184,7 @@ def _key(path: LakePath) -> str:
 
 # A streaming local writer makes its file durable as it goes, a sync per this many new bytes (``sync``), so
 # that closing it (the final fsync) has little left to write: the tail of an extraction stays short.
-SYNC_BYTES = 16 * 2**20
+SYNC_BYTES = 2**20
 _fdatasync = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
 
 
