@@ -254,9 +254,9 @@ def run_project(lm, saes, items, batch_tokens: int, with_tokens: bool = True, im
 
 def run_forward_only(lm, items, layers, batch_tokens: int, pack: bool = False) -> dict:  # noqa: ANN001
     """The forward pass alone (project batching, stopped after the deepest layer): the GPU-bound ceiling."""
-    from dagster_project.lib.extraction import batch_hidden, length_batches
+    from dagster_project.lib.extraction import batch_hidden, plan_batches
 
-    batches = [[items[i] for i in b] for b in length_batches([len(t.ids) for t in items], batch_tokens)]
+    batches = [[items[i] for i in b] for b in plan_batches([len(t.ids) for t in items], batch_tokens, True)]
 
     def once() -> float:
         torch.cuda.synchronize()

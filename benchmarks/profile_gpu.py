@@ -72,6 +72,14 @@ class Gaps:
     def reset(self) -> None:
         self.events: list[tuple[Any, Any]] = []
         self.late = 0
+        self.begin = torch.cuda.Event(enable_timing=True)
+        self.begin.record()  # the device is idle here: its timestamp is the host's start
+        self.end: Any = None
+
+    def stop(self) -> None:
+        """Call when the host is done (before waiting for the device)."""
+        self.end = torch.cuda.Event(enable_timing=True)
+        self.end.record()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.events and self.events[-1][1].query():
@@ -89,8 +97,11 @@ class Gaps:
         ev = self.events
         fwd = sum(b.elapsed_time(a) for b, a in ev) / 1e3
         between = sum(ev[i][1].elapsed_time(ev[i + 1][0]) for i in range(len(ev) - 1)) / 1e3
-        return (f"device: forwards {fwd:.3f} s, between forwards {between:.3f} s; {self.late} of {len(ev)} "
-                f"launches found the device idle")
+        head = self.begin.elapsed_time(ev[0][0]) / 1e3
+        tail = ev[-1][1].elapsed_time(self.end) / 1e3
+        return (f"device: before the first forward {head:.3f} s, forwards {fwd:.3f} s, between forwards "
+                f"{between:.3f} s, after the last forward {tail:.3f} s; {self.late} of {len(ev)} launches found "
+                f"the device idle")
 
 
 def main() -> None:
@@ -100,7 +111,7 @@ def main() -> None:
         extract,
         extract_to_lake,
         initial_budget,
-        length_batches,
+        plan_batches,
         pool_device,
     )
     from dagster_project.lib.lake import Lake
@@ -113,7 +124,8 @@ def main() -> None:
     p.add_argument("--texts", type=int, default=48)
     p.add_argument("--no-trace", action="store_true")
     p.add_argument("--experiments", action="store_true",
-                   help="also stage 5 with the per-token rows uncompressed, and without the writers' syncs")
+                   help="also stage 5 with the per-token rows uncompressed, without the writers' syncs or with one "
+                        "per write, and with the last batch not cut down")
     args = p.parse_args()
     spec = CONFIGS[args.config]
     model, cfg = build_model(args.config)
@@ -126,7 +138,7 @@ def main() -> None:
     compile_decoder(model)
     layers = sorted(saes)
     budget = initial_budget(args.batch_tokens, lm.device) if args.batch_tokens > 0 else 8192
-    batches = [[items[i] for i in b] for b in length_batches([len(t.ids) for t in items], budget)]
+    batches = [[items[i] for i in b] for b in plan_batches([len(t.ids) for t in items], budget, True)]
     tokens = sum(t.n_real for t in items)
     results: dict[str, float] = {}
 
@@ -140,6 +152,7 @@ def main() -> None:
         gaps.reset()
         t = time.perf_counter()
         fn()
+        gaps.stop()
         torch.cuda.synchronize()
         dt = time.perf_counter() - t
         results[label] = tokens / dt
@@ -187,13 +200,20 @@ def main() -> None:
         writers()
         if args.experiments:
             saved = dict(lake_mod.TABLE_PARQUET_OPTS["token_activations"])
-            lake_mod.TABLE_PARQUET_OPTS["token_activations"]["compression"] = "none"
+            lake_mod.TABLE_PARQUET_OPTS["token_activations"].update(compression="none", compression_level=None)
             timed("5u ... per-token rows uncompressed", lambda: to_lake(Lake(tmp, "bench")))
             lake_mod.TABLE_PARQUET_OPTS["token_activations"] = saved
-            sync_bytes, lake_mod.SYNC_BYTES = lake_mod.SYNC_BYTES, 2**62
-            timed("5s ... no syncs while writing (all at the close)", lambda: to_lake(Lake(tmp, "bench")))
-            writers()
+            sync_bytes = lake_mod.SYNC_BYTES
+            for label, every in (("5s ... no syncs while writing (all at the close)", 2**62),
+                                 ("5e ... a sync after every write", 0)):
+                lake_mod.SYNC_BYTES = every
+                timed(label, lambda: to_lake(Lake(tmp, "bench")))
+                writers()
             lake_mod.SYNC_BYTES = sync_bytes
+            fraction, extraction.LAST_BATCH_FRACTION = extraction.LAST_BATCH_FRACTION, 1.0
+            timed("5l ... the last batch not cut down", lambda: to_lake(Lake(tmp, "bench")))
+            writers()
+            extraction.LAST_BATCH_FRACTION = fraction
         if not args.no_trace:
             from torch.profiler import ProfilerActivity, profile
 

@@ -146,6 +146,37 @@ def length_batches(lengths: Sequence[int], batch_tokens: int, max_batch: int = 2
     return batches[::-1]
 
 
+# On a GPU the last batch is cut down to about this fraction of the budget: what follows the last forward pass
+# (its compaction, Parquet encoding and the files' final fsync) cannot overlap the device, and is
+# proportional to that batch's size.
+LAST_BATCH_FRACTION = 1 / 8
+
+
+def small_last_batch(batches: list[list[int]], lengths: Sequence[int], tokens: float) -> list[list[int]]:
+    """``batches`` with the texts at the end of the last batch (the shortest) split off into a batch of
+    their own of at most ``tokens`` tokens, when the last batch is larger than that and has two texts or
+    more. Nothing is reordered otherwise."""
+    if not batches or len(batches[-1]) < 2:
+        return batches
+    last = batches[-1]
+    if sum(lengths[j] for j in last) <= tokens:
+        return batches
+    k, total = len(last), 0
+    while k > 1 and total + lengths[last[k - 1]] <= tokens:
+        k -= 1
+        total += lengths[last[k]]
+    if k == len(last):  # even its shortest text is larger than that
+        return batches
+    return [*batches[:-1], last[:k], last[k:]]
+
+
+def plan_batches(lengths: Sequence[int], batch_tokens: int, small_last: bool) -> list[list[int]]:
+    """:func:`length_batches`, and with ``small_last`` (what ``extract`` does on a GPU) the last batch cut
+    down by :func:`small_last_batch` to ``LAST_BATCH_FRACTION`` of the budget."""
+    out = length_batches(lengths, batch_tokens)
+    return small_last_batch(out, lengths, batch_tokens * LAST_BATCH_FRACTION) if small_last else out
+
+
 def pad_batch(rows: Sequence[Tokenized], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ``input_ids`` and ``attention_mask`` for a batch (causal attention: padding at the end
     never changes the real positions' outputs)."""
@@ -493,7 +524,12 @@ def extract(
     budget = initial_budget(batch_tokens, dev)
     stats = ExtractStats(n_samples=len(items), n_truncated=sum(t.truncated for t in items), batch_tokens=budget)
     lengths = [len(t.ids) for t in items]
-    batches = length_batches(lengths, budget)
+
+    def plan(idx: list[int]) -> list[list[int]]:
+        """Batches of the texts ``idx`` at the current budget (on a GPU, the last one small)."""
+        return [[idx[k] for k in b] for b in plan_batches([lengths[j] for j in idx], budget, cuda)]
+
+    batches = plan(list(range(len(items))))
     done = 0
 
     if pack is None:
@@ -530,8 +566,7 @@ def extract(
 
     def replan(first: int) -> None:
         """Cut the batches from ``first`` on again at the current ``budget``."""
-        rest = [j for b in batches[first:] for j in b]
-        batches[first:] = [[rest[k] for k in b] for b in length_batches([lengths[j] for j in rest], budget)]
+        batches[first:] = plan([j for b in batches[first:] for j in b])
 
     def account(rows: list[Tokenized]) -> None:
         nonlocal done

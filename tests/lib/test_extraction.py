@@ -13,6 +13,7 @@ from dagster_project.lib.extraction import (
     forward_layers,
     length_batches,
     pad_batch,
+    small_last_batch,
     tokenize,
     tokens_table,
 )
@@ -320,6 +321,23 @@ def test_profile_batch_tokens_auto_reaches_the_model_resource() -> None:
     off = big.model_copy(update={"model": big.model.model_copy(update={"pack": False})})
     assert resources_for(off, lake_root="/tmp/unused")["model"].pack is False
     assert off.config_hash() == big.config_hash()
+
+
+def test_small_last_batch_splits_off_the_shortest_texts() -> None:
+    """The last batch's shortest texts become a batch of their own within the token limit; every text stays
+    exactly once, in the same order; a small or single-text last batch is left as it is."""
+    lengths = [100, 90, 40, 30, 20, 10, 5]
+    batches = [[0, 1], [2, 3, 4, 5, 6]]
+    out = small_last_batch(batches, lengths, 36)
+    assert out == [[0, 1], [2, 3], [4, 5, 6]]  # 20 + 10 + 5 = 35 <= 36; 30 more would not fit
+    assert [j for b in out for j in b] == [j for b in batches for j in b]
+    assert small_last_batch(batches, lengths, 105) == batches  # the last batch (105 tokens) is small already
+    assert small_last_batch(batches, lengths, 4) == batches  # not even its shortest text fits
+    assert small_last_batch([[0], [1]], lengths, 10) == [[0], [1]]  # one text: nothing to split
+    assert small_last_batch([], lengths, 10) == []
+    # never leaves an empty batch: the longest text of the last batch stays where it was
+    assert small_last_batch([[2, 3, 4]], lengths, 1000 - 1) == [[2, 3, 4]]
+    assert small_last_batch([[2, 3, 4]], lengths, 60) == [[2], [3, 4]]
 
 
 def test_length_batches_are_the_cheapest_cut_of_the_sorted_order() -> None:
