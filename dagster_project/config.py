@@ -98,8 +98,9 @@ class Profile(BaseModel):
 PROFILES: dict[str, Profile] = {
     "default": Profile(
         name="default",
-        # float32 on the CPU: fast on every x86 CPU; bfloat16 is 2.7x faster only where the CPU has native bf16
-        # (AVX512-BF16 / AMX) and 5.8x slower where it has not (AVX2 only: torch falls back to a slow kernel)
+        # float32 on the CPU: fast on every x86 CPU. bfloat16 was 2.7x faster on the machine of DESIGN.md §6
+        # (likely one with native bf16, AVX512-BF16 / AMX; not checked) and 5.8x slower on an AVX2-only CPU
+        # (measured, BENCHMARKS.md: torch has no fast bf16 matmul there)
         model=ModelSpec(id="gguf:gemma3-270m", dtype="float32", max_tokens=1024),
         sae=SAESpec(source="train", width=4096, k=32),
         describer=DescriberSpec(backend="offline"),
