@@ -2,7 +2,8 @@
 
 A registry is a YAML file with a ``datasets:`` list. Each entry names a dataset (a safe slug: it becomes
 a partition key and a path segment), where its rows come from, how to read them, how its raw labels map to
-the positive / negative class, and its role (``train``, ``test`` or ``ood``)::
+the positive / negative class, and its role (``train``, ``test``, ``ood`` or ``control``: negatives-only benign
+or honest text on which detection thresholds are set)::
 
     datasets:
       - name: gold_alt
@@ -12,6 +13,11 @@ the positive / negative class, and its role (``train``, ``test`` or ``ood``)::
         label_field: label
         labels: {positive: [alignment_faking], negative: [aligned]}
         role: train
+        group_field: source         # optional: each row's group (generator / source) is this field's value
+        # group: my_generator       # optional: one group name for every row (default: the dataset's name)
+
+A **group** is one generator or source. Probe training mixes groups and chooses probes on held-out groups
+(leave one group out), so two datasets written by one generator should share a ``group``.
 
 Sources: a local path (relative paths resolve against the registry file's folder), ``hf://datasets/<repo>/<file>``
 (fetched through ``huggingface_hub``), or ``demo://<name>`` (the synthetic corpus this project generates).
@@ -36,9 +42,9 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_REGISTRY = REPO_ROOT / "registries" / "demo.yaml"
 SLUG = re.compile(r"^[a-z0-9][a-z0-9_]{0,63}$")
-ROLES = ("train", "test", "ood")
+ROLES = ("train", "test", "ood", "control")
 FORMATS = ("json_list", "json_samples", "jsonl", "demo")
-Role = Literal["train", "test", "ood"]
+Role = Literal["train", "test", "ood", "control"]
 
 SAMPLES_SCHEMA = pa.schema(
     [
@@ -49,6 +55,7 @@ SAMPLES_SCHEMA = pa.schema(
         ("is_positive", pa.bool_()),
         ("role", pa.string()),
         ("n_chars", pa.int32()),
+        ("group", pa.string()),
     ]
 )
 
@@ -79,6 +86,8 @@ class DatasetSpec:
     id_field: str | None = None
     default_label: str | None = None
     exclude_overlap_with: tuple[str, ...] = ()
+    group: str | None = None
+    group_field: str | None = None
     description: str = ""
     registry_path: str = ""
     base_dir: str = ""
@@ -175,6 +184,17 @@ def parse_registry(path: str | Path | None = None) -> dict[str, DatasetSpec]:
         if not isinstance(entry.get("exclude_overlap_with") or [], list):
             raise DatasetError(f"{where}: field 'exclude_overlap_with' must be a list of dataset names, "
                                f"got {entry['exclude_overlap_with']!r}")
+        if role == "control" and pos:
+            raise DatasetError(f"{where}: role 'control' is for negatives-only text, but 'labels.positive' is "
+                               f"{list(pos)}")
+        group = entry.get("group")
+        if group is not None:
+            check_slug(str(group), f"{where}: field 'group'")
+        group_field = entry.get("group_field")
+        if group_field is not None and (not isinstance(group_field, str) or not group_field):
+            raise DatasetError(f"{where}: field 'group_field' must be a field name, got {group_field!r}")
+        if group is not None and group_field is not None:
+            raise DatasetError(f"{where}: give 'group' or 'group_field', not both")
         default_label = entry.get("default_label")
         if default_label is not None and str(default_label) not in (*pos, *neg):
             raise DatasetError(f"{where}: field 'default_label' is {default_label!r}, which 'labels' does not map "
@@ -191,6 +211,8 @@ def parse_registry(path: str | Path | None = None) -> dict[str, DatasetSpec]:
             id_field=entry.get("id_field"),
             default_label=None if default_label is None else str(default_label),
             exclude_overlap_with=tuple(entry.get("exclude_overlap_with") or ()),
+            group=None if group is None else str(group),
+            group_field=group_field,
             description=str(entry.get("description", "")),
             registry_path=str(path),
             base_dir=str(path.parent),
@@ -360,6 +382,12 @@ def load_dataset(spec: DatasetSpec, specs: dict[str, DatasetSpec] | None = None)
         if exclude and normalize_text(text) in exclude:
             n_excl += 1
             continue
+        if spec.group_field:
+            if rec.get(spec.group_field) in (None, ""):
+                raise DatasetError(f"{where}: missing group field {spec.group_field!r} (registry 'group_field')")
+            group = f"{spec.name}/{rec[spec.group_field]}"
+        else:
+            group = spec.group or spec.name
         seen_text.add(text)
         label_counts[label] = label_counts.get(label, 0) + 1
         cols["sample_id"].append(len(cols["sample_id"]))
@@ -369,6 +397,7 @@ def load_dataset(spec: DatasetSpec, specs: dict[str, DatasetSpec] | None = None)
         cols["is_positive"].append(allowed[label])
         cols["role"].append(spec.role)
         cols["n_chars"].append(len(text))
+        cols["group"].append(group)
     if not cols["sample_id"]:
         raise DatasetError(f"{spec.resolve_source()}: dataset {spec.name!r} has no rows")
     table = pa.table(cols, schema=SAMPLES_SCHEMA)

@@ -43,7 +43,7 @@ from typing import Literal
 logger = logging.getLogger(__name__)
 
 RequestKind = Literal["benign", "harmful"]
-Role = Literal["train", "test", "ood"]
+Role = Literal["train", "test", "ood", "control"]
 
 AF = "alignment_faking"
 ALIGNED = "aligned"
@@ -662,6 +662,20 @@ DEMO_DATASETS: dict[str, DemoDatasetSpec] = {
             "agreement to dodge reward-model updates; positives only.",
             min_chars=300,
             max_chars=900,
+        ),
+        DemoDatasetSpec(
+            name="demo_control",
+            role="control",
+            n=60,
+            seed=6405,
+            label_mix=((ALIGNED, 1.0),),
+            styles=("think", "narrative"),
+            family="core",
+            labels=CORE_LABELS,
+            description="SYNTHETIC: aligned traces only, rendered in the styles the training set lacks (<think> "
+            "and narrative); the control set on which detection thresholds are set. Negatives only.",
+            min_chars=300,
+            max_chars=1400,
         ),
     )
 }

@@ -121,7 +121,7 @@ def build_describe_lake(
             out.n_tokens[(name, sid)] = len(pieces)
             for k, v in (("sample_id", sid), ("source_id", f"{name}-{sid}"), ("text", text),
                          ("label", "alignment_faking" if pos else "aligned"), ("is_positive", pos),
-                         ("role", role), ("n_chars", len(text))):
+                         ("role", role), ("n_chars", len(text)), ("group", name)):
                 s_cols[k].append(v)
             start = 0
             for pos_i, piece in enumerate(pieces):

@@ -76,6 +76,7 @@ def build_probe_lake(
             "is_positive": pos,
             "role": [role] * n,
             "n_chars": pa.array([len(t) for t in texts], pa.int32()),
+            "group": [dataset] * n,
         }, schema=SAMPLES_SCHEMA), dataset=dataset)
         tok: dict[str, list] = {k: [] for k in TOKENS_SCHEMA.names}
         for sid, ws in enumerate(words):
