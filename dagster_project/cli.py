@@ -21,6 +21,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from dagster_project.config import REPO_ROOT
 
@@ -161,33 +162,78 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
+    """Run one read-only query and print its rows; every failure is one line on stderr, never a traceback.
+
+    Exit status: 0 answered, 1 the query or the lake failed (syntax, unknown view, unreadable Parquet,
+    an error while the rows are fetched or formatted), 2 the statement was refused (not read-only).
+    """
     from dagster_project.config import load_profile
-    from dagster_project.lib.catalog import ReadOnlyError, query
+    from dagster_project.lib.catalog import ReadOnlyError, find_damaged, is_data_error, query
     from dagster_project.lib.lake import Lake
     from dagster_project.resources import default_lake_root
 
-    query_text = args.query if args.query != "-" else sys.stdin.read()
-    lake = Lake(default_lake_root(), load_profile().name)
+    lake, query_text = None, ""
     try:
+        query_text = args.query if args.query != "-" else sys.stdin.read()
+        lake = Lake(default_lake_root(), load_profile().name)
         rel = query(lake, query_text)
+        text = None if rel is None else format_relation(rel, args.format, args.max_rows)
     except ReadOnlyError as e:
-        sys.stderr.write(f"featurelake sql: {e}\n")
+        sys.stderr.write(f"featurelake sql: {one_line(e)}\n")
         return 2
-    except Exception as e:  # duckdb errors: show them plainly
-        sys.stderr.write(f"featurelake sql: {e}\n")
+    except Exception as e:  # duckdb, the lake, a profile: say it plainly, on one line
+        msg = one_line(e)
+        if lake is not None and is_data_error(e):  # DuckDB names no file when a file's pages are bad
+            try:
+                found = find_damaged(lake, query_text)
+            except Exception:  # noqa: BLE001 - the search only explains the error; it must not replace it
+                found = None
+            msg = (f"{found[0]} is not a readable Parquet file ({one_line(Exception(found[1]))}); rerun the "
+                   "partition that wrote it to rewrite it" if found else
+                   f"{msg} (a Parquet file under {lake.base} may be damaged)")
+        sys.stderr.write(f"featurelake sql: {msg}\n")
         return 1
-    if rel is None:
-        return 0
-    if args.format == "csv":
-        _emit(rel.pl().write_csv())
-    elif args.format == "json":
-        _emit(json.dumps(rel.pl().to_dicts(), default=str, indent=1))
-    else:
-        import polars as pl
-
-        with pl.Config(tbl_rows=args.max_rows, tbl_cols=-1, fmt_str_lengths=60, tbl_width_chars=200):
-            _emit(str(rel.pl()))
+    if text is not None:
+        try:
+            _emit(text)
+            sys.stdout.flush()
+        except BrokenPipeError:  # `featurelake sql ... | head`: the reader has gone, which is no error of ours
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
+
+
+# DuckDB types polars cannot hold or CSV cannot write: nested ones become JSON text, the others their SQL text.
+_NESTED = {"list", "struct", "map", "array", "union"}
+_AS_TEXT = {"interval", "bit", "blob", "varint", "bignum"}
+
+
+def format_relation(rel: Any, fmt: str, max_rows: int = 50) -> str:
+    """A query's rows as ``csv`` (nested values as JSON text in their cells), ``json`` (a list of objects,
+    nested values as JSON arrays / objects) or ``table`` (polars' table, nested values as JSON text)."""
+    q = rel.query("q", "select * from q")  # duplicate column names get suffixes (a, a_1) here
+    if fmt == "json":
+        rows = [json.loads(r[0]) for r in q.query("q", "select to_json(q) from q").fetchall()]
+        return json.dumps(rows, indent=1)
+    cols = []
+    for name, typ in zip(q.columns, q.types, strict=True):
+        ident = '"' + name.replace('"', '""') + '"'
+        kind = str(typ.id).lower()
+        cols.append(f"to_json({ident})::varchar as {ident}" if kind in _NESTED else
+                    f"cast({ident} as varchar) as {ident}" if kind in _AS_TEXT else ident)
+    frame = q.query("q", f"select {', '.join(cols)} from q").pl() if cols else q.pl()
+    if fmt == "csv":
+        return frame.write_csv()
+    import polars as pl
+
+    with pl.Config(tbl_rows=max_rows, tbl_cols=-1, fmt_str_lengths=60, tbl_width_chars=200):
+        return str(frame)
+
+
+def one_line(e: BaseException) -> str:
+    """An error as one line: DuckDB's multi-line messages joined, their ``LINE 1: ... ^^^`` pointer dropped."""
+    lines = [x.strip() for x in str(e).splitlines()]
+    kept = [x for x in lines if x and not x.startswith("LINE ") and set(x) - {"^", " "}]
+    return " ".join(kept) or type(e).__name__
 
 
 def cmd_layers(args: argparse.Namespace) -> int:

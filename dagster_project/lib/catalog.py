@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -188,3 +189,46 @@ def query(lake: Lake, sql: str) -> duckdb.DuckDBPyRelation | None:
     check_read_only(con, sql)
     create_views(con, lake)
     return con.sql(sql)
+
+
+# Errors DuckDB raises when the bytes of a Parquet file are bad (a thrift or decompression failure) rather
+# than the query: its message then names no file.
+_DATA_ERROR = re.compile(r"parquet|thrift|zstd|snappy|decompress|don't know what type|corrupt|invalid page", re.I)
+
+
+def is_data_error(e: BaseException) -> bool:
+    """Whether ``e`` looks like a damaged file rather than a bad query (DuckDB names no file for these)."""
+    if not isinstance(e, duckdb.Error) or ".parquet" in str(e):
+        return False
+    return type(e) in (duckdb.Error, duckdb.IOException, duckdb.InternalException) or bool(_DATA_ERROR.search(str(e)))
+
+
+def find_damaged(lake: Lake, sql: str = "", budget_s: float = 20.0) -> tuple[str, str] | None:
+    """``(path, error)`` of the first Parquet file of the lake that DuckDB cannot read in full, else ``None``.
+
+    Looks at the tables the query names first (every table when it names none), reading each file whole;
+    gives up after ``budget_s`` seconds (a large lake is not scanned to the end to explain one error).
+    A remote lake is not scanned.
+    """
+    if lake.remote:
+        return None
+    tables = _tables(lake)
+    words = set(re.findall(r"[a-z_][a-z0-9_]*", sql.lower()))
+    named = [t for t in tables if t in words] or list(tables)
+    deadline = time.monotonic() + budget_s
+    con = duckdb.connect()
+    try:
+        for name in named:
+            root = Path(tables[name][0]).parent.parent  # <folder>/**/*.parquet
+            for f in sorted(root.rglob("*.parquet")):
+                if any(p.startswith(".") for p in f.relative_to(root).parts):
+                    continue
+                if time.monotonic() > deadline:
+                    return None
+                try:
+                    con.sql("select * from read_parquet($path)", params={"path": str(f)}).to_arrow_table()
+                except duckdb.Error as e:
+                    return str(f), str(e).strip()
+    finally:
+        con.close()
+    return None

@@ -242,3 +242,75 @@ def test_cli_sql_refused_and_failing(cli_env: Lake, capsys: pytest.CaptureFixtur
     err = capsys.readouterr()
     assert "no_such_view" in err.err and err.out == ""
     assert main(["sql", "select count(*) as n from activations", "--format", "json"]) == 0, "views must survive"
+
+
+NESTED = "select [1, 2] as x, {'a': 1} as y"
+
+
+def test_cli_sql_nested_values_in_csv(cli_env: Lake, capsys: pytest.CaptureFixture[str]) -> None:
+    """Lists and structs become JSON text in their CSV cells (polars cannot write them as they are)."""
+    from dagster_project.cli import main
+
+    assert main(["sql", NESTED, "--format", "csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [{k: json.loads(v) for k, v in r.items()} for r in rows] == [{"x": [1, 2], "y": {"a": 1}}]
+    assert main(["sql", "select map {'k': 2} as m, [{'b': [1.5]}] as z, interval 1 day as iv", "--format", "csv"]) == 0
+    (row,) = csv.DictReader(io.StringIO(capsys.readouterr().out))
+    assert json.loads(row["m"]) == {"k": 2} and json.loads(row["z"]) == [{"b": [1.5]}] and row["iv"] == "1 day"
+
+
+def test_cli_sql_nested_values_in_json(cli_env: Lake, capsys: pytest.CaptureFixture[str]) -> None:
+    """Nested values stay nested; decimals are numbers; repeated column names get suffixes, not dropped."""
+    from dagster_project.cli import main
+
+    assert main(["sql", NESTED, "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out) == [{"x": [1, 2], "y": {"a": 1}}]
+    assert main(["sql", "select 1.5 as d, 2 as d, [{'b': [1.5]}] as z, null as n", "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out) == [{"d": 1.5, "d_1": 2, "z": [{"b": [1.5]}], "n": None}]
+
+
+def test_cli_sql_nested_values_in_table(cli_env: Lake, capsys: pytest.CaptureFixture[str]) -> None:
+    from dagster_project.cli import main
+
+    assert main(["sql", NESTED]) == 0
+    out = capsys.readouterr().out
+    assert "[1,2]" in out and '{"a":1}' in out, out
+
+
+def test_cli_sql_errors_are_one_line(cli_env: Lake, capsys: pytest.CaptureFixture[str]) -> None:
+    """Syntax error, unknown view, refused statement, an error raised while the rows are fetched: one line
+    on stderr naming the problem, nothing on stdout, a non-zero exit, no traceback."""
+    from dagster_project.cli import main
+
+    cases = [("selec 1", 2, "syntax error"), ("select * from no_such_view", 1, "no_such_view"),
+             ("copy samples to 'x.csv'", 2, "read-only"), ("select error('boom at fetch') as x", 1, "boom at fetch")]
+    for sql, rc, expect in cases:
+        for fmt in ("table", "csv", "json"):
+            assert main(["sql", sql, "--format", fmt]) == rc, (sql, fmt)
+            got = capsys.readouterr()
+            assert got.out == "" and expect in got.err, (sql, fmt, got)
+            assert got.err.startswith("featurelake sql: ") and got.err.count("\n") == 1, got.err
+            assert "Traceback" not in got.err and "LINE 1" not in got.err, got.err
+
+
+def test_cli_sql_torn_and_corrupt_parquet_are_one_line(cli_env: Lake, capsys: pytest.CaptureFixture[str]) -> None:
+    """A torn file (no footer) fails when the views are built; a file with garbage in its data pages only when
+    the rows are read: both are one line naming the file."""
+    from dagster_project.cli import main
+
+    part = cli_env.file("activations", 1, "train_a")
+    data = part.read_bytes()
+    part.write_bytes(data[: len(data) // 2])
+    assert main(["sql", "select count(*) from samples", "--format", "csv"]) == 1
+    got = capsys.readouterr()
+    assert str(part) in got.err and got.err.count("\n") == 1 and got.out == "", got
+
+    footer = int.from_bytes(data[-8:-4], "little") + 8  # the footer and its length stay: the schema reads
+    garbled = bytearray(data)
+    garbled[4 : len(data) - footer] = b"\xff" * (len(data) - footer - 4)
+    part.write_bytes(bytes(garbled))
+    for fmt in ("table", "csv", "json"):
+        assert main(["sql", "select sum(max_act) from activations", "--format", fmt]) == 1, fmt
+        got = capsys.readouterr()
+        assert got.out == "" and got.err.count("\n") == 1 and "Traceback" not in got.err, got
+        assert f"{part} is not a readable Parquet file" in got.err, got.err  # found by reading the files
