@@ -21,6 +21,7 @@ from dagster_project.lib.evaluation import (
     feature_infos,
     headline_numbers,
     load_saved_probes,
+    lodo_table,
     markdown_images,
     markdown_table,
     probe_scores,
@@ -40,8 +41,10 @@ PROBES_TABLE = "stats/probes"
 METRICS_TABLE = "stats/probe_metrics"
 SCORES_TABLE = "stats/probe_scores"
 CROSS_TABLE = "stats/probe_cross_distribution"
+LODO_TABLE = "stats/lodo_metrics"
 
-_PREVIEW_PROBES = ["probe_id", "kind", "n_features", "n_nonzero", "cv_auroc", "cv_std", "cv_rank"]
+_PREVIEW_PROBES = ["probe_id", "kind", "n_features", "n_nonzero", "rank", "selection_score", "lodo_mean_auroc",
+                   "cv_auroc", "cv_rank", "degenerate"]
 _PREVIEW_METRICS = ["probe", "eval_dataset", "eval_role", "auroc", "auroc_ci_low", "auroc_ci_high", "accuracy",
                     "tpr_at_1pct_fpr", "detection_rate", "n_pos", "n_neg"]
 
@@ -84,9 +87,13 @@ def probes(context: dg.AssetExecutionContext, config: ProbeConfig, lake: LakeRes
     as sparse matrices. Feature sets: the features classified relevant (score >= ``relevant_threshold``,
     when ``classifications`` exist), the top-N by ``feature_stats`` selectivity, and every active feature;
     L1 and L2 logistic regression over the C grid, then the transforms on the best setting; a dense L2
-    baseline on the pooled residual vectors. Cross-validated on the training datasets (every
-    ``train``-role dataset unless ``train_datasets`` names others). Every probe is saved under
-    ``probes_saved/layer=L/<probe_id>`` with its provenance; the ``probes`` table lists them."""
+    baseline on the pooled residual vectors. Trained on a mixture of groups (every ``train``-role dataset
+    unless ``train_datasets`` names others; a group is one generator or source) and chosen out of
+    distribution: leave one group out (``lodo_metrics``, the worst or mean held-out-group AUROC) where
+    there are two groups or more, else group-aware CV (near-duplicate texts in one fold). Thresholds are
+    set on the ``control`` sets. Degenerate probes (no non-zero weight) are marked and never best.
+    Every probe is saved under ``probes_saved/layer=L/<probe_id>`` with its provenance; the ``probes``
+    table lists them."""
     layer = int(context.partition_key)
     lk = lake.lake
     settings = config.settings()
@@ -103,11 +110,20 @@ def probes(context: dg.AssetExecutionContext, config: ProbeConfig, lake: LakeRes
         raise dg.Failure(str(e)) from e
     table = save_probes(lk, trained, provenance)
     path = lk.write(PROBES_TABLE, table, layer=layer, meta={**provenance, "layer": layer})
-    by_rank = table.sort_by([("kind", "descending"), ("cv_rank", "ascending")])
+    lodo = lodo_table(trained)
+    lodo_path = lk.write(LODO_TABLE, lodo, layer=layer, meta={**provenance, "layer": layer})
+    by_rank = table.sort_by([("kind", "descending"), ("rank", "ascending")])
     best = {r["kind"]: r for r in table.to_pylist() if r["is_best"]}
+
+    def said(v: dict[str, Any]) -> str:
+        score = v["selection_score"]
+        return (f"{v['probe_id']} ({trained.selection} {trained.criterion if trained.selection == 'lodo' else ''} "
+                f"{'-' if score is None else f'{score:.3f}'}, CV {v['cv_auroc']:.3f})")
+
     context.log.info(
-        f"layer {layer}: {table.num_rows} probes on {trained.train_datasets}; best "
-        + ", ".join(f"{k} {v['probe_id']} (CV AUROC {v['cv_auroc']:.3f})" for k, v in best.items())
+        f"layer {layer}: {table.num_rows} probes on {trained.train_datasets} ({len(trained.groups)} groups, "
+        f"{len(trained.held_out_groups)} held out in turn, controls {trained.control_datasets}); best "
+        + ", ".join(f"{k} {said(v)}" for k, v in best.items())
     )
     metadata: dict[str, Any] = {
         "dagster/row_count": table.num_rows,
@@ -118,19 +134,31 @@ def probes(context: dg.AssetExecutionContext, config: ProbeConfig, lake: LakeRes
         "active_features": trained.n_active,
         "feature_sets": dg.MetadataValue.json(trained.feature_set_sizes),
         "used_classifications": trained.used_classifications,
+        "selection": trained.selection,
+        "criterion": trained.criterion,
+        "groups": dg.MetadataValue.json(trained.groups),
+        "held_out_groups": dg.MetadataValue.json(trained.held_out_groups),
+        "control_datasets": dg.MetadataValue.json(trained.control_datasets),
+        "near_duplicate_clusters": trained.n_near_dup_clusters,
+        "degenerate_probes": int(sum(bool(x) for x in table.column("degenerate").to_pylist())),
+        "lodo_rows": lodo.num_rows,
         "best_cv": dg.MetadataValue.md(
             markdown_table(table.filter(pc.field("is_best")),
-                           ["kind", "probe_id", "n_features", "n_nonzero", "cv_auroc", "cv_std"])
+                           ["kind", "probe_id", "n_features", "n_nonzero", "selection_score", "lodo_mean_auroc",
+                            "cv_auroc", "cv_std", "threshold_source"])
         ),
         "preview": dg.MetadataValue.md(markdown_table(by_rank, _PREVIEW_PROBES, max_rows=25)),
         "config": dg.MetadataValue.json(settings.to_json()),
         "provenance": dg.MetadataValue.json(provenance),
         "path": dg.MetadataValue.path(str(path)),
+        "lodo_path": dg.MetadataValue.path(str(lodo_path)),
         "probes_dir": dg.MetadataValue.path(str(saved_dir(lk, layer))),
     }
     for k, v in best.items():
         metadata[f"best_{k}"] = v["probe_id"]
         metadata[f"best_{k}_cv_auroc"] = float(v["cv_auroc"])
+        if v["selection_score"] is not None:
+            metadata[f"best_{k}_selection_score"] = float(v["selection_score"])
     if trained.dense_skipped:
         metadata["dense_skipped"] = trained.dense_skipped
     return dg.MaterializeResult(metadata=metadata)

@@ -154,8 +154,27 @@ class ProbeConfig(dg.Config):
     """
 
     train_datasets: list[str] = Field(
-        default=[], description="datasets to train on; empty = every dataset whose role is 'train' "
-        "(positive-only datasets may be named too; the class balance is reported)"
+        default=[], description="the training mixture: datasets to train on; empty = every dataset whose role is "
+        "'train' (positive-only and negative-only datasets may join; the class balance is reported). Their "
+        "samples' groups (registry 'group' / 'group_field') are what leave-one-group-out holds out"
+    )
+    selection: str = Field(
+        "auto", description="how the best probe is chosen: 'lodo' (leave one group out: the worst or mean "
+        "held-out-group AUROC), 'cv' (training cross-validation), 'auto' (lodo where at least two groups "
+        "can be held out, else cv)"
+    )
+    criterion: str = Field("worst", description="lodo: rank by the 'worst' or the 'mean' held-out-group AUROC")
+    weighting: str = Field(
+        "none", description="sample weights across groups within a class: 'none' (class balance only), "
+        "'sqrt' (a group counts by the square root of its size), 'balanced' (every group alike)"
+    )
+    min_group: int = Field(10, ge=2, description="groups smaller than this are never held out (they always train)")
+    control_as_negatives: bool = Field(
+        False, description="the control sets' calibration half also trains as negatives (thresholds then come "
+        "from its out-of-fold scores)"
+    )
+    control_fpr: float = Field(
+        0.01, ge=0, lt=1, description="false-positive rate on the control sets at which thresholds are set"
     )
     top_n: list[int] = Field(default=[10, 20, 50, 100, 200, 500], description="top-N-by-|selectivity| feature sets")
     include_all: bool = Field(True, description="also probe every active feature")
@@ -207,6 +226,12 @@ class ProbeConfig(dg.Config):
             dense_Cs=tuple(self.dense_Cs),
             folds=self.folds,
             seed=self.seed,
+            selection=self.selection,
+            criterion=self.criterion,
+            weighting=self.weighting,
+            min_group=self.min_group,
+            control_as_negatives=self.control_as_negatives,
+            control_fpr=self.control_fpr,
         )
         return EvalSettings(
             grid=grid,

@@ -18,7 +18,12 @@ Pure functions over a DuckDB connection that has the lake's views (``catalog.vie
    feature of the best SAE probe (description, relevance, weight, selectivity, firing rates, top
    windows with the firing tokens highlighted), written aside and renamed into place.
 
-"Best" is always chosen on training cross-validation (``cv_auroc``), never on an evaluation set.
+"Best" is chosen on the training mixture only, never on an evaluation set: by leave-one-group-out (the
+worst, or mean, AUROC over held-out groups; ``lib/selection.py``) where the training sets hold at least two
+groups, else by training cross-validation (``ProbeGridConfig.selection``). Degenerate probes (no non-zero
+weight) are never best. Thresholds are set on the calibration half of the ``control``-role datasets (even
+``sample_id``s) where the lake has one; their check half (odd ids) gives the held-out control false-positive
+rate.
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ from dagster_project.lib.probes import (
     ProbeGridConfig,
     ProbeResult,
     ProbeSpec,
+    SelectionPlan,
     active_feature_ids,
     cross_validate,
     dense_design,
@@ -73,6 +79,7 @@ from dagster_project.lib.probes import (
     select_columns,
     sparse_design,
 )
+from dagster_project.lib.selection import group_weights, lodo_splits, near_duplicate_clusters
 from dagster_project.sql import relation
 
 logger = logging.getLogger(__name__)
@@ -82,6 +89,8 @@ SAVED_DIR = "probes_saved"
 SAVED_MARKER = "config.json"  # written last into probes_saved/layer=L (uploaded last on S3)
 REPORT_DIR = "report"
 REPORT_FILES = "probes"  # sub-folder of report/layer=L holding this report's figures and feature pages
+CONTROL_ROLE = "control"
+CALIBRATION, CHECK = "calibration", "check"  # the two halves of a control set: even / odd sample_id
 _PROBE_ID = re.compile(r"^[A-Za-z0-9_.+-]{1,200}$")
 
 
@@ -195,6 +204,22 @@ class LayerData:
     def raw_labels(self, datasets: Sequence[str]) -> list[Any]:
         return self.samples_of(datasets)["label"].to_list()
 
+    def controls(self, exclude: Sequence[str] = ()) -> list[str]:
+        """The ``control``-role datasets extracted at this layer (negatives-only benign or honest text)."""
+        return [d for d in self.extracted if self.role(d) == CONTROL_ROLE and d not in exclude]
+
+    def control_half(self, datasets: Sequence[str], half: str) -> pl.DataFrame:
+        """The ``calibration`` (even ``sample_id``: thresholds are set here) or ``check`` (odd: held-out
+        false-positive rates) half of control sets."""
+        parity = 0 if half == CALIBRATION else 1
+        return self.samples_of(datasets).filter(pl.col("sample_id") % 2 == parity)
+
+    def eval_samples(self, dataset: str) -> pl.DataFrame:
+        """The samples a probe is evaluated on: a control set's check half, any other set whole."""
+        if self.role(dataset) == CONTROL_ROLE:
+            return self.control_half([dataset], CHECK)
+        return self.samples_of([dataset])
+
     # -- designs ---------------------------------------------------------------------------
 
     def rows(self, datasets: Sequence[str]) -> pl.DataFrame:
@@ -234,11 +259,27 @@ class LayerData:
     ) -> tuple[NDArray[np.float64], NDArray[np.int8], list[tuple[str, int]]]:
         return dense_design(self.residual_rows(datasets), self.samples_of(datasets), pooling)  # type: ignore[arg-type]
 
+    def sparse_for(
+        self, samples: pl.DataFrame, feature_ids: Sequence[int] | NDArray[np.int64], value: str
+    ) -> tuple[Any, NDArray[np.int8], list[tuple[str, int]]]:
+        """``sparse`` over any subset of samples (rows follow ``samples``)."""
+        datasets = sorted(set(samples["dataset"].to_list()))
+        return sparse_design(self.rows(datasets), samples, feature_ids, value)
+
+    def dense_for(
+        self, samples: pl.DataFrame, pooling: str
+    ) -> tuple[NDArray[np.float64], NDArray[np.int8], list[tuple[str, int]]]:
+        datasets = sorted(set(samples["dataset"].to_list()))
+        return dense_design(self.residual_rows(datasets), samples, pooling)  # type: ignore[arg-type]
+
     def design_for(self, probe: FittedProbe, datasets: Sequence[str]) -> tuple[Matrix, NDArray[np.int8], list]:
         """The design ``probe`` scores: its own SAE features, or its residual pooling."""
         if probe.spec.is_dense:
             return self.dense(datasets, probe.spec.pooling)
         return self.sparse(datasets, probe.spec.feature_ids, probe.spec.value)
+
+    def groups_of(self, samples: pl.DataFrame) -> list[str]:
+        return samples["group"].to_list()
 
 
 def resolve_train_datasets(data: LayerData, requested: Sequence[str] = ()) -> list[str]:
@@ -254,7 +295,7 @@ def resolve_train_datasets(data: LayerData, requested: Sequence[str] = ()) -> li
             raise EvaluationError(f"train_datasets {unknown} are not in the samples table; known: {known}")
         train = sorted(set(requested))
     else:
-        train = [d for d in known if data.role(d) == "train"]
+        train = [d for d in known if data.role(d) == "train"]  # control sets join only as configured
         if not train:
             raise EvaluationError(f"no dataset has role 'train' (datasets: {known}); name train_datasets in config")
     missing = [d for d in train if d not in data.extracted]
@@ -342,41 +383,94 @@ class TrainedProbes:
     sae: list[ProbeResult]
     dense: list[ProbeResult]
     dense_skipped: str | None = None
+    selection: str = "cv"
+    criterion: str = "worst"
+    groups: dict[str, dict[str, int]] = field(default_factory=dict)
+    held_out_groups: list[str] = field(default_factory=list)
+    control_datasets: list[str] = field(default_factory=list)
+    n_near_dup_clusters: int = 0
 
     @property
     def results(self) -> list[ProbeResult]:
         return [*self.sae, *self.dense]
 
 
+def _group_balance(samples: pl.DataFrame) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    for (g,), sub in sorted(samples.group_by(["group"]), key=lambda kv: str(kv[0][0])):
+        n_pos = int(sub["is_positive"].sum())
+        out[str(g)] = {"n": sub.height, "n_pos": n_pos, "n_neg": sub.height - n_pos}
+    return out
+
+
 def train_probes(
     con: duckdb.DuckDBPyConnection, layer: int, settings: EvalSettings, data: LayerData | None = None
 ) -> TrainedProbes:
-    """Cross-validate and fit the SAE probe grid and the dense baselines on the training datasets."""
+    """Search the SAE probe grid and the dense baselines on the training mixture and choose among them.
+
+    Each probe is cross-validated with folds that keep near-duplicate texts together and, when the
+    mixture holds at least two groups (or ``selection`` is ``lodo``), held out group by group; the
+    results come back best first by the plan's selection score. Thresholds come from the control sets'
+    calibration half where the lake has control sets (``control_as_negatives``: that half trains as
+    extra negatives and the thresholds come from its out-of-fold scores)."""
     data = data or LayerData(con, layer)
     grid = settings.grid
     train = resolve_train_datasets(data, settings.train_datasets)
+    controls = data.controls(exclude=train)
+    cal, chk = data.control_half(controls, CALIBRATION), data.control_half(controls, CHECK)
+    tr_samples = data.samples_of(train)
+    control_rows = None
+    if grid.control_as_negatives and cal.height:
+        control_rows = np.arange(tr_samples.height, tr_samples.height + cal.height, dtype=np.int64)
+        tr_samples = pl.concat([tr_samples, cal])
+        cal = cal.clear()
     balance = data.balance(train)
-    rows = data.rows(train)
-    active = active_feature_ids(rows)
+    active = active_feature_ids(data.rows(sorted(set(tr_samples["dataset"].to_list()))))
     if active.size == 0:
         raise EvaluationError(f"no SAE feature fires on the training datasets {train} at layer {layer}")
-    X, y, _ = data.sparse(train, active, grid.value)
+    X, y, _ = data.sparse_for(tr_samples, active, grid.value)
+    groups = data.groups_of(tr_samples)
+    clusters = near_duplicate_clusters(tr_samples["text"].to_list())
+    weights = None if grid.weighting == "none" else group_weights(groups, y, grid.weighting)  # type: ignore[arg-type]
+    splits = lodo_splits(groups, y, clusters, grid.min_group)
+    mode = grid.selection
+    if mode == "auto":
+        mode = "lodo" if len(splits) >= 2 else "cv"
+    if mode == "lodo" and not splits:
+        raise EvaluationError(
+            f"selection 'lodo' needs a training group of at least {grid.min_group} samples whose removal leaves "
+            f"both classes; the mixture {train} has groups {_group_balance(tr_samples)}: add groups "
+            "(registry 'group' / 'group_field') or set selection to 'cv'"
+        )
+    plan = SelectionPlan(
+        mode=mode, criterion=grid.criterion, splits=splits if mode == "lodo" else [], clusters=clusters,
+        weights=weights, control_rows=control_rows, control_fpr=grid.control_fpr, min_act=grid.min_act,
+        n_boot=grid.lodo_n_boot,
+    )
     selectivity = read_selectivity(con, layer)
     classes = read_classification_scores(con, layer)
     sets = feature_sets(grid, selectivity, active, classes)
-    logger.info("layer %d: training on %s (%s), feature sets %s", layer, train, balance["total"],
-                {k: len(v) for k, v in sets.items()})
-    sae = search_probes(grid, X, active, y, selectivity, classes)
+    logger.info("layer %d: training on %s (%s), %d groups, selection %s (%d held-out groups), controls %s, "
+                "feature sets %s", layer, train, balance["total"], len(set(groups)), mode, len(plan.splits),
+                controls, {k: len(v) for k, v in sets.items()})
+
+    def sae_control(frame: pl.DataFrame) -> Any:
+        return data.sparse_for(frame, active, grid.value)[0] if frame.height else None
+
+    sae = search_probes(grid, X, active, y, selectivity, classes, plan, (sae_control(cal), sae_control(chk)))
 
     dense: list[ProbeResult] = []
     skipped: str | None = None
+    needed = sorted(set(tr_samples["dataset"].to_list()) | set(controls))
     if not grid.dense_poolings:
         skipped = "no dense pooling configured"
-    elif not all(data.has_residuals(d) for d in train):
-        skipped = f"no residual vectors for every training sample at layer {layer}"
+    elif not all(data.has_residuals(d) for d in needed):
+        skipped = f"no residual vectors for every training and control sample at layer {layer}"
     else:
-        designs = {p: data.dense(train, p)[0] for p in grid.dense_poolings}
-        dense = search_dense_baselines(grid, designs, y)
+        designs = {p: data.dense_for(tr_samples, p)[0] for p in grid.dense_poolings}
+        ctrl = {p: (data.dense_for(cal, p)[0] if cal.height else None, data.dense_for(chk, p)[0] if chk.height
+                    else None) for p in grid.dense_poolings}
+        dense = search_dense_baselines(grid, designs, y, plan, ctrl)
     if skipped:
         logger.warning("layer %d: dense baselines skipped: %s", layer, skipped)
     return TrainedProbes(
@@ -390,6 +484,12 @@ def train_probes(
         sae=sae,
         dense=dense,
         dense_skipped=skipped,
+        selection=mode,
+        criterion=grid.criterion,
+        groups=_group_balance(tr_samples),
+        held_out_groups=[sp_.group for sp_ in plan.splits],
+        control_datasets=controls,
+        n_near_dup_clusters=int(np.unique(clusters).size),
     )
 
 
@@ -408,16 +508,59 @@ PROBES_SCHEMA = pa.schema(
         ("cv_auroc", pa.float64()),
         ("cv_std", pa.float64()),
         ("cv_rank", pa.int32()),
+        ("rank", pa.int32()),
         ("is_best", pa.bool_()),
+        ("degenerate", pa.bool_()),
+        ("selection", pa.string()),
+        ("selection_score", pa.float64()),
+        ("lodo_worst_auroc", pa.float64()),
+        ("lodo_mean_auroc", pa.float64()),
         ("converged", pa.bool_()),
         ("train_threshold", pa.float64()),
         ("fpr1_threshold", pa.float64()),
+        ("threshold_source", pa.string()),
         ("train_datasets", pa.list_(pa.string())),
         ("n_pos", pa.int32()),
         ("n_neg", pa.int32()),
         ("path", pa.string()),
     ]
 )
+
+LODO_SCHEMA = pa.schema(
+    [
+        ("probe", pa.string()),
+        ("kind", pa.string()),
+        ("feature_set", pa.string()),
+        ("is_best", pa.bool_()),
+        ("selection", pa.string()),
+        ("held_out_group", pa.string()),
+        ("n_train", pa.int32()),
+        ("n_dropped_near_dup", pa.int32()),
+        ("n", pa.int32()),
+        ("n_pos", pa.int32()),
+        ("n_neg", pa.int32()),
+        ("auroc", pa.float64()),
+        ("auroc_ci_low", pa.float64()),
+        ("auroc_ci_high", pa.float64()),
+        ("auroc_vs", pa.string()),
+        ("detection_rate", pa.float64()),
+        ("fpr", pa.float64()),
+        ("threshold", pa.float64()),
+        ("n_nonzero", pa.int32()),
+    ]
+)
+
+
+def lodo_table(trained: TrainedProbes) -> pa.Table:
+    """The ``lodo_metrics`` rows of one layer: every probe x held-out group (empty under ``cv`` selection)."""
+    rows = []
+    for kind, results in (("sae", trained.sae), ("dense", trained.dense)):
+        for rank, r in enumerate(results):
+            for m in r.lodo:
+                rows.append({**{k: m.get(k) for k in LODO_SCHEMA.names}, "probe": probe_id(r.spec), "kind": kind,
+                             "feature_set": r.spec.feature_set, "is_best": rank == 0 and not r.degenerate,
+                             "selection": trained.selection})
+    return pa.Table.from_pylist(rows, schema=LODO_SCHEMA)
 
 
 def saved_dir(lake: Lake, layer: int) -> LakePath:
@@ -453,6 +596,8 @@ def _save_probes_into(
     rows: list[dict[str, Any]] = []
     try:
         for kind, results in (("sae", trained.sae), ("dense", trained.dense)):
+            by_cv = {id(r): i + 1 for i, r in enumerate(sorted(results, key=lambda r: (-r.cv.mean, r.probe.n_features,
+                                                                                          r.spec.name)))}
             for rank, r in enumerate(results):
                 pid = probe_id(r.spec)
                 r.probe.provenance = {
@@ -478,11 +623,18 @@ def _save_probes_into(
                         "n_nonzero": r.probe.n_nonzero,
                         "cv_auroc": r.cv.mean,
                         "cv_std": r.cv.std,
-                        "cv_rank": rank + 1,
-                        "is_best": rank == 0,
+                        "cv_rank": by_cv[id(r)],
+                        "rank": rank + 1,
+                        "is_best": rank == 0 and not r.degenerate,
+                        "degenerate": r.degenerate,
+                        "selection": trained.selection,
+                        "selection_score": r.selection_score,
+                        "lodo_worst_auroc": r.lodo_auroc("worst"),
+                        "lodo_mean_auroc": r.lodo_auroc("mean"),
                         "converged": r.probe.converged,
                         "train_threshold": r.probe.train_threshold,
                         "fpr1_threshold": r.probe.fpr1_threshold,
+                        "threshold_source": r.probe.threshold_source,
                         "train_datasets": list(trained.train_datasets),
                         "n_pos": total["n_pos"],
                         "n_neg": total["n_neg"],
@@ -497,6 +649,11 @@ def _save_probes_into(
             "train_datasets": trained.train_datasets,
             "class_balance": trained.balance,
             "feature_sets": trained.feature_set_sizes,
+            "selection": trained.selection,
+            "criterion": trained.criterion,
+            "groups": trained.groups,
+            "held_out_groups": trained.held_out_groups,
+            "control_datasets": trained.control_datasets,
         }
         (tmp / SAVED_MARKER).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
         replace_dir(tmp, final)
@@ -521,6 +678,10 @@ class LoadedProbe:
     cv_auroc: float
     train_datasets: list[str]
     probe: FittedProbe
+    rank: int = 0
+    degenerate: bool = False
+    selection: str = "cv"
+    selection_score: float | None = None
 
 
 def load_saved_probes(probes_table: pa.Table | pl.DataFrame) -> list[LoadedProbe]:
@@ -551,13 +712,17 @@ def load_saved_probes(probes_table: pa.Table | pl.DataFrame) -> list[LoadedProbe
                 cv_auroc=float(r["cv_auroc"]),
                 train_datasets=list(r["train_datasets"]),
                 probe=load_probe(path),
+                rank=int(r.get("rank") or r.get("cv_rank") or 0),
+                degenerate=bool(r.get("degenerate") or False),
+                selection=str(r.get("selection") or "cv"),
+                selection_score=r.get("selection_score"),
             )
         )
     return out
 
 
 def best_probes(loaded: Sequence[LoadedProbe]) -> dict[str, LoadedProbe]:
-    """``{kind: the best probe of that kind}`` (by training CV, as marked in the ``probes`` table)."""
+    """``{kind: the best probe of that kind}`` (by the layer's selection, as marked in the ``probes`` table)."""
     return {p.kind: p for p in loaded if p.is_best}
 
 
@@ -570,6 +735,10 @@ PROBE_METRICS_SCHEMA = pa.schema(
         ("C", pa.float64()),
         ("transform", pa.string()),
         ("is_best", pa.bool_()),
+        ("rank", pa.int32()),
+        ("degenerate", pa.bool_()),
+        ("selection", pa.string()),
+        ("selection_score", pa.float64()),
         ("cv_auroc", pa.float64()),
         ("eval_dataset", pa.string()),
         ("eval_role", pa.string()),
@@ -585,6 +754,7 @@ PROBE_METRICS_SCHEMA = pa.schema(
         ("mean_score_neg", pa.float64()),
         ("train_threshold", pa.float64()),
         ("fpr1_threshold", pa.float64()),
+        ("threshold_source", pa.string()),
         ("n", pa.int32()),
         ("n_pos", pa.int32()),
         ("n_neg", pa.int32()),
@@ -602,7 +772,8 @@ class EvaluationOutput:
 
 
 def evaluate_probes(data: LayerData, loaded: Sequence[LoadedProbe], settings: EvalSettings) -> EvaluationOutput:
-    """Every probe on every dataset extracted at the layer that it was not trained on.
+    """Every probe on every dataset extracted at the layer that it was not trained on (a control set:
+    its check half, never used for thresholds or training), at the probe's saved thresholds.
 
     SAE designs are built once per (dataset, value) over the union of the probes' features; dense
     designs once per (dataset, pooling). A dataset not extracted at the layer is skipped, and one
@@ -627,17 +798,18 @@ def evaluate_probes(data: LayerData, loaded: Sequence[LoadedProbe], settings: Ev
                     if msg not in skipped:
                         skipped.append(msg)
                     continue
-                key = (d, spec.value)
+            ev = data.eval_samples(d)
+            key = (d, spec.value)
+            if spec.is_dense:
                 if key not in cache:
-                    cache[key] = data.dense([d], spec.pooling)[0]
+                    cache[key] = data.dense_for(ev, spec.pooling)[0]
                 X = cache[key]
             else:
-                key = (d, spec.value)
                 if key not in cache:
-                    cache[key] = data.sparse([d], union[spec.value], spec.value)[0]
+                    cache[key] = data.sparse_for(ev, union[spec.value], spec.value)[0]
                 X = select_columns(cache[key], union[spec.value], spec.feature_ids)
-            y = data.samples_of([d])["is_positive"].cast(pl.Int8).to_numpy()
-            m = evaluate_probe(p.probe, X, y, data.raw_labels([d]), n_boot=settings.n_boot, seed=settings.seed)
+            y = ev["is_positive"].cast(pl.Int8).to_numpy()
+            m = evaluate_probe(p.probe, X, y, ev["label"].to_list(), n_boot=settings.n_boot, seed=settings.seed)
             rows.append(
                 {
                     **{k: m[k] for k in PROBE_METRICS_SCHEMA.names if k in m},
@@ -648,6 +820,11 @@ def evaluate_probes(data: LayerData, loaded: Sequence[LoadedProbe], settings: Ev
                     "C": spec.C,
                     "transform": spec.transform,
                     "is_best": p.is_best,
+                    "rank": p.rank,
+                    "degenerate": p.degenerate,
+                    "selection": p.selection,
+                    "selection_score": p.selection_score,
+                    "threshold_source": p.probe.threshold_source,
                     "cv_auroc": p.cv_auroc,
                     "eval_dataset": d,
                     "eval_role": data.role(d),

@@ -44,6 +44,7 @@ from sklearn.preprocessing import QuantileTransformer, StandardScaler
 
 from dagster_project.lib.lake import replace_dir
 from dagster_project.lib.metrics import auroc, evaluate_scores, threshold_at_fpr
+from dagster_project.lib.selection import HeldOutSplit, group_folds, held_out_score, selection_score
 
 logger = logging.getLogger(__name__)
 
@@ -630,7 +631,8 @@ def load_probe(directory: str | os.PathLike[str]) -> FittedProbe:
 # ---------------------------------------------------------------------------------------------
 
 
-def _make_classifier(spec: ProbeSpec, seed: int) -> LogisticRegression:
+def _make_classifier(spec: ProbeSpec, seed: int, balanced: bool = True) -> LogisticRegression:
+    class_weight = "balanced" if balanced else None
     if spec.penalty == "l1":
         # liblinear: exact zeros, fast on a few thousand samples; it regularises the intercept
         # as a synthetic feature, so give that feature a large scale to leave it nearly free.
@@ -638,13 +640,13 @@ def _make_classifier(spec: ProbeSpec, seed: int) -> LogisticRegression:
             l1_ratio=1.0,
             C=spec.C,
             solver="liblinear",
-            class_weight="balanced",
+            class_weight=class_weight,
             max_iter=5000,
             intercept_scaling=10.0,
             random_state=seed,
         )
     return LogisticRegression(
-        l1_ratio=0.0, C=spec.C, solver="lbfgs", class_weight="balanced", max_iter=5000, random_state=seed
+        l1_ratio=0.0, C=spec.C, solver="lbfgs", class_weight=class_weight, max_iter=5000, random_state=seed
     )
 
 
@@ -657,6 +659,7 @@ def fit_probe(
     threshold_scores: ArrayLike | None = None,
     fpr: float = 0.01,
     provenance: Mapping[str, Any] | None = None,
+    sample_weight: ArrayLike | None = None,
 ) -> FittedProbe:
     """Fit ``spec`` on ``(X, y)``; ``X``'s columns are ``spec.feature_ids`` in order.
 
@@ -666,6 +669,9 @@ def fit_probe(
     is ``threshold_at_fpr`` on the training negatives' scores, taken from ``threshold_scores``
     (e.g. the out-of-fold scores from ``cross_validate``, which are not flattered by the fit) when
     given, else from the in-sample scores. A convergence warning is logged, not hidden.
+
+    ``sample_weight`` (e.g. ``selection.group_weights``, which already balances the classes) replaces the
+    balanced class weights.
     """
     yy = np.asarray(y).astype(np.int8)
     if yy.ndim != 1 or yy.size != X.shape[0]:
@@ -688,10 +694,13 @@ def fit_probe(
         mean, scale = np.zeros(n_cols), np.ones(n_cols)
     Xs = sp.csr_matrix(Xt @ sp.diags(1.0 / scale)) if sparse else (Xt - mean) / scale
 
-    clf = _make_classifier(spec, seed)
+    clf = _make_classifier(spec, seed, balanced=sample_weight is None)
+    sw = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+    if sw is not None and sw.shape != yy.shape:
+        raise ValueError(f"sample_weight has {sw.size} entries but y has {yy.size}")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
-        clf.fit(Xs, yy)
+        clf.fit(Xs, yy, sample_weight=sw)
     converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
     for w in caught:
         if issubclass(w.category, ConvergenceWarning):
@@ -762,26 +771,42 @@ class CVResult:
         return float(np.std(self.fold_aurocs))
 
 
-def cross_validate(spec: ProbeSpec, X: Matrix, y: ArrayLike, folds: int = 5, seed: int = 0) -> CVResult:
+def cross_validate(
+    spec: ProbeSpec,
+    X: Matrix,
+    y: ArrayLike,
+    folds: int = 5,
+    seed: int = 0,
+    *,
+    clusters: ArrayLike | None = None,
+    sample_weight: ArrayLike | None = None,
+) -> CVResult:
     """Stratified, shuffled k-fold CV of ``spec`` (``folds`` capped at the smaller class's count).
 
-    Transforms and scaling are re-fitted inside each fold. Feature *selection* (which features a
-    spec uses) is not: top-N by selectivity on the whole training set makes these numbers
-    optimistic, which is why held-out eval sets are the real measure.
+    With ``clusters`` (``selection.near_duplicate_clusters``) the folds never split a cluster, so a
+    near-copy of a test text is never on the training side. Transforms and scaling are re-fitted inside
+    each fold. Feature *selection* (which features a spec uses) is not: top-N by selectivity on the
+    whole training set makes these numbers optimistic, which is why held-out groups are the real measure.
     """
     yy = np.asarray(y).astype(np.int8)
-    k = min(folds, int(yy.sum()), int((1 - yy).sum()))
-    if k < 2:
-        raise ValueError(
-            f"cross-validation needs at least 2 samples of each class, got y counts {np.bincount(yy)}"
-        )
-    skf = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    sw = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+    if clusters is not None:
+        splits = group_folds(yy, clusters, folds=folds, seed=seed)
+    else:
+        k = min(folds, int(yy.sum()), int((1 - yy).sum()))
+        if k < 2:
+            raise ValueError(
+                f"cross-validation needs at least 2 samples of each class, got y counts {np.bincount(yy)}"
+            )
+        skf = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+        splits = list(skf.split(np.zeros(yy.size), yy))
     oof = np.zeros(yy.size, dtype=np.float64)
     aurocs: list[float] = []
     nonzero: list[int] = []
     Xr = X.tocsr() if sp.issparse(X) else np.asarray(X)
-    for train_idx, test_idx in skf.split(np.zeros(yy.size), yy):
-        probe = fit_probe(spec, Xr[train_idx], yy[train_idx], seed=seed)
+    for train_idx, test_idx in splits:
+        probe = fit_probe(spec, Xr[train_idx], yy[train_idx], seed=seed,
+                          sample_weight=None if sw is None else sw[train_idx])
         scores = probe.decision_function(Xr[test_idx])
         oof[test_idx] = scores
         aurocs.append(auroc(yy[test_idx], scores))
@@ -818,8 +843,27 @@ class ProbeGridConfig:
     dense_Cs: tuple[float, ...] = (1.0, 0.1, 0.01)
     folds: int = 5
     seed: int = 0
+    selection: str = "auto"
+    criterion: str = "worst"
+    weighting: str = "none"
+    min_group: int = 10
+    control_as_negatives: bool = False
+    control_fpr: float = 0.01
+    min_act: float = 1.0
+    lodo_n_boot: int = 200
 
     def __post_init__(self) -> None:
+        from dagster_project.lib.selection import CRITERIA, SELECTIONS, WEIGHTINGS
+
+        for name, allowed in (("selection", SELECTIONS), ("criterion", CRITERIA), ("weighting", WEIGHTINGS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"ProbeGridConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.min_group < 2:
+            raise ValueError(f"ProbeGridConfig.min_group must be >= 2, got {self.min_group}")
+        if not 0.0 <= self.control_fpr < 1.0:
+            raise ValueError(f"ProbeGridConfig.control_fpr must be in [0, 1), got {self.control_fpr}")
+        if self.lodo_n_boot < 1:
+            raise ValueError(f"ProbeGridConfig.lodo_n_boot must be >= 1, got {self.lodo_n_boot}")
         if any(n < 1 for n in self.top_n):
             raise ValueError(f"ProbeGridConfig.top_n must be positive, got {self.top_n}")
         bad = [p for p in self.penalties if p not in PENALTIES]
@@ -951,13 +995,67 @@ def dense_baseline_specs(config: ProbeGridConfig) -> list[ProbeSpec]:
 
 
 @dataclass
+class Designs:
+    """The matrices one probe family is searched on: the training rows and, where the lake has a control
+    set, its calibration half (thresholds) and its check half (held-out false-positive rates, and the
+    negatives a one-class held-out group is scored against).
+
+    SAE designs have every active feature as columns (``feature_ids``) and :meth:`take` selects a spec's;
+    a dense design is one pooling's matrix and ``feature_ids`` is None.
+    """
+
+    X: Matrix
+    cal: Matrix | None = None
+    chk: Matrix | None = None
+    feature_ids: NDArray[np.int64] | None = None
+
+    def take(self, ids: Sequence[int] | None) -> tuple[Matrix, Matrix | None, Matrix | None]:
+        if self.feature_ids is None or ids is None:
+            return self.X, self.cal, self.chk
+        fids = self.feature_ids
+
+        def cols(M: Matrix | None) -> Matrix | None:
+            return None if M is None else select_columns(sp.csr_matrix(M), fids, ids)
+
+        return cols(self.X), cols(self.cal), cols(self.chk)
+
+
+@dataclass
+class SelectionPlan:
+    """How probes are chosen: ``mode`` ``cv`` (training CV) or ``lodo`` (held-out groups, scored by
+    ``criterion`` over ``splits``); per-row ``clusters`` (near duplicates: group-aware CV folds),
+    ``weights`` (sample weights, or None for balanced classes) and ``control_rows`` (training rows that
+    are control texts, whose out-of-fold scores set the thresholds when controls train as negatives)."""
+
+    mode: str = "cv"
+    criterion: str = "worst"
+    splits: list[HeldOutSplit] = field(default_factory=list)
+    clusters: NDArray[np.int64] | None = None
+    weights: NDArray[np.float64] | None = None
+    control_rows: NDArray[np.int64] | None = None
+    control_fpr: float = 0.01
+    min_act: float = 1.0
+    n_boot: int = 200
+
+
+@dataclass
 class ProbeResult:
-    """One spec of a search: its CV result on the training set and its fit on all of it."""
+    """One spec of a search: its CV result, its held-out-group figures and its fit on all the data."""
 
     spec: ProbeSpec
     cv: CVResult
     probe: FittedProbe
     stage: str
+    lodo: list[dict[str, Any]] = field(default_factory=list)
+    selection_score: float | None = None
+
+    @property
+    def degenerate(self) -> bool:
+        """No non-zero weight: the probe scores every text alike (an L1 fit regularised to nothing)."""
+        return self.probe.n_nonzero == 0
+
+    def lodo_auroc(self, how: str) -> float | None:
+        return selection_score([r["auroc"] for r in self.lodo], how) if self.lodo else None
 
     def summary(self) -> dict[str, Any]:
         """A flat row for a table of the search."""
@@ -974,18 +1072,112 @@ class ProbeResult:
             "cv_auroc_std": self.cv.std,
             "n_nonzero": self.probe.n_nonzero,
             "converged": self.probe.converged,
+            "degenerate": self.degenerate,
+            "selection_score": self.selection_score,
         }
 
 
-def _run(spec: ProbeSpec, X: Matrix, y: NDArray[np.int8], config: ProbeGridConfig, stage: str) -> ProbeResult:
-    cv = cross_validate(spec, X, y, folds=config.folds, seed=config.seed)
-    probe = fit_probe(spec, X, y, seed=config.seed, threshold_scores=cv.oof_scores)
-    logger.info("%s: cv auroc %.4f +/- %.4f, %d non-zero", spec.name, cv.mean, cv.std, probe.n_nonzero)
-    return ProbeResult(spec=spec, cv=cv, probe=probe, stage=stage)
+def fold_feature_ids(
+    spec: ProbeSpec, X: Matrix, feature_ids: NDArray[np.int64], y: NDArray[np.int8], min_act: float = 1.0
+) -> tuple[int, ...]:
+    """The features ``spec`` would use had it been chosen on ``(X, y)`` alone (a held-out group's training
+    side): ``topN`` re-ranks by selectivity ``(pos_mean - neg_mean) / (pos_mean + neg_mean)`` over the
+    features active there (max >= ``min_act``, as ``feature_stats``), ``all`` takes those active features;
+    any other set (``relevant``) keeps its own. Never empty: falls back to the spec's own features."""
+    if spec.is_dense or not (spec.feature_set.startswith("top") or spec.feature_set == "all"):
+        return spec.feature_ids
+    Xc = sp.csc_matrix(X)
+    pos, neg = y == 1, y == 0
+    pos_mean = np.asarray(Xc[pos].sum(axis=0)).ravel() / max(int(pos.sum()), 1)
+    neg_mean = np.asarray(Xc[neg].sum(axis=0)).ravel() / max(int(neg.sum()), 1)
+    active = np.asarray(Xc.max(axis=0).toarray()).ravel() >= min_act
+    denom = pos_mean + neg_mean
+    sel = np.where(denom > 0, (pos_mean - neg_mean) / np.where(denom > 0, denom, 1.0), 0.0)
+    cand = np.flatnonzero(active)
+    if spec.feature_set == "all":
+        chosen = cand
+    else:
+        n = int(spec.feature_set.removeprefix("top") or 0)
+        order = np.lexsort((feature_ids[cand], -np.abs(sel[cand])))
+        chosen = cand[order[:n]]
+    ids = tuple(sorted(int(f) for f in feature_ids[chosen]))
+    return ids or spec.feature_ids
 
 
-def _rank_key(r: ProbeResult) -> tuple[float, int, str]:
-    return (-r.cv.mean, r.probe.n_features, r.spec.name)
+def _threshold(probe: FittedProbe, cal: Matrix | None, oof: NDArray[np.float64] | None, plan: SelectionPlan) -> None:
+    """Set the probe's thresholds on control scores where there are any (``control`` / ``control_oof``)."""
+    if plan.control_rows is not None and plan.control_rows.size and oof is not None:
+        t, source = threshold_at_fpr(oof[plan.control_rows], plan.control_fpr), "control_oof"
+    elif cal is not None and cal.shape[0]:
+        t, source = threshold_at_fpr(probe.decision_function(cal), plan.control_fpr), "control"
+    else:
+        return
+    probe.train_threshold = probe.fpr1_threshold = t
+    probe.threshold_source = source
+
+
+def _lodo(
+    spec: ProbeSpec, designs: Designs, y: NDArray[np.int8], config: ProbeGridConfig, plan: SelectionPlan
+) -> list[dict[str, Any]]:
+    """Every held-out group of ``plan``: refit ``spec`` (features re-chosen on the training side) without
+    the group and score it; thresholds from the control calibration half where there is one."""
+    out = []
+    Xall = designs.X.tocsr() if sp.issparse(designs.X) else np.asarray(designs.X)
+    for split in plan.splits:
+        tr, te = split.train_idx, split.test_idx
+        ids = None
+        fspec = spec
+        if designs.feature_ids is not None:
+            ids = fold_feature_ids(spec, Xall[tr], designs.feature_ids, y[tr], plan.min_act)
+            if ids != spec.feature_ids:
+                fspec = replace(spec, feature_ids=ids)
+        X, cal, chk = designs.take(ids if ids is not None else None)
+        Xr = X.tocsr() if sp.issparse(X) else np.asarray(X)
+        w = None if plan.weights is None else plan.weights[tr]
+        probe = fit_probe(fspec, Xr[tr], y[tr], seed=config.seed, sample_weight=w)
+        scores = probe.decision_function(Xr[te])
+        ctrl_rows = None if plan.control_rows is None else np.setdiff1d(plan.control_rows, te)
+        if ctrl_rows is not None and ctrl_rows.size:  # controls trained on: use the check half for thresholds
+            threshold: float | None = (threshold_at_fpr(probe.decision_function(chk), plan.control_fpr)
+                                       if chk is not None and chk.shape[0] else None)
+        elif cal is not None and cal.shape[0]:
+            threshold = threshold_at_fpr(probe.decision_function(cal), plan.control_fpr)
+        else:
+            threshold = None
+        ctrl = probe.decision_function(chk) if chk is not None and chk.shape[0] else None
+        m = held_out_score(y[te], scores, ctrl, threshold, n_boot=plan.n_boot, seed=config.seed)
+        out.append({"held_out_group": split.group, "n_train": int(tr.size), "n_dropped_near_dup":
+                    split.n_dropped_near_dup, "n_nonzero": probe.n_nonzero, "threshold": threshold, **m})
+    return out
+
+
+def _run(
+    spec: ProbeSpec, designs: Designs, y: NDArray[np.int8], config: ProbeGridConfig, stage: str,
+    plan: SelectionPlan | None = None,
+) -> ProbeResult:
+    plan = plan or SelectionPlan()
+    X, cal, _ = designs.take(None if spec.is_dense else spec.feature_ids)
+    cv = cross_validate(spec, X, y, folds=config.folds, seed=config.seed, clusters=plan.clusters,
+                        sample_weight=plan.weights)
+    probe = fit_probe(spec, X, y, seed=config.seed, threshold_scores=cv.oof_scores, sample_weight=plan.weights)
+    _threshold(probe, cal, cv.oof_scores, plan)
+    result = ProbeResult(spec=spec, cv=cv, probe=probe, stage=stage)
+    if plan.mode == "lodo" and plan.splits:
+        result.lodo = _lodo(spec, designs, y, config, plan)
+        result.selection_score = result.lodo_auroc(plan.criterion)
+    else:
+        result.selection_score = cv.mean
+    logger.info("%s: cv auroc %.4f +/- %.4f, %s %s, %d non-zero", spec.name, cv.mean, cv.std,
+                plan.mode, "-" if result.selection_score is None else f"{result.selection_score:.4f}",
+                probe.n_nonzero)
+    return result
+
+
+def rank_key(r: ProbeResult) -> tuple[bool, float, float, int, str]:
+    """Best first: a degenerate probe (no non-zero weight) last, then the selection score (held-out
+    groups or CV, as the plan said), then training CV, then fewer features, then the name."""
+    score = r.selection_score if r.selection_score is not None else -math.inf
+    return (r.degenerate, -score, -r.cv.mean, r.probe.n_features, r.spec.name)
 
 
 def search_probes(
@@ -995,36 +1187,47 @@ def search_probes(
     y: ArrayLike,
     selectivity: Mapping[int, float] | TableLike,
     classification_scores: Mapping[int, float] | TableLike | None = None,
+    plan: SelectionPlan | None = None,
+    control: tuple[sp.csr_matrix | None, sp.csr_matrix | None] = (None, None),
 ) -> list[ProbeResult]:
-    """Cross-validate and fit every SAE probe of the grid; best first.
+    """Cross-validate (and, with a ``lodo`` plan, hold out each group) and fit every SAE probe of the grid;
+    best first (:func:`rank_key`).
 
     ``X`` is a training design over ``feature_ids`` (e.g. every active feature); the active set is
     the columns with at least one non-zero. Unless ``config.full``, the transforms are then swept
-    on the best (feature set, penalty, C). Each final probe's 1%-FPR threshold comes from its
-    out-of-fold training scores.
+    on the best (feature set, penalty, C). ``control`` holds the control set's calibration and check
+    designs over the same columns; each final probe's thresholds come from the calibration half, else
+    from its out-of-fold training scores.
     """
     yy = np.asarray(y).astype(np.int8)
     fids = np.asarray(feature_ids, dtype=np.int64)
     Xc = sp.csr_matrix(X)
     active = fids[np.asarray(Xc.getnnz(axis=0)) > 0]
+    designs = Designs(Xc, control[0], control[1], fids)
     specs = probe_grid(config, selectivity, active, classification_scores)
-    results = [_run(s, select_columns(Xc, fids, s.feature_ids), yy, config, "grid") for s in specs]
+    results = [_run(s, designs, yy, config, "grid", plan) for s in specs]
     if not config.full and results and len(config.transforms) > 1:
-        best = min(results, key=_rank_key).spec
+        best = min(results, key=rank_key).spec
         for s in transform_sweep(best, config):
-            results.append(_run(s, select_columns(Xc, fids, s.feature_ids), yy, config, "transform_sweep"))
-    return sorted(results, key=_rank_key)
+            results.append(_run(s, designs, yy, config, "transform_sweep", plan))
+    return sorted(results, key=rank_key)
 
 
 def search_dense_baselines(
-    config: ProbeGridConfig, designs: Mapping[str, NDArray[np.float64]], y: ArrayLike
+    config: ProbeGridConfig,
+    designs: Mapping[str, NDArray[np.float64]],
+    y: ArrayLike,
+    plan: SelectionPlan | None = None,
+    control: Mapping[str, tuple[NDArray[np.float64] | None, NDArray[np.float64] | None]] | None = None,
 ) -> list[ProbeResult]:
     """Cross-validate and fit the residual baselines; ``designs`` maps a pooling (``mean``,
-    ``max``, ``both``) to its ``dense_design`` matrix. Poolings absent from ``designs`` are skipped."""
+    ``max``, ``both``) to its ``dense_design`` matrix (``control`` to its control calibration and
+    check matrices). Poolings absent from ``designs`` are skipped."""
     yy = np.asarray(y).astype(np.int8)
+    control = control or {}
     results = [
-        _run(s, designs[s.pooling], yy, config, "baseline")
+        _run(s, Designs(designs[s.pooling], *control.get(s.pooling, (None, None))), yy, config, "baseline", plan)
         for s in dense_baseline_specs(config)
         if s.pooling in designs
     ]
-    return sorted(results, key=_rank_key)
+    return sorted(results, key=rank_key)

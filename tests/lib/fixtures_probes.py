@@ -46,15 +46,19 @@ def _labels(rng: np.random.Generator, n_pos: int, n_neg: int, n_hard: int) -> li
     return [labels[i] for i in rng.permutation(len(labels))]
 
 
+CONTROL = {"ctl": ("control", 0, 40, 0)}  # negatives-only control set (build_probe_lake(control=True))
+
+
 def build_probe_lake(
-    root: Path, namespace: str = "t", seed: int = 0, classifications: bool = False, descriptions: bool = False
+    root: Path, namespace: str = "t", seed: int = 0, classifications: bool = False, descriptions: bool = False,
+    control: bool = False,
 ) -> Lake:
     rng = np.random.default_rng(seed)
     lake = Lake(str(root), namespace)
     vocab = [f"w{i}" for i in range(30)]
     train_x: list[np.ndarray] = []
     train_y: list[np.ndarray] = []
-    for dataset, (role, n_pos, n_neg, n_hard) in DATASETS.items():
+    for dataset, (role, n_pos, n_neg, n_hard) in {**DATASETS, **(CONTROL if control else {})}.items():
         labels = _labels(rng, n_pos, n_neg, n_hard)
         if dataset == "te":  # sample 0 is a positive (the planted script window)
             i = labels.index("alignment_faking")

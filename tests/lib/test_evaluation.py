@@ -100,8 +100,17 @@ def test_probes_table_and_saved_probes(run: Run) -> None:
         assert prov["train_datasets"] == ["tr_a", "tr_b"]
     saved = sorted(p.name for p in ev.saved_dir(run.lake, LAYER).iterdir() if p.is_dir())
     assert saved == sorted(r["probe_id"] for r in t)
-    best_sae = next(r for r in t if r["is_best"] and r["kind"] == "sae")
-    assert best_sae["cv_auroc"] == max(r["cv_auroc"] for r in t if r["kind"] == "sae")
+    # two training groups (tr_a, tr_b): chosen by the worst held-out-group AUROC, not by CV
+    assert run.trained.selection == "lodo" and run.trained.held_out_groups == ["tr_a", "tr_b"]
+    assert {r["selection"] for r in t} == {"lodo"}
+    for kind in ("sae", "dense"):
+        rows = [r for r in t if r["kind"] == kind]
+        best = next(r for r in rows if r["is_best"])
+        assert best["rank"] == 1 and not best["degenerate"] and best["n_nonzero"] > 0
+        assert best["selection_score"] == best["lodo_worst_auroc"]
+        assert best["selection_score"] == max(r["selection_score"] for r in rows if not r["degenerate"])
+        cv_first = next(r for r in rows if r["cv_rank"] == 1)
+        assert cv_first["cv_auroc"] == max(r["cv_auroc"] for r in rows)
 
 
 def test_every_probe_on_every_dataset_it_was_not_trained_on(run: Run) -> None:
@@ -244,3 +253,41 @@ def test_probe_ids_are_path_safe_and_distinct() -> None:
     ids = [ev.probe_id(s) for s in all_specs]
     assert len(set(ids)) == len(ids)
     assert all("/" not in i and "|" not in i for i in ids)
+
+
+def test_control_set_sets_thresholds_and_reports_held_out_fpr(tmp_path: Path) -> None:
+    """A control set: thresholds on its calibration half (even ids), its check half evaluated, never trained."""
+    lake = build_probe_lake(tmp_path, control=True)
+    con = views_connection(lake)
+    data = ev.LayerData(con, LAYER)
+    assert data.controls() == ["ctl"]
+    trained = ev.train_probes(con, LAYER, SETTINGS, data)
+    assert trained.control_datasets == ["ctl"] and "ctl" not in trained.train_datasets
+    cal = data.control_half(["ctl"], ev.CALIBRATION)
+    assert set(cal["sample_id"].to_list()) == set(range(0, 40, 2))
+    for r in trained.results:
+        assert r.probe.threshold_source == "control"
+        X, _, _ = data.design_for(r.probe, ["ctl"])
+        scores = r.probe.decision_function(X)[::2]  # rows follow sample_id: even rows are the calibration half
+        assert float((scores > r.probe.fpr1_threshold).mean()) <= GRID.control_fpr
+    probes = ev.save_probes(lake, trained, {"profile": "t"})
+    assert set(probes.column("threshold_source").to_pylist()) == {"control"}
+    metrics = ev.evaluate_probes(data, ev.load_saved_probes(probes), SETTINGS).metrics.to_pylist()
+    ctl = [m for m in metrics if m["eval_dataset"] == "ctl"]
+    assert ctl and all(m["n"] == 20 and m["n_pos"] == 0 and m["eval_role"] == "control" for m in ctl)
+    assert all(m["threshold_source"] == "control" and m["fpr_at_1pct_fpr"] is not None for m in ctl)
+    # controls as extra negatives: the calibration half trains, thresholds from its out-of-fold scores
+    grid = ProbeGridConfig(**{**GRID.__dict__, "control_as_negatives": True})
+    again = ev.train_probes(con, LAYER, ev.EvalSettings(grid=grid, n_boot=50), data)
+    assert {r.probe.threshold_source for r in again.results} == {"control_oof"}
+    assert again.results[0].probe.n_train == trained.results[0].probe.n_train + 20
+
+
+def test_selection_cv_is_todays_choice(run: Run) -> None:
+    grid = ProbeGridConfig(**{**GRID.__dict__, "selection": "cv"})
+    data = ev.LayerData(views_connection(run.lake), LAYER)
+    trained = ev.train_probes(data.con, LAYER, ev.EvalSettings(grid=grid, n_boot=50), data)
+    assert trained.selection == "cv" and not trained.held_out_groups
+    best = trained.sae[0]
+    assert best.selection_score == best.cv.mean == max(r.cv.mean for r in trained.sae if not r.degenerate)
+    assert all(not r.lodo for r in trained.results)
