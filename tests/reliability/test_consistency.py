@@ -157,3 +157,30 @@ def test_changing_the_model_dtype_is_caught(lab: Lab) -> None:
     lab.use("f32", dtype="float32")
     msg = failure_message(lab.run(feature_stats))
     assert "dtype: lake has 'bfloat16', profile wants 'float32'" in msg and "config_hash: lake has" in msg, msg
+
+
+def test_dtype_auto_reading_a_lake_of_another_dtype_names_the_setting(lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lake extracted in bfloat16, read where the profile's ``dtype: auto`` resolves to float32 (a CPU with
+    no native bf16): refused, naming the setting that reads it as it is; where ``auto`` resolves to bfloat16
+    (a CPU with AVX512-BF16) the same lake is read."""
+    from dagster_project.lib import model as model_lib
+
+    lab.extract(lab.train, lab.test)  # the tiny profile: dtype bfloat16
+    monkeypatch.setattr(model_lib.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(model_lib, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    lab.use("auto_fp32", dtype="auto")
+    msg = failure_message(lab.run(feature_stats))
+    assert "dtype: lake has 'bfloat16', profile wants 'float32'" in msg, msg
+    assert ("To read this lake as it is, set model.dtype to 'bfloat16' (the profile's 'auto' is 'float32' on "
+            "this machine) in the profile. Or re-extract it: featurelake backfill --layer 1 --dataset ") in msg, msg
+
+    monkeypatch.setattr(model_lib, "cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512_bf16"}))
+    lab.use("auto_bf16", dtype="auto")
+    result = lab.run(feature_stats)
+    assert result.success, failure_message(result)
+
+    # another difference as well (max_tokens is a setting too, the SAE is not): no setting reads the lake
+    monkeypatch.setattr(model_lib, "cpu_flags", lambda: frozenset({"avx2"}))
+    lab.use("auto_sae", sae_dir=saes(lab.tmp / "other_saes", seed=7), dtype="auto")
+    msg = failure_message(lab.run(feature_stats))
+    assert "To read this lake" not in msg and "Re-extract it: featurelake backfill" in msg, msg
