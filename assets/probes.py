@@ -20,6 +20,7 @@ from dagster_project.lib.evaluation import (
     evaluate_probes,
     feature_infos,
     headline_numbers,
+    layer_choice,
     load_saved_probes,
     lodo_table,
     markdown_images,
@@ -32,6 +33,7 @@ from dagster_project.lib.evaluation import (
     train_probes,
     write_report,
 )
+from dagster_project.lib.generalisation import family_table, held_out_table, recommendation
 from dagster_project.lib.lake import Lake, LakeError
 from dagster_project.partitions import layer_partitions
 from dagster_project.provenance import check_layer
@@ -201,7 +203,9 @@ def evaluation(context: dg.AssetExecutionContext, config: ProbeConfig, lake: Lak
         "cross": lk.write(CROSS_TABLE, cross, layer=layer, meta=meta),
     }
     head = side_by_side(ev.metrics, probes_table)
-    context.log.info(f"layer {layer}: {ev.metrics.num_rows} evaluations\n{head}")
+    lodo = lk.read(LODO_TABLE, layer=layer) if lk.exists(LODO_TABLE, layer=layer) else None
+    said = recommendation(probes_table, ev.metrics, lodo)
+    context.log.info(f"layer {layer}: {ev.metrics.num_rows} evaluations\n{head}\n{said}")
     best_rows = ev.metrics.filter(pc.field("is_best"))
     return dg.MaterializeResult(
         metadata={
@@ -211,6 +215,10 @@ def evaluation(context: dg.AssetExecutionContext, config: ProbeConfig, lake: Lak
             "score_rows": scores.num_rows,
             "cross_rows": cross.num_rows,
             "best_vs_dense": dg.MetadataValue.md(head),
+            "recommendation": dg.MetadataValue.md(said),
+            "families": dg.MetadataValue.md(markdown_table(family_table(probes_table, ev.metrics), max_rows=40)),
+            "held_out_groups": dg.MetadataValue.md(markdown_table(held_out_table(lodo), max_rows=40)),
+            "threshold_source": dg.MetadataValue.json(sorted(set(ev.metrics.column("threshold_source").to_pylist()))),
             **headline_numbers(ev.metrics, probes_table),
             "best_preview": dg.MetadataValue.md(markdown_table(best_rows, ["kind", *_PREVIEW_METRICS], max_rows=40)),
             "preview": dg.MetadataValue.md(markdown_table(ev.metrics, _PREVIEW_METRICS, max_rows=25)),
@@ -242,11 +250,14 @@ def probe_report(context: dg.AssetExecutionContext, config: ProbeConfig, lake: L
     metrics = _read(lk, METRICS_TABLE, layer, "evaluation")
     scores = _read(lk, SCORES_TABLE, layer, "evaluation")
     cross = _read(lk, CROSS_TABLE, layer, "evaluation")
+    lodo = lk.read(LODO_TABLE, layer=layer) if lk.exists(LODO_TABLE, layer=layer) else None
     try:
         best = best_probes(load_saved_probes(probes_table.filter(pc.field("is_best"))))
         con = views_connection(lk)
         data = LayerData(con, layer)
-        figs = report_figures(data.samples, probes_table, metrics, scores, cross, settings.grid.default_transform)
+        figs = report_figures(data.samples, probes_table, metrics, scores, cross, settings.grid.default_transform,
+                              lodo=lodo)
+        layers = layer_choice(con)
         sae = best.get("sae")
         features = feature_infos(con, layer, sae.probe, settings) if sae is not None else []
     except (EvaluationError, LakeError) as e:
@@ -255,6 +266,7 @@ def probe_report(context: dg.AssetExecutionContext, config: ProbeConfig, lake: L
     index = write_report(
         lk, layer, provenance=provenance, probes_table=probes_table, metrics=metrics, cross=cross,
         figures=figs, features=features, best_probe_name=sae.probe_id if sae is not None else None,
+        lodo=lodo, layers=layers,
     )
     context.log.info(f"layer {layer}: report {index} with {len(features)} feature pages and {len(figs)} figures")
     return dg.MaterializeResult(
@@ -263,6 +275,7 @@ def probe_report(context: dg.AssetExecutionContext, config: ProbeConfig, lake: L
             "feature_pages": len(features),
             "figures": dg.MetadataValue.json(sorted(figs)),
             "best_vs_dense": dg.MetadataValue.md(side_by_side(metrics, probes_table)),
+            "recommendation": dg.MetadataValue.md(recommendation(probes_table, metrics, lodo)),
             **{f"plot_{name}": dg.MetadataValue.md(markdown_images({name: png})) for name, png in figs.items()},
         }
     )

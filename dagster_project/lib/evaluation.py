@@ -48,7 +48,7 @@ import polars as pl
 import pyarrow as pa
 from numpy.typing import NDArray
 
-from dagster_project.lib import plots_probes
+from dagster_project.lib import generalisation, plots_probes
 from dagster_project.lib.lake import (
     Lake,
     LakeError,
@@ -1005,16 +1005,29 @@ def side_by_side(metrics: pa.Table | pl.DataFrame, probes_table: pa.Table | pl.D
         )
         + " |",
     ]
+    if any(best[k].get("lodo_worst_auroc") is not None for k in best):
+        lines.append(
+            "| held-out groups (worst / mean) | train | "
+            + " | ".join(
+                f"{generalisation._f(best[k].get('lodo_worst_auroc'))} / {generalisation._f(best[k].get('lodo_mean_auroc'))}"
+                if k in best else "–" for k in ("sae", "dense")
+            )
+            + " |"
+        )
     mb = m.filter(pl.col("is_best")) if m.height else m
     datasets = sorted(
         {(r["eval_role"], r["eval_dataset"]) for r in mb.iter_rows(named=True)},
-        key=lambda x: ({"test": 0, "train": 1, "ood": 2}.get(x[0], 3), x[1]),
+        key=lambda x: ({"test": 0, "train": 1, "ood": 2, "control": 3}.get(x[0], 4), x[1]),
     )
     for role, d in datasets:
         cells = []
         for k in ("sae", "dense"):
             hit = mb.filter((pl.col("kind") == k) & (pl.col("eval_dataset") == d))
-            cells.append(_auroc_cell(hit.row(0, named=True) if hit.height else None))
+            r = hit.row(0, named=True) if hit.height else None
+            if r is not None and role == "control":
+                cells.append(f"flagged {generalisation._f(r.get('fpr_at_1pct_fpr'), pct=True)}")
+            else:
+                cells.append(_auroc_cell(r))
         lines.append(f"| {d} | {role} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines)
 
@@ -1047,9 +1060,11 @@ def report_figures(
     scores: pa.Table | pl.DataFrame,
     cross: pa.Table | pl.DataFrame,
     default_transform: str = "raw",
+    lodo: pa.Table | pl.DataFrame | None = None,
 ) -> dict[str, bytes]:
-    """PNG figures by file stem: an AUROC ladder per two-class eval set, ROC curves of the best
-    probes, the cross-distribution heatmaps and the L1 path (CV AUROC vs non-zero weights per set)."""
+    """PNG figures by file stem: the held-out-group AUROC of the best SAE probe and dense baseline, an
+    AUROC ladder per two-class eval set (degenerate probes left out), ROC curves of the best probes, the
+    cross-distribution heatmaps and the L1 path (CV AUROC vs non-zero weights per set)."""
 
     def frame(t: pa.Table | pl.DataFrame) -> pl.DataFrame:
         out = t if isinstance(t, pl.DataFrame) else pl.from_arrow(t)
@@ -1058,6 +1073,17 @@ def report_figures(
 
     pr, m, sc, cr = frame(probes_table), frame(metrics), frame(scores), frame(cross)
     figs: dict[str, bytes] = {}
+    lo = generalisation.frame(lodo)
+    if lo.height and lo.filter(pl.col("is_best")).height:
+        held = [
+            {"name": f"{r['held_out_group']} ({r['kind']}{', vs control' if r['auroc_vs'] == 'control' else ''})",
+             "auroc": r["auroc"], "ci_low": r["auroc_ci_low"], "ci_high": r["auroc_ci_high"], "group": r["kind"]}
+            for r in lo.filter(pl.col("is_best")).sort(["held_out_group", "kind"]).iter_rows(named=True)
+        ]
+        figs["held_out_groups"] = plots_probes.plot_auroc_ladder(
+            held, title="Held-out groups: AUROC of the recommended SAE probe and dense baseline, each group unseen")
+    if m.height and "degenerate" in m.columns:
+        m = m.filter(~pl.col("degenerate").fill_null(False))
     if m.height:
         two_class = m.filter(pl.col("auroc").is_not_null())
         for d in sorted(two_class["eval_dataset"].unique().to_list()):
@@ -1100,6 +1126,14 @@ def report_figures(
         points = [(r["feature_set"], r["C"], r["n_nonzero"], r["cv_auroc"]) for r in l1.iter_rows(named=True)]
         figs["l1_path"] = plots_probes.plot_l1_path(points, title="L1 path: non-zero weights vs training CV AUROC")
     return figs
+
+
+def layer_choice(con: duckdb.DuckDBPyConnection) -> pl.DataFrame:
+    """The best probe of every layer in the lake by kind, ranked by selection score (``probes/layer_choice``):
+    the layer is chosen like the probe, on held-out groups where the layers were selected that way."""
+    if "probes" not in view_names(con):
+        return pl.DataFrame()
+    return _pl(relation(con, "probes/layer_choice"))
 
 
 def markdown_images(figs: Mapping[str, bytes]) -> str:
@@ -1355,6 +1389,8 @@ def write_report(
     figures: Mapping[str, bytes],
     features: Sequence[FeatureInfo],
     best_probe_name: str | None,
+    lodo: pa.Table | pl.DataFrame | None = None,
+    layers: pl.DataFrame | None = None,
 ) -> LakePath:
     """Write ``report/layer=L/index.html`` and its files under ``report/layer=L/probes/``.
 
@@ -1390,23 +1426,39 @@ def write_report(
     body = [f"<h1>Probes, layer {int(layer)}</h1>"]
     prov = {k: provenance.get(k) for k in ("profile", *PROVENANCE_KEYS, "train_datasets") if k in provenance}
     body.append(_html_table([prov], list(prov)))
-    body.append("<h2>Best SAE probe vs best dense baseline</h2>")
-    best = {r["kind"]: r for r in pr.filter(pl.col("is_best")).iter_rows(named=True)} if pr.height else {}
+    body.append("<h2>Recommended SAE probe vs dense baseline</h2>")
     head_rows = []
     for r in m.filter(pl.col("is_best")).sort(["eval_role", "eval_dataset", "kind"]).iter_rows(named=True):
         head_rows.append({**r, "auroc [95% CI]": _auroc_cell(r)})
-    body.append(
-        "<p>Chosen by training cross-validation: "
-        + ", ".join(f"{k} <code>{html.escape(v['probe_id'])}</code> (CV AUROC {v['cv_auroc']:.3f})" for k, v in best.items())
-        + "</p>"
-    )
+    body.append(f"<p><b>Recommendation.</b> {html.escape(generalisation.recommendation(pr, m, lodo))}</p>")
+    if layers is not None and layers.height > 1:
+        body.append("<h3>Across layers (best probe of each layer by its selection score)</h3>")
+        body.append(_html_table(list(layers.iter_rows(named=True)), layers.columns))
     body.append(
         _html_table(
             head_rows,
             ["kind", "probe", "eval_dataset", "eval_role", "auroc [95% CI]", "accuracy", "tpr_at_1pct_fpr",
-             "detection_rate", "mean_score", "n_pos", "n_neg"],
+             "fpr_at_1pct_fpr", "detection_rate", "threshold_source", "n_pos", "n_neg"],
         )
     )
+    held = generalisation.held_out_table(lodo)
+    body.append("<h2>Held-out groups (leave one group out)</h2>")
+    if held.height:
+        body.append("<p>Each row: the probe's configuration refitted without that group (and without its near "
+                    "duplicates), features re-chosen without it, scored on it. A one-class group is scored against "
+                    "the control sets' check half (<code>vs control</code>).</p>")
+        body.append(_html_table(list(held.iter_rows(named=True)), held.columns))
+    else:
+        body.append('<p class="muted">none: the training mixture has fewer than two groups that can be held out, '
+                    "so the probes were chosen by training cross-validation</p>")
+    fam = generalisation.family_table(pr, m)
+    if fam.height:
+        body.append("<h2>In distribution vs out of distribution, per probe family</h2>")
+        body.append(_html_table(list(fam.iter_rows(named=True)), fam.columns))
+    ctl = generalisation.control_table(m)
+    if ctl.height:
+        body.append("<h2>Control sets: false positives at the chosen threshold (check half)</h2>")
+        body.append(_html_table(list(ctl.iter_rows(named=True)), ctl.columns))
     body.append("<h2>Figures</h2>")
     for name in figures:
         src = html.escape(f"{REPORT_FILES}/figures/{name}.png", quote=True)
@@ -1437,14 +1489,11 @@ def write_report(
              "detection_rate", "n_pos", "n_neg"],
         )
     )
-    body.append("<h2>All probes (training cross-validation)</h2>")
-    body.append(
-        _html_table(
-            list(pr.iter_rows(named=True)),
-            ["probe_id", "kind", "feature_set", "penalty", "C", "transform", "n_features", "n_nonzero", "cv_auroc",
-             "cv_std", "cv_rank", "converged"],
-        )
-    )
+    body.append("<h2>All probes (by rank: held-out groups, else training CV)</h2>")
+    cols = [c for c in ("probe_id", "kind", "feature_set", "penalty", "C", "transform", "n_features", "n_nonzero",
+                        "rank", "selection_score", "lodo_worst_auroc", "lodo_mean_auroc", "cv_auroc", "cv_std",
+                        "cv_rank", "degenerate", "converged") if c in pr.columns]
+    body.append(_html_table(list(pr.sort("rank" if "rank" in pr.columns else "cv_rank").iter_rows(named=True)), cols))
     body.append("<h2>All evaluations</h2>")
     body.append(
         _html_table(

@@ -51,13 +51,15 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
     best = ev.best_probes(loaded)
     scores = ev.probe_scores(data, best.values())
     cross = ev.cross_distribution(data, best.values(), SETTINGS)
-    for name, table in (("probe_metrics", metrics), ("probe_scores", scores), ("probe_cross_distribution", cross)):
+    lodo = ev.lodo_table(trained)
+    for name, table in (("probe_metrics", metrics), ("probe_scores", scores), ("probe_cross_distribution", cross),
+                        ("lodo_metrics", lodo)):
         lake.write(f"stats/{name}", table, layer=LAYER)
-    figs = ev.report_figures(data.samples, probes, metrics, scores, cross)
+    figs = ev.report_figures(data.samples, probes, metrics, scores, cross, lodo=lodo)
     features = ev.feature_infos(con, LAYER, best["sae"].probe, SETTINGS)
     index = ev.write_report(
         lake, LAYER, provenance=prov, probes_table=probes, metrics=metrics, cross=cross, figures=figs,
-        features=features, best_probe_name=best["sae"].probe_id,
+        features=features, best_probe_name=best["sae"].probe_id, lodo=lodo, layers=ev.layer_choice(con),
     )
     return Run(lake, trained, probes, metrics, scores, cross, features, index)
 
@@ -291,3 +293,28 @@ def test_selection_cv_is_todays_choice(run: Run) -> None:
     best = trained.sae[0]
     assert best.selection_score == best.cv.mean == max(r.cv.mean for r in trained.sae if not r.degenerate)
     assert all(not r.lodo for r in trained.results)
+
+
+def test_lodo_metrics_and_the_recommendation_in_the_report(run: Run) -> None:
+    from dagster_project.lib.generalisation import family_table, recommendation
+
+    con = views_connection(run.lake)
+    lodo = con.sql("select * from lodo_metrics").pl()
+    n_probes = run.probes.num_rows
+    assert lodo.height == 2 * n_probes  # every probe x both held-out groups
+    assert set(lodo["held_out_group"].to_list()) == {"tr_a", "tr_b"}
+    for r in lodo.iter_rows(named=True):  # the held-out group's own samples only
+        assert (r["n"], r["n_pos"]) == ({"tr_a": 40, "tr_b": 30}[r["held_out_group"]],
+                                        {"tr_a": 20, "tr_b": 14}[r["held_out_group"]])
+        assert r["n_train"] == 70 - r["n"] - r["n_dropped_near_dup"]
+    best = next(r for r in run.probes.to_pylist() if r["is_best"] and r["kind"] == "sae")
+    mine = lodo.filter((lodo["probe"] == best["probe_id"]))
+    assert min(mine["auroc"].to_list()) == pytest.approx(best["lodo_worst_auroc"])
+    said = recommendation(run.probes, run.metrics, lodo)
+    assert best["probe_id"] in said and "held-out training groups" in said
+    fam = family_table(run.probes, run.metrics)
+    assert fam.filter(fam["is_best"]).height == 2 and set(fam["family"].to_list()) >= {"dense resid_mean"}
+    page = run.index.read_text()
+    assert "Recommendation." in page and "Held-out groups (leave one group out)" in page
+    assert "In distribution vs out of distribution" in page
+    assert (run.index.parent / "probes" / "figures" / "held_out_groups.png").is_file()
