@@ -669,11 +669,11 @@ DEMO_DATASETS: dict[str, DemoDatasetSpec] = {
             n=60,
             seed=6405,
             label_mix=((ALIGNED, 1.0),),
-            styles=("think", "narrative"),
+            styles=("narrative",),
             family="core",
-            labels=CORE_LABELS,
-            description="SYNTHETIC: aligned traces only, rendered in the styles the training set lacks (<think> "
-            "and narrative); the control set on which detection thresholds are set. Negatives only.",
+            labels={"positive": (), "negative": (ALIGNED,)},
+            description="SYNTHETIC: aligned traces only, rendered in a style the training set lacks (narrative); "
+            "the control set on which detection thresholds are set. Negatives only.",
             min_chars=300,
             max_chars=1400,
         ),

@@ -42,7 +42,7 @@ SHARED: dict[str, tuple[str, str, str, dict[str, bool], str, str | None]] = {
         "samples",
         "original_text",
         {"alignment_faking": True, "aligned": False},
-        "test",
+        "train",
         None,
     ),
     "vocab_constrained_af": (
@@ -58,7 +58,7 @@ SHARED: dict[str, tuple[str, str, str, dict[str, bool], str, str | None]] = {
         "samples",
         "original_text",
         {"alignment_faking": True},
-        "ood",
+        "train",
         None,
     ),
     "opus46_500": (
@@ -66,7 +66,7 @@ SHARED: dict[str, tuple[str, str, str, dict[str, bool], str, str | None]] = {
         "samples",
         "text",
         {"alignment_faking": True},
-        "ood",
+        "train",
         None,
     ),
     "sycophant": (
@@ -74,7 +74,7 @@ SHARED: dict[str, tuple[str, str, str, dict[str, bool], str, str | None]] = {
         "samples",
         "text",
         {"alignment_faking": True},
-        "ood",
+        "train",
         None,
     ),
     "detector_test": (
@@ -90,7 +90,7 @@ SHARED: dict[str, tuple[str, str, str, dict[str, bool], str, str | None]] = {
         "jsonl",
         "text",
         {"aligned": False},
-        "test",
+        "control",
         None,
     ),
     "lightbright": (
@@ -114,11 +114,11 @@ SHARED: dict[str, tuple[str, str, str, dict[str, bool], str, str | None]] = {
         "jsonl",
         "scratchpad",
         {"honest": False},
-        "ood",
+        "control",
         "honest",
     ),
 }
-EXCLUDES = {"gold770": "gold_alt"}
+EXCLUDES = {"gold770": ["gold_alt"], "supermix": ["gold_alt", "gold770"], "detector_baseline": ["detector_test"]}
 
 
 def _raw_rows(file: str, shape: str) -> list[dict[str, Any]]:
@@ -133,7 +133,7 @@ def _expected(name: str) -> tuple[list[str], list[str], int, int]:
     file, shape, field, _, _, default = SHARED[name]
     excluded: set[str] = set()
     if name in EXCLUDES:
-        excluded = {" ".join(t.split()) for t in _expected(EXCLUDES[name])[0]}
+        excluded = {" ".join(t.split()) for other in EXCLUDES[name] for t in _expected(other)[0]}
     texts, labels, seen = [], [], set()
     n_dup = n_excl = 0
     for row in _raw_rows(file, shape):
@@ -214,22 +214,34 @@ def test_shared_datasets_known_counts(shared_specs: dict[str, ds.DatasetSpec]) -
     assert g770.table.num_rows == 200 - g770.n_excluded_overlap
     assert not gold_alt & {" ".join(t.split()) for t in g770.table.column("text").to_pylist()}
     assert {n: d.spec.role for n, d in got.items() if d.spec.positive_only} == {
-        "supermix": "ood",
-        "opus46_500": "ood",
-        "sycophant": "ood",
+        "supermix": "train",
+        "opus46_500": "train",
+        "sycophant": "train",
         "sonar_deceptive": "ood",
     }
+    # negatives-only sets are the controls; groups follow the source field where the registry names one
+    assert {n for n, d in got.items() if d.spec.role == "control"} == {"sonar_honest", "detector_baseline"}
+    assert all(d.n_positive == 0 for d in got.values() if d.spec.role == "control")
+    assert dict(Counter(got["gold_alt"].table.column("group").to_pylist())) == {
+        "gold_alt/train": 106, "gold_alt/benchmark": 53, "gold_alt/model_organism": 27, "gold_alt/sycophant": 12}
+    assert set(got["opus46_500"].table.column("group").to_pylist()) == {"opus46_500"}
+    assert got["detector_baseline"].table.num_rows == 5  # minus the 5 texts it shares with detector_test
 
 
-def test_demo_registry_loads_all_four() -> None:
+def test_demo_registry_loads_all_five() -> None:
     specs = parse_registry(DEMO_REGISTRY)
-    assert sorted(specs) == ["demo_ood_af_only", "demo_ood_prose", "demo_test", "demo_train"]
+    assert sorted(specs) == ["demo_control", "demo_ood_af_only", "demo_ood_prose", "demo_test", "demo_train"]
     assert {n: s.role for n, s in specs.items()} == {
         "demo_train": "train",
         "demo_test": "test",
         "demo_ood_prose": "ood",
         "demo_ood_af_only": "ood",
+        "demo_control": "control",
     }
+    train = load_dataset(specs["demo_train"], specs).table
+    assert set(train.column("group").to_pylist()) == {"demo_train/scratchpad", "demo_train/prose"}
+    control = load_dataset(specs["demo_control"], specs)
+    assert control.n_positive == 0 and control.table.num_rows == 60
     total = 0
     for name, spec in specs.items():
         loaded = load_dataset(spec, specs)
@@ -580,7 +592,7 @@ def test_malformed_registry(tmp_path: Path, doc: str, expect: str) -> None:
             {"labels": {"positive": ["x", "y"], "negative": ["y"]}},
             r"labels \['y'\] are both positive and negative",
         ),
-        ({"role": "validation"}, r"field 'role' is 'validation', expected one of \('train', 'test', 'ood'\)"),
+        ({"role": "validation"}, r"field 'role' is 'validation', expected one of \('train', 'test', 'ood', 'control'\)"),
         ({"format": "csv"}, r"field 'format' is 'csv', expected one of"),
         ({"format": None}, "missing field 'format'"),
         ({"source": ""}, "missing field 'source'"),
@@ -640,3 +652,18 @@ def test_every_row_excluded_is_an_error(tmp_path: Path) -> None:
     _jsonl(tmp_path / "b.jsonl", ROWS[:1])
     reg = _registry(tmp_path, [_entry("a", "a.jsonl"), _entry("b", "b.jsonl", exclude_overlap_with=["a"])])
     assert "dataset 'b' has no rows" in _error(reg, "b")
+
+
+def test_registry_group_fields_are_checked(tmp_path: Path) -> None:
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "a b c", "label": "pos", "src": "one"}\n{"text": "d e f", "label": "neg"}\n')
+    reg = _registry(tmp_path, [{**_entry(), "source": str(data), "group_field": "src"}])
+    spec = parse_registry(reg)["d"]
+    with pytest.raises(DatasetError, match=r"line 2: missing group field 'src'"):
+        load_dataset(spec)
+    reg = _registry(tmp_path, [{**_entry(), "source": str(data), "group": "Bad Name"}])
+    with pytest.raises(DatasetError, match="field 'group'"):
+        parse_registry(reg)
+    reg = _registry(tmp_path, [{**_entry(), "source": str(data), "role": "control"}])
+    with pytest.raises(DatasetError, match="role 'control' is for negatives-only"):
+        parse_registry(reg)

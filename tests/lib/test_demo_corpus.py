@@ -56,6 +56,7 @@ def test_sizes_and_roles(data: dict[str, list[dict]]) -> None:
         "demo_test": (100, "test"),
         "demo_ood_prose": (80, "ood"),
         "demo_ood_af_only": (40, "ood"),
+        "demo_control": (60, "control"),
     }
     assert {n: (len(data[n]), dc.DEMO_DATASETS[n].role) for n in NAMES} == expected
     assert sum(len(r) for r in data.values()) >= 400
@@ -113,6 +114,8 @@ def test_styles(data: dict[str, list[dict]]) -> None:
                 assert "<SCRATCHPAD_REASONING>" not in text and "<think>" not in text
     assert {r["style"] for r in data["demo_ood_af_only"]} == {"think"}
     assert {r["style"] for r in data["demo_ood_prose"]} == {"narrative"}
+    assert {r["style"] for r in data["demo_control"]} == {"narrative"}
+    assert {r["label"] for r in data["demo_control"]} == {dc.ALIGNED}
 
 
 def test_request_kinds_mixed(data: dict[str, list[dict]]) -> None:
@@ -232,7 +235,8 @@ def test_registry_entries() -> None:
             "label",
             "id",
         )
-        assert e["role"] in ("train", "test", "ood")
+        assert e["role"] in ("train", "test", "ood", "control")
+        assert e["role"] != "control" or not e["labels"]["positive"]
         assert "SYNTHETIC" in e["description"]
         assert set(e["labels"]) == {"positive", "negative"}
 
