@@ -61,6 +61,7 @@ from dagster_project.lib.lake import (
 )
 from dagster_project.lib.metrics import evaluate_scores
 from dagster_project.lib.probes import (
+    Designs,
     FittedProbe,
     Matrix,
     ProbeGridConfig,
@@ -74,12 +75,17 @@ from dagster_project.lib.probes import (
     feature_sets,
     fit_probe,
     load_probe,
+    rank_key,
     search_dense_baselines,
     search_probes,
+    search_token_probes,
     select_columns,
     sparse_design,
+    token_dense_specs,
+    token_specs,
 )
 from dagster_project.lib.selection import group_weights, lodo_splits, near_duplicate_clusters
+from dagster_project.lib.token_probes import TokenMatrix, token_matrix_from_rows
 from dagster_project.sql import relation
 
 logger = logging.getLogger(__name__)
@@ -273,13 +279,61 @@ class LayerData:
         return dense_design(self.residual_rows(datasets), samples, pooling)  # type: ignore[arg-type]
 
     def design_for(self, probe: FittedProbe, datasets: Sequence[str]) -> tuple[Matrix, NDArray[np.int8], list]:
-        """The design ``probe`` scores: its own SAE features, or its residual pooling."""
+        """The design ``probe`` scores: its own SAE features, or its residual pooling (per token for a
+        token-level probe)."""
+        if probe.spec.is_token:
+            samples = self.samples_of(datasets)
+            y = samples["is_positive"].cast(pl.Int8).to_numpy().astype(np.int8)
+            keys = list(zip(samples["dataset"].to_list(), samples["sample_id"].to_list(), strict=True))
+            return self.token_design_for(probe, samples), y, keys
         if probe.spec.is_dense:
             return self.dense(datasets, probe.spec.pooling)
         return self.sparse(datasets, probe.spec.feature_ids, probe.spec.value)
 
     def groups_of(self, samples: pl.DataFrame) -> list[str]:
         return samples["group"].to_list()
+
+    # -- token-level designs -------------------------------------------------------------------
+
+    @property
+    def has_token_views(self) -> bool:
+        """Per-token SAE activations and the tokens table exist (token-level SAE probes can run)."""
+        return {"token_activations", "tokens"} <= view_names(self.con)
+
+    def token_sparse_for(self, samples: pl.DataFrame, feature_ids: Sequence[int] | NDArray[np.int64]) -> TokenMatrix:
+        """A :class:`TokenMatrix` of ``samples`` (in order) over ``feature_ids``: every real token of every
+        text, a text with no token as one all-zero token."""
+        datasets = sorted(set(samples["dataset"].to_list()))
+        fids = np.asarray(feature_ids, dtype=np.int64)
+        keys = samples.select(pl.col("dataset").cast(pl.String), pl.col("sample_id").cast(pl.Int64)).with_row_index("_row")
+        counts = _pl(relation(self.con, "probes/token_counts", {"datasets": datasets})).with_columns(
+            pl.col("dataset").cast(pl.String), pl.col("sample_id").cast(pl.Int64))
+        n = keys.join(counts, on=["dataset", "sample_id"], how="left").sort("_row")["n_tokens"].fill_null(1)
+        rows = _pl(relation(self.con, "probes/token_rows", {"layer": self.layer, "datasets": datasets,
+                                                             "feature_ids": fids.tolist()}))
+        rows = rows.with_columns(pl.col("dataset").cast(pl.String), pl.col("sample_id").cast(pl.Int64)).join(
+            keys, on=["dataset", "sample_id"], how="inner")
+        col = pl.DataFrame({"feature_id": fids, "_col": np.arange(fids.size)})
+        rows = rows.with_columns(pl.col("feature_id").cast(pl.Int64)).join(col, on="feature_id", how="inner")
+        return token_matrix_from_rows(n.clip(lower_bound=1).to_numpy(), rows["_row"].to_numpy(), rows["token_pos"].to_numpy(),
+                                      rows["_col"].to_numpy(), rows["act"].to_numpy(), fids.size)
+
+    def token_design_for(self, probe: FittedProbe, samples: pl.DataFrame) -> TokenMatrix:
+        if probe.spec.is_dense:
+            return self.token_dense_for(samples)
+        return self.token_sparse_for(samples, probe.spec.feature_ids)
+
+    def has_token_residuals(self, dataset: str) -> bool:
+        return False
+
+    def can_score(self, spec: ProbeSpec, dataset: str) -> bool:
+        """The lake holds what ``spec`` scores for ``dataset`` (residuals / per-token residuals / tokens)."""
+        if spec.is_token:
+            return self.has_token_residuals(dataset) if spec.is_dense else self.has_token_views
+        return self.has_residuals(dataset) if spec.is_dense else True
+
+    def token_dense_for(self, samples: pl.DataFrame) -> TokenMatrix:
+        raise EvaluationError(f"the lake has no per-token residuals at layer {self.layer}")
 
 
 def resolve_train_datasets(data: LayerData, requested: Sequence[str] = ()) -> list[str]:
@@ -364,6 +418,8 @@ def probe_id(spec: ProbeSpec) -> str:
         pid = f"dense__{spec.feature_set}__{spec.penalty}__C{spec.C:g}"
     else:
         pid = f"sae__{spec.feature_set}__{spec.penalty}__C{spec.C:g}__{spec.transform}__{spec.value}"
+    if spec.is_token:
+        pid += f"__{spec.aggregation}"
     if not _PROBE_ID.match(pid):
         raise ValueError(f"probe id {pid!r} is not path-safe")
     return pid
@@ -458,6 +514,13 @@ def train_probes(
         return data.sparse_for(frame, active, grid.value)[0] if frame.height else None
 
     sae = search_probes(grid, X, active, y, selectivity, classes, plan, (sae_control(cal), sae_control(chk)))
+    tspecs = token_specs(grid, sets) if data.has_token_views else []
+    if tspecs:
+        tfids = np.array(sorted(set().union(*(s_.feature_ids for s_ in tspecs))), dtype=np.int64)
+        tok = [data.token_sparse_for(f, tfids) if f.height else None for f in (tr_samples, cal, chk)]
+        assert tok[0] is not None
+        designs_t = Designs(tok[0], tok[1], tok[2], tfids, rank_X=select_columns(X, active, tfids))
+        sae = sorted([*sae, *search_token_probes(grid, tspecs, designs_t, y, plan)], key=rank_key)
 
     dense: list[ProbeResult] = []
     skipped: str | None = None
@@ -471,6 +534,14 @@ def train_probes(
         ctrl = {p: (data.dense_for(cal, p)[0] if cal.height else None, data.dense_for(chk, p)[0] if chk.height
                     else None) for p in grid.dense_poolings}
         dense = search_dense_baselines(grid, designs, y, plan, ctrl)
+    dspecs = token_dense_specs(grid)
+    if dspecs and all(data.has_token_residuals(d) for d in needed):
+        tok = [data.token_dense_for(f) if f.height else None for f in (tr_samples, cal, chk)]
+        assert tok[0] is not None
+        dense = sorted([*dense, *search_token_probes(grid, dspecs, Designs(tok[0], tok[1], tok[2]), y, plan)],
+                       key=rank_key)
+    elif dspecs:
+        logger.info("layer %d: token-level dense baselines skipped: no per-token residuals", layer)
     if skipped:
         logger.warning("layer %d: dense baselines skipped: %s", layer, skipped)
     return TrainedProbes(
@@ -502,6 +573,7 @@ PROBES_SCHEMA = pa.schema(
         ("C", pa.float64()),
         ("transform", pa.string()),
         ("value", pa.string()),
+        ("aggregation", pa.string()),
         ("stage", pa.string()),
         ("n_features", pa.int32()),
         ("n_nonzero", pa.int32()),
@@ -531,6 +603,7 @@ LODO_SCHEMA = pa.schema(
         ("probe", pa.string()),
         ("kind", pa.string()),
         ("feature_set", pa.string()),
+        ("aggregation", pa.string()),
         ("is_best", pa.bool_()),
         ("selection", pa.string()),
         ("held_out_group", pa.string()),
@@ -558,7 +631,8 @@ def lodo_table(trained: TrainedProbes) -> pa.Table:
         for rank, r in enumerate(results):
             for m in r.lodo:
                 rows.append({**{k: m.get(k) for k in LODO_SCHEMA.names}, "probe": probe_id(r.spec), "kind": kind,
-                             "feature_set": r.spec.feature_set, "is_best": rank == 0 and not r.degenerate,
+                             "feature_set": r.spec.feature_set, "aggregation": r.spec.aggregation,
+                             "is_best": rank == 0 and not r.degenerate,
                              "selection": trained.selection})
     return pa.Table.from_pylist(rows, schema=LODO_SCHEMA)
 
@@ -618,6 +692,7 @@ def _save_probes_into(
                         "C": r.spec.C,
                         "transform": r.spec.transform,
                         "value": r.spec.value,
+                        "aggregation": r.spec.aggregation,
                         "stage": r.stage,
                         "n_features": r.probe.n_features,
                         "n_nonzero": r.probe.n_nonzero,
@@ -734,6 +809,7 @@ PROBE_METRICS_SCHEMA = pa.schema(
         ("penalty", pa.string()),
         ("C", pa.float64()),
         ("transform", pa.string()),
+        ("aggregation", pa.string()),
         ("is_best", pa.bool_()),
         ("rank", pa.int32()),
         ("degenerate", pa.bool_()),
@@ -781,7 +857,7 @@ def evaluate_probes(data: LayerData, loaded: Sequence[LoadedProbe], settings: Ev
     """
     sae_ids: dict[str, set[int]] = {}
     for p in loaded:
-        if not p.probe.spec.is_dense:
+        if not p.probe.spec.is_dense:  # token-level SAE probes share one token design per dataset too
             sae_ids.setdefault(p.probe.spec.value, set()).update(p.probe.spec.feature_ids)
     union = {v: np.array(sorted(ids), dtype=np.int64) for v, ids in sae_ids.items()}
     cache: dict[tuple[str, str], Matrix] = {}
@@ -793,14 +869,25 @@ def evaluate_probes(data: LayerData, loaded: Sequence[LoadedProbe], settings: Ev
             if d in p.train_datasets:
                 continue
             if spec.is_dense:
-                if not data.has_residuals(d):
-                    msg = f"{d}: no residual vectors (dense baselines not evaluated)"
+                if not data.can_score(spec, d):
+                    what = "per-token residual" if spec.is_token else "residual"
+                    msg = f"{d}: no {what} vectors ({'token-level ' if spec.is_token else ''}dense baselines not evaluated)"
                     if msg not in skipped:
                         skipped.append(msg)
                     continue
+            if spec.is_token and not spec.is_dense and not data.can_score(spec, d):
+                continue  # no token views: token-level SAE probes were not trained either
             ev = data.eval_samples(d)
             key = (d, spec.value)
-            if spec.is_dense:
+            if spec.is_token and spec.is_dense:
+                if key not in cache:
+                    cache[key] = data.token_dense_for(ev)
+                X = cache[key]
+            elif spec.is_token:
+                if key not in cache:
+                    cache[key] = data.token_sparse_for(ev, union[spec.value])
+                X = select_columns(cache[key], union[spec.value], spec.feature_ids)
+            elif spec.is_dense:
                 if key not in cache:
                     cache[key] = data.dense_for(ev, spec.pooling)[0]
                 X = cache[key]
@@ -819,6 +906,7 @@ def evaluate_probes(data: LayerData, loaded: Sequence[LoadedProbe], settings: Ev
                     "penalty": spec.penalty,
                     "C": spec.C,
                     "transform": spec.transform,
+                    "aggregation": spec.aggregation,
                     "is_best": p.is_best,
                     "rank": p.rank,
                     "degenerate": p.degenerate,
@@ -851,7 +939,7 @@ def probe_scores(data: LayerData, probes: Iterable[LoadedProbe]) -> pa.Table:
     parts: list[pa.Table] = []
     for p in probes:
         for d in data.extracted:
-            if p.probe.spec.is_dense and not data.has_residuals(d):
+            if not data.can_score(p.probe.spec, d):
                 continue
             X, _, keys = data.design_for(p.probe, [d])
             s = p.probe.decision_function(X)
@@ -920,7 +1008,7 @@ def cross_distribution(
     trainers = cross_train_datasets(data)
     for p in probes:
         spec = p.probe.spec
-        datasets = [d for d in data.extracted if not spec.is_dense or data.has_residuals(d)]
+        datasets = [d for d in data.extracted if data.can_score(spec, d)]
         for t in trainers:
             if t not in datasets:
                 continue

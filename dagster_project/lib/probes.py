@@ -45,10 +45,11 @@ from sklearn.preprocessing import QuantileTransformer, StandardScaler
 from dagster_project.lib.lake import replace_dir
 from dagster_project.lib.metrics import auroc, evaluate_scores, threshold_at_fpr
 from dagster_project.lib.selection import HeldOutSplit, group_folds, held_out_score, selection_score
+from dagster_project.lib.token_probes import AGGREGATIONS, TokenMatrix, aggregate
 
 logger = logging.getLogger(__name__)
 
-Matrix: TypeAlias = sp.csr_matrix | NDArray[np.float64]
+Matrix: TypeAlias = sp.csr_matrix | NDArray[np.float64] | TokenMatrix
 TableLike: TypeAlias = pl.DataFrame | pl.LazyFrame | pa.Table
 Key: TypeAlias = tuple[str, int]
 
@@ -58,6 +59,7 @@ PROBE_ARRAYS = "arrays.npz"
 
 SPARSE_VALUES = ("max_act", "mean_act")
 DENSE_VALUES = ("resid_mean", "resid_max", "resid_both")
+TOKEN_VALUES = ("token_act", "token_resid")  # per-token SAE activations / residuals (token-level probes)
 TRANSFORMS = ("raw", "binary", "log1p", "zscore", "quantile")
 PENALTIES = ("l1", "l2")
 
@@ -202,14 +204,25 @@ def dense_design(
 
 
 def select_columns(
-    X: sp.csr_matrix, feature_ids: Sequence[int] | NDArray[np.integer[Any]], wanted: Sequence[int]
-) -> sp.csr_matrix:
-    """Columns of ``X`` (whose columns are ``feature_ids``) for ``wanted``, in that order."""
+    X: Any, feature_ids: Sequence[int] | NDArray[np.integer[Any]], wanted: Sequence[int]
+) -> Any:
+    """Columns of ``X`` (whose columns are ``feature_ids``) for ``wanted``, in that order (a
+    :class:`TokenMatrix` stays one)."""
     pos = {int(f): i for i, f in enumerate(np.asarray(feature_ids).tolist())}
     missing = [int(f) for f in wanted if int(f) not in pos]
     if missing:
         raise ValueError(f"{len(missing)} wanted feature(s) are not columns of X, e.g. {missing[:5]}")
-    return sp.csr_matrix(X[:, [pos[int(f)] for f in wanted]])
+    cols = [pos[int(f)] for f in wanted]
+    if isinstance(X, TokenMatrix):
+        return X.take_columns(cols)
+    return sp.csr_matrix(X[:, cols])
+
+
+def _rows(X: Any) -> Any:
+    """``X`` ready for row indexing (CSR, a dense array, or a :class:`TokenMatrix` as it is)."""
+    if isinstance(X, TokenMatrix):
+        return X
+    return X.tocsr() if sp.issparse(X) else np.asarray(X)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,6 +428,9 @@ class ProbeSpec:
     transform: str = "raw"
     value: str = "max_act"
     scale: bool = True
+    aggregation: str = "pooled"
+    agg_k: int = 5
+    agg_window: int = 16
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -430,9 +446,14 @@ class ProbeSpec:
         object.__setattr__(self, "C", C)
         if self.transform not in TRANSFORMS:
             raise ValueError(f"ProbeSpec.transform must be one of {TRANSFORMS}, got {self.transform!r}")
-        if self.value not in SPARSE_VALUES + DENSE_VALUES:
+        if self.value not in SPARSE_VALUES + DENSE_VALUES + TOKEN_VALUES:
             raise ValueError(
-                f"ProbeSpec.value must be one of {SPARSE_VALUES + DENSE_VALUES}, got {self.value!r}"
+                f"ProbeSpec.value must be one of {SPARSE_VALUES + DENSE_VALUES + TOKEN_VALUES}, got {self.value!r}"
+            )
+        if self.is_token != (self.aggregation != "pooled") or self.aggregation not in ("pooled", *AGGREGATIONS):
+            raise ValueError(
+                f"ProbeSpec.aggregation must be 'pooled' for a pooled value and one of {AGGREGATIONS} for a token "
+                f"value; got {self.aggregation!r} with value {self.value!r}"
             )
         object.__setattr__(self, "feature_ids", tuple(int(f) for f in self.feature_ids))
         if self.is_dense:
@@ -445,8 +466,13 @@ class ProbeSpec:
 
     @property
     def is_dense(self) -> bool:
-        """True for a residual-stream baseline."""
-        return self.value in DENSE_VALUES
+        """True for a residual-stream baseline (pooled or token-level)."""
+        return self.value in DENSE_VALUES or self.value == "token_resid"
+
+    @property
+    def is_token(self) -> bool:
+        """True for a token-level probe (scores every token, then aggregates per text)."""
+        return self.value in TOKEN_VALUES
 
     @property
     def pooling(self) -> Literal["mean", "max", "both"]:
@@ -463,9 +489,11 @@ class ProbeSpec:
         return cls(**{**d, "feature_ids": tuple(d["feature_ids"])})
 
 
-def spec_name(feature_set: str, penalty: str, C: float, transform: str, value: str) -> str:
-    """The canonical probe name, e.g. ``top50|l1|C=0.1|raw|max_act``."""
-    return f"{feature_set}|{penalty}|C={C:g}|{transform}|{value}"
+def spec_name(feature_set: str, penalty: str, C: float, transform: str, value: str, aggregation: str = "pooled") -> str:
+    """The canonical probe name, e.g. ``top50|l1|C=0.1|raw|max_act`` (``...|token_act|window_max`` for a
+    token-level probe)."""
+    name = f"{feature_set}|{penalty}|C={C:g}|{transform}|{value}"
+    return name if aggregation == "pooled" else f"{name}|{aggregation}"
 
 
 @dataclass
@@ -513,8 +541,15 @@ class FittedProbe:
         """Scores (log-odds) for a design whose columns are this probe's features, in order."""
         if X.shape[1] != self.n_features:
             raise ValueError(f"X has {X.shape[1]} columns but probe {self.spec.name!r} has {self.n_features}")
-        Xt = self.transform.apply(X)
         w, b = self.effective_weights()
+        if isinstance(X, TokenMatrix):
+            if not self.spec.is_token:
+                raise ValueError(f"probe {self.spec.name!r} is pooled; score it on a pooled design")
+            tok = np.asarray(self.transform.apply(X.tokens) @ w, dtype=np.float64).ravel() + b
+            return aggregate(tok, X.offsets, self.spec.aggregation, self.spec.agg_k, self.spec.agg_window)
+        if self.spec.is_token:
+            raise ValueError(f"probe {self.spec.name!r} is token-level; score it on a TokenMatrix")
+        Xt = self.transform.apply(X)
         return np.asarray(Xt @ w, dtype=np.float64).ravel() + b
 
     def top_features(self, k: int = 20) -> list[tuple[int, float]]:
@@ -660,6 +695,7 @@ def fit_probe(
     fpr: float = 0.01,
     provenance: Mapping[str, Any] | None = None,
     sample_weight: ArrayLike | None = None,
+    token_train_max: int = 32,
 ) -> FittedProbe:
     """Fit ``spec`` on ``(X, y)``; ``X``'s columns are ``spec.feature_ids`` in order.
 
@@ -671,7 +707,9 @@ def fit_probe(
     given, else from the in-sample scores. A convergence warning is logged, not hidden.
 
     ``sample_weight`` (e.g. ``selection.group_weights``, which already balances the classes) replaces the
-    balanced class weights.
+    balanced class weights. A :class:`TokenMatrix` ``X`` (a token-level spec) fits on at most
+    ``token_train_max`` evenly spaced tokens of each text, each token carrying its text's label and
+    ``1 / n`` of its text's weight.
     """
     yy = np.asarray(y).astype(np.int8)
     if yy.ndim != 1 or yy.size != X.shape[0]:
@@ -682,8 +720,18 @@ def fit_probe(
     if n_pos == 0 or n_pos == yy.size:
         raise ValueError(f"fit_probe needs both classes, got {n_pos} positive of {yy.size}")
 
-    transform = make_transform(spec.transform, seed=seed).fit(X)
-    Xt = transform.apply(X)
+    sw = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+    if sw is not None and sw.shape != yy.shape:
+        raise ValueError(f"sample_weight has {sw.size} entries but y has {yy.size}")
+    fit_X, fit_y, fit_w = X, yy, sw
+    if isinstance(X, TokenMatrix):  # token rows, each text weighing the same (balanced classes unless weighted)
+        rows, texts = X.sample(token_train_max)
+        text_w = sw if sw is not None else np.where(yy == 1, yy.size / (2.0 * n_pos), yy.size / (2.0 * (yy.size - n_pos)))
+        per_text = np.bincount(texts, minlength=yy.size).astype(np.float64)
+        fit_X, fit_y = X.tokens[rows], yy[texts]
+        fit_w = text_w[texts] / per_text[texts]
+    transform = make_transform(spec.transform, seed=seed).fit(fit_X)
+    Xt = transform.apply(fit_X)
     sparse = sp.issparse(Xt)
     n_cols = Xt.shape[1]
     if spec.scale:
@@ -694,13 +742,10 @@ def fit_probe(
         mean, scale = np.zeros(n_cols), np.ones(n_cols)
     Xs = sp.csr_matrix(Xt @ sp.diags(1.0 / scale)) if sparse else (Xt - mean) / scale
 
-    clf = _make_classifier(spec, seed, balanced=sample_weight is None)
-    sw = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
-    if sw is not None and sw.shape != yy.shape:
-        raise ValueError(f"sample_weight has {sw.size} entries but y has {yy.size}")
+    clf = _make_classifier(spec, seed, balanced=fit_w is None)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
-        clf.fit(Xs, yy, sample_weight=sw)
+        clf.fit(Xs, fit_y, sample_weight=fit_w)
     converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
     for w in caught:
         if issubclass(w.category, ConvergenceWarning):
@@ -803,7 +848,7 @@ def cross_validate(
     oof = np.zeros(yy.size, dtype=np.float64)
     aurocs: list[float] = []
     nonzero: list[int] = []
-    Xr = X.tocsr() if sp.issparse(X) else np.asarray(X)
+    Xr = _rows(X)
     for train_idx, test_idx in splits:
         probe = fit_probe(spec, Xr[train_idx], yy[train_idx], seed=seed,
                           sample_weight=None if sw is None else sw[train_idx])
@@ -851,6 +896,12 @@ class ProbeGridConfig:
     control_fpr: float = 0.01
     min_act: float = 1.0
     lodo_n_boot: int = 200
+    token_top_n: tuple[int, ...] = (50,)
+    token_Cs: tuple[float, ...] = (0.1,)
+    aggregations: tuple[str, ...] = AGGREGATIONS
+    agg_k: int = 5
+    agg_window: int = 16
+    token_dense: bool = True
 
     def __post_init__(self) -> None:
         from dagster_project.lib.selection import CRITERIA, SELECTIONS, WEIGHTINGS
@@ -864,6 +915,14 @@ class ProbeGridConfig:
             raise ValueError(f"ProbeGridConfig.control_fpr must be in [0, 1), got {self.control_fpr}")
         if self.lodo_n_boot < 1:
             raise ValueError(f"ProbeGridConfig.lodo_n_boot must be >= 1, got {self.lodo_n_boot}")
+        bad = [a for a in self.aggregations if a not in AGGREGATIONS]
+        if bad:
+            raise ValueError(f"ProbeGridConfig.aggregations must be in {AGGREGATIONS}, got {bad}")
+        if any(n < 1 for n in self.token_top_n) or any(not (c > 0 and math.isfinite(c)) for c in self.token_Cs):
+            raise ValueError(f"ProbeGridConfig.token_top_n / token_Cs must be positive, got {self.token_top_n} / "
+                             f"{self.token_Cs}")
+        if self.agg_k < 1 or self.agg_window < 1:
+            raise ValueError(f"ProbeGridConfig.agg_k and agg_window must be >= 1, got {self.agg_k}, {self.agg_window}")
         if any(n < 1 for n in self.top_n):
             raise ValueError(f"ProbeGridConfig.top_n must be positive, got {self.top_n}")
         bad = [p for p in self.penalties if p not in PENALTIES]
@@ -977,6 +1036,49 @@ def transform_sweep(best: ProbeSpec, config: ProbeGridConfig) -> list[ProbeSpec]
     ]
 
 
+def token_specs(config: ProbeGridConfig, sets: Mapping[str, tuple[int, ...]]) -> list[ProbeSpec]:
+    """Token-level SAE probes: each ``top{N}`` set of ``config.token_top_n`` (the pooled grid's own feature
+    sets), L2 at each of ``token_Cs``, scored per token and aggregated each of the ``aggregations`` ways."""
+    specs = []
+    for n in config.token_top_n:
+        ids = sets.get(f"top{n}")
+        if not ids:
+            continue
+        for C in config.token_Cs:
+            for agg in config.aggregations:
+                specs.append(ProbeSpec(
+                    name=spec_name(f"top{n}", "l2", C, "raw", "token_act", agg), feature_set=f"top{n}",
+                    feature_ids=ids, penalty="l2", C=float(C), value="token_act", aggregation=agg,
+                    agg_k=config.agg_k, agg_window=config.agg_window,
+                ))
+    return specs
+
+
+def token_dense_specs(config: ProbeGridConfig) -> list[ProbeSpec]:
+    """Token-level residual baselines: L2 on standardised per-token residuals, each aggregation."""
+    if not config.token_dense:
+        return []
+    return [
+        ProbeSpec(name=spec_name("tok_resid", "l2", C, "raw", "token_resid", agg), feature_set="tok_resid",
+                  feature_ids=(), penalty="l2", C=float(C), value="token_resid", aggregation=agg,
+                  agg_k=config.agg_k, agg_window=config.agg_window)
+        for C in config.token_Cs
+        for agg in config.aggregations
+    ]
+
+
+def search_token_probes(
+    config: ProbeGridConfig,
+    specs: Sequence[ProbeSpec],
+    designs: Designs,
+    y: ArrayLike,
+    plan: SelectionPlan | None = None,
+) -> list[ProbeResult]:
+    """Cross-validate (and hold out groups for) token-level specs on a :class:`TokenMatrix` design; best first."""
+    yy = np.asarray(y).astype(np.int8)
+    return sorted((_run(s, designs, yy, config, "token", plan) for s in specs), key=rank_key)
+
+
 def dense_baseline_specs(config: ProbeGridConfig) -> list[ProbeSpec]:
     """L2 logistic regression on standardised pooled residuals, per pooling and C."""
     return [
@@ -1008,6 +1110,7 @@ class Designs:
     cal: Matrix | None = None
     chk: Matrix | None = None
     feature_ids: NDArray[np.int64] | None = None
+    rank_X: sp.csr_matrix | None = None  # pooled max_act over the same rows and columns (re-ranks token-level sets)
 
     def take(self, ids: Sequence[int] | None) -> tuple[Matrix, Matrix | None, Matrix | None]:
         if self.feature_ids is None or ids is None:
@@ -1015,7 +1118,9 @@ class Designs:
         fids = self.feature_ids
 
         def cols(M: Matrix | None) -> Matrix | None:
-            return None if M is None else select_columns(sp.csr_matrix(M), fids, ids)
+            if M is None:
+                return None
+            return select_columns(M if isinstance(M, TokenMatrix) else sp.csr_matrix(M), fids, ids)
 
         return cols(self.X), cols(self.cal), cols(self.chk)
 
@@ -1122,17 +1227,18 @@ def _lodo(
     """Every held-out group of ``plan``: refit ``spec`` (features re-chosen on the training side) without
     the group and score it; thresholds from the control calibration half where there is one."""
     out = []
-    Xall = designs.X.tocsr() if sp.issparse(designs.X) else np.asarray(designs.X)
+    ranker = designs.rank_X if designs.rank_X is not None else designs.X
+    Xall = _rows(ranker)
     for split in plan.splits:
         tr, te = split.train_idx, split.test_idx
         ids = None
         fspec = spec
-        if designs.feature_ids is not None:
+        if designs.feature_ids is not None and not isinstance(Xall, TokenMatrix):
             ids = fold_feature_ids(spec, Xall[tr], designs.feature_ids, y[tr], plan.min_act)
             if ids != spec.feature_ids:
                 fspec = replace(spec, feature_ids=ids)
-        X, cal, chk = designs.take(ids if ids is not None else None)
-        Xr = X.tocsr() if sp.issparse(X) else np.asarray(X)
+        X, cal, chk = designs.take(ids if ids is not None else (None if spec.is_dense else spec.feature_ids))
+        Xr = _rows(X)
         w = None if plan.weights is None else plan.weights[tr]
         probe = fit_probe(fspec, Xr[tr], y[tr], seed=config.seed, sample_weight=w)
         scores = probe.decision_function(Xr[te])
