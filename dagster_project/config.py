@@ -189,6 +189,20 @@ class ProbeConfig(dg.Config):
         0.01, ge=0, lt=1, description="false-positive rate on the control sets at which thresholds are set"
     )
     top_n: list[int] = Field(default=[10, 20, 50, 100, 200, 500], description="top-N-by-|selectivity| feature sets")
+    ksparse: list[int] = Field(
+        default=[1, 2, 5, 10, 20, 50, 100], description="the k-sparse curve: an L2 probe on the k features most "
+        "selective in every training group (transfer{k} sets), for each k; [] skips it"
+    )
+    token_top_n: list[int] = Field(
+        default=[50], description="token-level probes (score every token, aggregate per text) on these top-N sets; "
+        "[] skips them"
+    )
+    token_Cs: list[float] = Field(default=[0.1], description="C values of the token-level probes")
+    aggregations: list[str] = Field(
+        default=["mean", "max", "topk_mean", "window_max"], description="per-text aggregations of token scores"
+    )
+    agg_k: int = Field(5, ge=1, description="topk_mean: the k largest token scores")
+    agg_window: int = Field(16, ge=1, description="window_max: tokens per window")
     include_all: bool = Field(True, description="also probe every active feature")
     relevant_threshold: float = Field(
         6.0, ge=0, le=10, description="features with classification score >= this form the 'relevant' set "
@@ -244,6 +258,12 @@ class ProbeConfig(dg.Config):
             min_group=self.min_group,
             control_as_negatives=self.control_as_negatives,
             control_fpr=self.control_fpr,
+            ksparse=tuple(self.ksparse),
+            token_top_n=tuple(self.token_top_n),
+            token_Cs=tuple(self.token_Cs),
+            aggregations=tuple(self.aggregations),
+            agg_k=self.agg_k,
+            agg_window=self.agg_window,
         )
         return EvalSettings(
             grid=grid,

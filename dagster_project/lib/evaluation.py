@@ -501,7 +501,8 @@ def train_probes(
     plan = SelectionPlan(
         mode=mode, criterion=grid.criterion, splits=splits if mode == "lodo" else [], clusters=clusters,
         weights=weights, control_rows=control_rows, control_fpr=grid.control_fpr, min_act=grid.min_act,
-        n_boot=grid.lodo_n_boot,
+        n_boot=grid.lodo_n_boot, groups=np.asarray(groups, dtype=object),
+        hard=tr_samples["label"].is_in(list(grid.hard_negative_labels)).to_numpy(),
     )
     selectivity = read_selectivity(con, layer)
     classes = read_classification_scores(con, layer)

@@ -902,6 +902,9 @@ class ProbeGridConfig:
     agg_k: int = 5
     agg_window: int = 16
     token_dense: bool = True
+    ksparse: tuple[int, ...] = (1, 2, 5, 10, 20, 50, 100)
+    ksparse_C: float = 1.0
+    hard_negative_labels: tuple[str, ...] = ("hard_negative",)
 
     def __post_init__(self) -> None:
         from dagster_project.lib.selection import CRITERIA, SELECTIONS, WEIGHTINGS
@@ -1027,6 +1030,65 @@ def probe_grid(
     return specs
 
 
+def transfer_scores(
+    X: Matrix, y: ArrayLike, groups: Sequence[str], hard: ArrayLike | None = None, min_act: float = 1.0
+) -> NDArray[np.float64]:
+    """Per column: how selective a feature is in *every* training group, the rule of the ``transfer{k}``
+    sets (features that transfer). For each group, selectivity ``(p - n) / (p + n)`` of its own positives
+    against its own negatives (the pooled ones of the other class where it has one class only, so a
+    positive-only generator still counts); the score is the minimum over groups of a feature's selectivity
+    in its preferred direction (the sign of the pooled selectivity), so one group where it does not fire
+    sinks it. Where ``hard`` marks hard negatives (``hard_negative`` raw labels), a feature whose
+    selectivity against hard negatives and against the other negatives differ in sign scores 0. Inactive
+    columns (max below ``min_act``) score -1."""
+    Xc = sp.csc_matrix(X) if sp.issparse(X) else np.asarray(X)
+    yy = np.asarray(y).astype(np.int8)
+    g = np.asarray(list(groups), dtype=object)
+
+    def col_mean(mask: NDArray[np.bool_]) -> NDArray[np.float64]:
+        if not mask.any():
+            return np.zeros(Xc.shape[1])
+        return np.asarray(Xc[mask].sum(axis=0)).ravel() / float(mask.sum())
+
+    def sel(p: NDArray[np.float64], n: NDArray[np.float64]) -> NDArray[np.float64]:
+        d = p + n
+        return np.where(d > 0, (p - n) / np.where(d > 0, d, 1.0), 0.0)
+
+    pos_all, neg_all = col_mean(yy == 1), col_mean(yy == 0)
+    direction = np.sign(sel(pos_all, neg_all))
+    per_group = []
+    for name in sorted(set(g.tolist())):
+        m = g == name
+        p = col_mean(m & (yy == 1)) if (m & (yy == 1)).any() else pos_all
+        n = col_mean(m & (yy == 0)) if (m & (yy == 0)).any() else neg_all
+        per_group.append(sel(p, n) * direction)
+    score = np.min(np.vstack(per_group), axis=0) if per_group else np.zeros(Xc.shape[1])
+    if hard is not None:
+        h = np.asarray(hard, dtype=bool) & (yy == 0)
+        rest = (yy == 0) & ~h
+        if h.any() and rest.any():
+            agree = np.sign(sel(pos_all, col_mean(h))) == np.sign(sel(pos_all, col_mean(rest)))
+            score = np.where(agree, score, np.minimum(score, 0.0))
+    mx = np.asarray(Xc.max(axis=0).toarray()).ravel() if sp.issparse(Xc) else np.asarray(Xc).max(axis=0)
+    return np.where(mx >= min_act, score, -1.0)
+
+
+def ksparse_specs(config: ProbeGridConfig, feature_ids: NDArray[np.int64], scores: NDArray[np.float64]) -> list[ProbeSpec]:
+    """The k-sparse curve: an L2 probe (``ksparse_C``) on the ``k`` features of highest
+    :func:`transfer_scores` (ties by feature id), for each ``k`` of ``config.ksparse`` that fits."""
+    order = np.lexsort((feature_ids, -scores))
+    usable = order[scores[order] > -1.0]
+    specs = []
+    for k in sorted(set(config.ksparse)):
+        if k > usable.size:
+            break
+        ids = tuple(sorted(int(f) for f in feature_ids[usable[:k]]))
+        specs.append(ProbeSpec(name=spec_name(f"transfer{k}", "l2", config.ksparse_C, "raw", config.value),
+                               feature_set=f"transfer{k}", feature_ids=ids, penalty="l2", C=float(config.ksparse_C),
+                               value=config.value))
+    return specs
+
+
 def transform_sweep(best: ProbeSpec, config: ProbeGridConfig) -> list[ProbeSpec]:
     """``best`` with each of ``config.transforms`` other than its own (stage two of the default grid)."""
     return [
@@ -1141,6 +1203,8 @@ class SelectionPlan:
     control_fpr: float = 0.01
     min_act: float = 1.0
     n_boot: int = 200
+    groups: NDArray[Any] | None = None  # per training row (transfer sets re-ranked per held-out split)
+    hard: NDArray[np.bool_] | None = None  # per training row: a hard negative
 
 
 @dataclass
@@ -1183,12 +1247,21 @@ class ProbeResult:
 
 
 def fold_feature_ids(
-    spec: ProbeSpec, X: Matrix, feature_ids: NDArray[np.int64], y: NDArray[np.int8], min_act: float = 1.0
+    spec: ProbeSpec, X: Matrix, feature_ids: NDArray[np.int64], y: NDArray[np.int8], min_act: float = 1.0,
+    groups: Sequence[str] | None = None, hard: NDArray[np.bool_] | None = None,
 ) -> tuple[int, ...]:
     """The features ``spec`` would use had it been chosen on ``(X, y)`` alone (a held-out group's training
     side): ``topN`` re-ranks by selectivity ``(pos_mean - neg_mean) / (pos_mean + neg_mean)`` over the
     features active there (max >= ``min_act``, as ``feature_stats``), ``all`` takes those active features;
-    any other set (``relevant``) keeps its own. Never empty: falls back to the spec's own features."""
+    ``transfer{k}`` re-ranks by :func:`transfer_scores` over the training side's ``groups``; any other set
+    (``relevant``) keeps its own. Never empty: falls back to the spec's own features."""
+    if not spec.is_dense and spec.feature_set.startswith("transfer") and groups is not None:
+        scores = transfer_scores(X, y, groups, hard, min_act)
+        order = np.lexsort((feature_ids, -scores))
+        usable = order[scores[order] > -1.0]
+        k = int(spec.feature_set.removeprefix("transfer"))
+        ids = tuple(sorted(int(f) for f in feature_ids[usable[:k]]))
+        return ids if len(ids) == k else spec.feature_ids
     if spec.is_dense or not (spec.feature_set.startswith("top") or spec.feature_set == "all"):
         return spec.feature_ids
     Xc = sp.csc_matrix(X)
@@ -1234,7 +1307,9 @@ def _lodo(
         ids = None
         fspec = spec
         if designs.feature_ids is not None and not isinstance(Xall, TokenMatrix):
-            ids = fold_feature_ids(spec, Xall[tr], designs.feature_ids, y[tr], plan.min_act)
+            ids = fold_feature_ids(spec, Xall[tr], designs.feature_ids, y[tr], plan.min_act,
+                                   None if plan.groups is None else plan.groups[tr],
+                                   None if plan.hard is None else plan.hard[tr])
             if ids != spec.feature_ids:
                 fspec = replace(spec, feature_ids=ids)
         X, cal, chk = designs.take(ids if ids is not None else (None if spec.is_dense else spec.feature_ids))
@@ -1316,6 +1391,12 @@ def search_probes(
         best = min(results, key=rank_key).spec
         for s in transform_sweep(best, config):
             results.append(_run(s, designs, yy, config, "transform_sweep", plan))
+    if config.ksparse:
+        groups = plan.groups if plan is not None and plan.groups is not None else np.zeros(yy.size, dtype=object)
+        hard = None if plan is None else plan.hard
+        scores = transfer_scores(select_columns(Xc, fids, active), yy, list(groups), hard, config.min_act)
+        for s in ksparse_specs(config, active, scores):
+            results.append(_run(s, designs, yy, config, "ksparse", plan))
     return sorted(results, key=rank_key)
 
 

@@ -90,7 +90,9 @@ def test_probes_table_and_saved_probes(run: Run) -> None:
     assert sum(r["is_best"] for r in t) == 2
     # no classifications in this lake: selectivity alone chooses the features
     assert not run.trained.used_classifications
-    assert {r["feature_set"] for r in t if r["kind"] == "sae"} == {"top5", "top10", "all"}
+    assert {r["feature_set"] for r in t if r["kind"] == "sae" and r["stage"] != "ksparse"} == {"top5", "top10", "all"}
+    assert [r["n_features"] for r in sorted((r for r in t if r["stage"] == "ksparse"), key=lambda r: r["n_features"])] \
+        == [1, 2, 5, 10, 20]  # the k-sparse curve up to the active features it has (100 > 40 active: stops at 20)
     assert {r["feature_set"] for r in t if r["kind"] == "dense"} == {"resid_mean", "resid_both"}
     for r in t:
         assert 0.0 <= r["cv_auroc"] <= 1.0 and r["n_nonzero"] <= r["n_features"]

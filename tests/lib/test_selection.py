@@ -166,3 +166,32 @@ def test_fold_feature_ids_rerank_on_the_training_side_only() -> None:
     assert pr.fold_feature_ids(spec, X[4:], fids, y[4:]) == (11,)
     assert pr.fold_feature_ids(pr.ProbeSpec("q", "all", (2,)), X[:4], fids, y[:4]) == (10, 12)
     assert pr.fold_feature_ids(pr.ProbeSpec("r", "relevant", (12,)), X[:4], fids, y[:4]) == (12,)
+
+
+def test_ksparse_curve_takes_the_features_its_rule_names() -> None:
+    """transfer_scores by hand: the minimum over groups of each feature's selectivity in its direction."""
+    # columns: 0 fires on positives of both groups; 1 on positives of group a only; 2 on negatives of both;
+    # 3 on hard negatives and positives alike (its sign flips between hard and other negatives); 4 never
+    X = np.array([
+        # a: pos, pos, neg, neg(hard)   b: pos, pos, neg, neg
+        [4, 4, 0, 0, 0], [4, 2, 0, 2, 0], [0, 0, 3, 0, 0], [0, 0, 3, 4, 0],
+        [4, 0, 0, 2, 0], [2, 0, 0, 0, 0], [0, 0, 3, 0, 0], [0, 0, 3, 0, 0],
+    ], dtype=float)
+    y = np.array([1, 1, 0, 0, 1, 1, 0, 0], dtype=np.int8)
+    groups = ["a"] * 4 + ["b"] * 4
+    hard = np.array([0, 0, 0, 1, 0, 0, 0, 0], dtype=bool)
+    s = pr.transfer_scores(sp.csr_matrix(X), y, groups, hard)
+    assert s[0] == 1.0  # selectivity 1 in both groups
+    assert s[1] == 0.0  # group b: never fires (p = n = 0)
+    assert s[2] == 1.0  # a negative-direction feature, selective against positives in both groups
+    assert s[3] <= 0.0  # fires on a hard negative more than on positives there: sign disagrees, sunk to <= 0
+    assert s[4] == -1.0  # inactive
+    cfg = pr.ProbeGridConfig(ksparse=(1, 2, 3, 10))
+    fids = np.array([10, 11, 12, 13, 14])
+    specs = pr.ksparse_specs(cfg, fids, s)
+    assert [sp_.feature_ids for sp_ in specs] == [(10,), (10, 12), (10, 11, 12)]  # ties by id; 10 > 4 usable
+    assert [sp_.feature_set for sp_ in specs] == ["transfer1", "transfer2", "transfer3"]
+    # re-ranked on a held-out split's training side with the same rule
+    ids = pr.fold_feature_ids(specs[1], sp.csr_matrix(X[:4]), fids, y[:4], groups=groups[:4], hard=hard[:4])
+    assert ids == tuple(sorted(int(f) for f in fids[np.lexsort((fids, -pr.transfer_scores(X[:4], y[:4], groups[:4],
+                                                                                           hard[:4])))[:2]]))
