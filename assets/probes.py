@@ -5,11 +5,13 @@ held-out dataset, and the report. Thin wrappers over ``dagster_project.lib.evalu
 from typing import Any
 
 import dagster as dg
+import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from dagster_project.config import ProbeConfig
 from dagster_project.lib.catalog import views_connection
+from dagster_project.lib.ensemble import ENSEMBLE_TABLE, by_layer, layer_ensemble
 from dagster_project.lib.evaluation import (
     PROVENANCE_KEYS,
     EvaluationError,
@@ -279,3 +281,35 @@ def probe_report(context: dg.AssetExecutionContext, config: ProbeConfig, lake: L
             **{f"plot_{name}": dg.MetadataValue.md(markdown_images({name: png})) for name, png in figs.items()},
         }
     )
+
+
+@dg.asset(
+    group_name="probes",
+    deps=[evaluation],
+    kinds={"parquet"},
+)
+def probe_ensemble(context: dg.AssetExecutionContext, config: ProbeConfig, lake: LakeResource) -> dg.MaterializeResult:
+    """The multi-layer ensemble: every layer's recommended SAE probe (and dense baseline) z-scored on its
+    training texts and averaged, thresholded on the control sets, evaluated on every set it was not
+    trained on (``probe_ensemble_metrics``; the ``probe_metrics`` view holds these rows with ``layer``
+    NULL). Also the table of AUROC by layer, in and out of distribution side by side, and the layer the
+    held-out-group protocol recommends for each kind. Needs two layers or more with probes."""
+    lk = lake.lake
+    settings = config.settings()
+    con = views_connection(lk)
+    table = layer_ensemble(con, n_boot=settings.n_boot, seed=settings.seed, fpr=settings.grid.control_fpr)
+    path = lk.write(ENSEMBLE_TABLE, table, meta={"settings": settings.to_json()})
+    con = views_connection(lk)  # the view now folds the ensemble rows in
+    layers = by_layer(con)
+    choice = layer_choice(con)
+    picked = {r["kind"]: r for r in choice.filter(pl.col("layer_rank") == 1).iter_rows(named=True)} if choice.height else {}
+    context.log.info(f"layer ensemble: {table.num_rows} rows; recommended layer per kind: "
+                     + ", ".join(f"{k} layer {v['layer']} ({v['probe_id']})" for k, v in picked.items()))
+    return dg.MaterializeResult(metadata={
+        "dagster/row_count": table.num_rows,
+        "path": dg.MetadataValue.path(str(path)),
+        "ensembles": dg.MetadataValue.json(sorted(set(table.column("probe").to_pylist()))),
+        "by_layer": dg.MetadataValue.md(markdown_table(layers, max_rows=40)),
+        "layer_choice": dg.MetadataValue.md(markdown_table(choice, max_rows=40)),
+        **{f"recommended_layer_{k}": int(v["layer"]) for k, v in picked.items()},
+    })
