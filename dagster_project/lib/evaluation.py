@@ -1210,10 +1210,24 @@ def report_figures(
                 train_order=sorted(sub["train_dataset"].unique().to_list()),
                 eval_order=sorted(sub["eval_dataset"].unique().to_list()),
             )
+    if pr.height and "stage" in pr.columns:
+        ks = pr.filter((pl.col("kind") == "sae") & (pl.col("stage") == "ksparse"))
+        if ks.height:
+            curve = {"training CV": [(r["n_features"], r["cv_auroc"]) for r in ks.iter_rows(named=True)]}
+            if "lodo_worst_auroc" in ks.columns and ks["lodo_worst_auroc"].drop_nulls().len():
+                curve["held-out groups, worst"] = [(r["n_features"], r["lodo_worst_auroc"]) for r in ks.iter_rows(named=True)]
+                curve["held-out groups, mean"] = [(r["n_features"], r["lodo_mean_auroc"]) for r in ks.iter_rows(named=True)]
+            figs["ksparse"] = plots_probes.plot_ksparse_curve(curve, title="k-sparse curve: L2 probes on the k features "
+                                                              "most selective in every training group")
     if pr.height:
         l1 = pr.filter((pl.col("kind") == "sae") & (pl.col("penalty") == "l1") & (pl.col("transform") == default_transform))
         points = [(r["feature_set"], r["C"], r["n_nonzero"], r["cv_auroc"]) for r in l1.iter_rows(named=True)]
         figs["l1_path"] = plots_probes.plot_l1_path(points, title="L1 path: non-zero weights vs training CV AUROC")
+        if "lodo_mean_auroc" in l1.columns and l1["lodo_mean_auroc"].drop_nulls().len():
+            held = [(r["feature_set"], r["C"], r["n_nonzero"], r["lodo_mean_auroc"]) for r in l1.iter_rows(named=True)
+                    if r["lodo_mean_auroc"] is not None]
+            figs["l1_path_held_out"] = plots_probes.plot_l1_path(
+                held, title="L1 path: non-zero weights vs mean held-out-group AUROC")
     return figs
 
 

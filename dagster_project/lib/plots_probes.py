@@ -216,3 +216,25 @@ def plot_l1_path(
     else:
         ax.text(0.5, 0.5, "no L1 probes", ha="center", va="center", transform=ax.transAxes)
     return _png(fig)
+
+
+def plot_ksparse_curve(
+    series: Mapping[str, Sequence[tuple[int, float | None]]], title: str = "k-sparse curve"
+) -> bytes:
+    """AUROC against the number of features ``k`` (log x), one line per series (e.g. training CV, worst and
+    mean held-out group); points without a value are left out."""
+    fig = Figure(figsize=(6.5, 4.2))
+    ax = fig.add_subplot()
+    for i, (name, pts) in enumerate(series.items()):
+        pts = sorted((int(k), float(a)) for k, a in pts if a is not None and not math.isnan(float(a)))
+        if not pts:
+            continue
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=4, lw=1.3, label=name,
+                color=_GROUP_COLOURS[i % len(_GROUP_COLOURS)])
+    ax.set_xscale("log")
+    ax.set_xlabel("k (features, chosen by selectivity in every training group)")
+    ax.set_ylabel("AUROC")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _png(fig)

@@ -319,4 +319,5 @@ def test_lodo_metrics_and_the_recommendation_in_the_report(run: Run) -> None:
     page = run.index.read_text()
     assert "Recommendation." in page and "Held-out groups (leave one group out)" in page
     assert "In distribution vs out of distribution" in page
-    assert (run.index.parent / "probes" / "figures" / "held_out_groups.png").is_file()
+    for fig in ("held_out_groups", "ksparse", "l1_path", "l1_path_held_out"):
+        assert (run.index.parent / "probes" / "figures" / f"{fig}.png").is_file(), fig
