@@ -19,10 +19,12 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from dagster_project import console
 from dagster_project.config import REPO_ROOT
 
 log = logging.getLogger("featurelake")
@@ -40,6 +42,11 @@ concurrency:
     # a time holds the GPU/CPU. Steps without a pool are never limited (tests/test_ui.py).
     granularity: op
     default_limit: 1
+python_logs:
+  # What the project's loggers and Python warnings say during a run goes into the run's event log (the
+  # UI), also when the CLI keeps it off the console (dagster_project/console.py). No python_log_level:
+  # it would also filter Dagster's own DEBUG events out of the event log.
+  managed_python_loggers: [""" + ", ".join(console.MANAGED_LOGGERS) + """]
 run_monitoring:
   # With one `model` slot, a run that ended without giving its slot back (a killed worker) would block
   # every later model step: the daemon (`featurelake ui`) frees the slots of ended runs after a minute.
@@ -80,13 +87,21 @@ def _emit(text: str) -> None:
 # ------------------------------------------------------------------------------------------ pipeline
 
 
+class StepFailed(RuntimeError):
+    """A step of :func:`materialize_steps` failed; the message names the step, its run and the error."""
+
+
 def materialize_steps(layers: Sequence[int] | None = None, datasets: Sequence[str] | None = None,
                       stages: Sequence[str] = ("corpus", "sae", "activations", "downstream"),
-                      instance=None, lake_root: str | None = None) -> list[str]:  # noqa: ANN001
+                      instance=None, lake_root: str | None = None, verbose: bool = True,  # noqa: ANN001
+                      on_result: Callable[[str, Any], None] | None = None) -> list[str]:
     """Materialize the pipeline step by step in the persistent instance; returns the run ids.
 
     Each step is one Dagster run. Activations run one (dataset, all layers) run at a time, so several
-    layers of one dataset share one forward pass.
+    layers of one dataset share one forward pass. A progress bar over the steps goes to stderr; with
+    ``verbose`` Dagster's event lines of each run go to the console too, otherwise only to the instance
+    (``console.QUIET_RUN_CONFIG``). ``on_result(step name, result)`` is called after each run. A failed run
+    raises :class:`StepFailed` (the steps after it do not run).
     """
     import dagster as dg
     from tqdm import tqdm
@@ -133,31 +148,59 @@ def materialize_steps(layers: Sequence[int] | None = None, datasets: Sequence[st
         unpart = [k for k in graph.materializable_asset_keys if graph.get(k).partitions_def is None]
         steps.append(("catalog and report", unpart, {}))
     run_ids = []
-    for name, keys, tags in tqdm(steps, desc="featurelake", unit="step", file=sys.stderr):
-        tqdm.write(f"-> {name}", file=sys.stderr)
-        result = _execute(job, keys, tags, instance)
-        run_ids.append(result.run_id)
+    with tqdm(steps, desc="featurelake", unit="step", file=sys.stderr, disable=False) as bar:
+        for name, keys, tags in bar:
+            if verbose:
+                tqdm.write(f"-> {name}", file=sys.stderr)
+            else:
+                bar.set_postfix_str(name)
+            with console.in_run():
+                result = _execute(job, keys, tags, instance, verbose)
+            run_ids.append(result.run_id)
+            if not result.success:
+                raise StepFailed(f"{name} failed (run {result.run_id}): {console.failure_text(result)}")
+            if on_result is not None:
+                on_result(name, result)
     return run_ids
 
 
-def _execute(job, keys, tags, instance):  # noqa: ANN001, ANN202
+def _execute(job, keys, tags, instance, verbose: bool = True):  # noqa: ANN001, ANN202
     from dagster_project.runs import process_tags
 
     partition_key = tags.get("dagster/partition")
     other = {**{k: v for k, v in tags.items() if k != "dagster/partition"}, **process_tags()}
     return job.execute_in_process(
         instance=instance, asset_selection=list(keys), partition_key=partition_key, tags=other,
-        raise_on_error=True,
+        run_config=None if verbose else console.QUIET_RUN_CONFIG, raise_on_error=False,
     )
+
+
+def _print_stages(_name: str, result: Any) -> None:
+    for line in console.stage_lines(result):
+        console.write_line(line)
 
 
 # ------------------------------------------------------------------------------------------ commands
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    run_ids = materialize_steps(layers=args.layer or None)
-    _emit(f"demo finished: {len(run_ids)} runs. Try: featurelake sql \"select layer, dataset, count(*) "
-          "from activations group by all\"")
+    """Every asset of the active profile: a progress bar, one line per stage, then the summary."""
+    from dagster_project.config import load_profile
+    from dagster_project.lib.lake import Lake
+    from dagster_project.resources import default_lake_root
+
+    t0 = time.monotonic()
+    profile = load_profile()
+    layers = list(args.layer or profile.layers)
+    try:
+        run_ids = materialize_steps(layers=layers, verbose=args.verbose, on_result=_print_stages)
+    except StepFailed as e:
+        sys.stderr.write(f"featurelake demo: {e}\n  every event of the run: featurelake ui (Runs), or rerun with "
+                         "--verbose\n")
+        return 1
+    lake = Lake(default_lake_root(), profile.name)
+    for line in console.demo_summary(lake, layers, len(run_ids), time.monotonic() - t0):
+        _emit(line)
     return 0
 
 
@@ -281,7 +324,13 @@ def cmd_backfill(args: argparse.Namespace) -> int:
                          f"has {sorted(specs)}\n")
         return 2
     stages = ["sae", "activations", "downstream"]
-    run_ids = materialize_steps(layers=args.layer, datasets=args.dataset or None, stages=stages, instance=instance)
+    try:
+        run_ids = materialize_steps(layers=args.layer, datasets=args.dataset or None, stages=stages,
+                                    instance=instance, verbose=args.verbose, on_result=_print_stages)
+    except StepFailed as e:
+        sys.stderr.write(f"featurelake backfill: {e}\n  every event of the run: featurelake ui (Runs), or rerun "
+                         "with --verbose\n")
+        return 1
     _emit(f"backfill of layers {args.layer} finished: {len(run_ids)} runs")
     return 0
 
@@ -402,6 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="materialize every asset for the active profile")
     d.add_argument("--layer", type=int, action="append", help="layer(s) to run (default: the profile's)")
+    d.add_argument("--verbose", action="store_true", help="also print Dagster's event log of every run")
     d.set_defaults(fn=cmd_demo)
     s = sub.add_parser("sql", help="read-only SQL over the lake")
     s.add_argument("query", help="a SELECT statement, or - to read it from stdin")
@@ -415,6 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("backfill", help="materialize a layer for every dataset, then the per-layer assets")
     b.add_argument("--layer", type=int, action="append", required=True)
     b.add_argument("--dataset", action="append")
+    b.add_argument("--verbose", action="store_true", help="also print Dagster's event log of every run")
     b.set_defaults(fn=cmd_backfill)
     u = sub.add_parser("ui", help="the Dagster UI")
     u.add_argument("--host", default="127.0.0.1",
@@ -433,8 +484,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    runs = args.command in ("demo", "backfill")
+    console.setup_logging("verbose" if getattr(args, "verbose", False) else "quiet" if runs else "normal")
     return int(args.fn(args) or 0)
 
 
