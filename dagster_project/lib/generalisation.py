@@ -26,10 +26,13 @@ def frame(t: Frame | None) -> pl.DataFrame:
 
 
 def family_of(row: Mapping[str, Any]) -> str:
-    """A probe family: SAE features by feature set and penalty (``sae top50 l1``), dense by pooling."""
+    """A probe family: SAE features by feature set, penalty and token aggregation (``sae top50 l1``,
+    ``sae top50 l2 window_max``), dense by pooling (``dense resid_mean``, ``dense tok_resid max``)."""
+    agg = row.get("aggregation") or "pooled"
+    tail = "" if agg == "pooled" else f" {agg}"
     if row["kind"] == "dense":
-        return f"dense {row['feature_set']}"
-    return f"sae {row['feature_set']} {row['penalty']}"
+        return f"dense {row['feature_set']}{tail}"
+    return f"sae {row['feature_set']} {row['penalty']}{tail}"
 
 
 def _mean(values: list[Any]) -> float | None:
