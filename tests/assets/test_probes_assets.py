@@ -56,6 +56,11 @@ def test_materialize_probes_evaluation_and_report(tmp_path: Path) -> None:
     assert kinds["dense"] == 1 and kinds["sae"] == n_probes - 1
     evals = con.sql("select distinct eval_dataset from probe_metrics order by 1").fetchall()
     assert evals == [("oo",), ("te",)]
+    # chosen on held-out groups (tr_a, tr_b), degenerate probes never best, every row says its threshold source
+    assert con.sql("select distinct selection from probe_metrics").fetchall() == [("lodo",)]
+    assert con.sql("select count(*) from probe_metrics where threshold_source is null").fetchall()[0][0] == 0
+    assert con.sql("select count(*) from lodo_metrics").fetchall()[0][0] == 2 * n_probes
+    assert con.sql("select count(*) from probes where is_best and (degenerate or n_nonzero = 0)").fetchall()[0][0] == 0
 
     pm = _meta(result, "probes")
     assert pm["dagster/row_count"] == n_probes
