@@ -38,12 +38,6 @@ def table_globs(lake: Lake) -> dict[str, str]:
 # Partition columns get fixed types: hive autocast alone would turn a dataset slug such as "2024" into a number.
 HIVE_TYPES = {"layer": "BIGINT", "dataset": "VARCHAR"}
 
-# Views that show a table's stored form decoded: ``token_residuals`` stores float16 vectors and a power-of-two
-# scale per row (float16 alone overflows on Gemma's largest residual values; ``lib/extraction.py``,
-# ``float16_scaled``); its view gives the vectors as FLOAT[] with the scale applied, and no scale column
-# that a query could apply twice.
-VIEW_SELECT = {"token_residuals": "* EXCLUDE (resid_scale) REPLACE ([x * resid_scale for x in resid] AS resid)"}
-
 
 def _tables(lake: Lake) -> dict[str, tuple[str, list[str]]]:
     """``{view name: (parquet glob, hive keys of its first file)}``, read from a local or a remote lake."""
@@ -87,28 +81,16 @@ def _remote_tables(lake: Lake) -> dict[str, tuple[str, list[str]]]:
     return {name: (str(d / "**" / "*.parquet"), keys) for name, (d, keys) in sorted(found.items())}
 
 
-# Views that also take the rows of another table: the multi-layer ensemble's metrics (no layer partition:
-# `layer` NULL, `layers` the layers it averages) sit in `probe_metrics` beside every layer's own.
-FOLDED = {"probe_metrics": "probe_ensemble_metrics"}
-
-
 def create_views(con: duckdb.DuckDBPyConnection, lake: Lake) -> list[str]:
     names = []
-    tables = _tables(lake)
-
-    def source(name: str, glob: str, keys: list[str]) -> str:
+    for name, (glob, keys) in _tables(lake).items():
         path = glob.replace("'", "''")
         types = [f"'{k}': {HIVE_TYPES[k]}" for k in keys if k in HIVE_TYPES]
         hive_types = f", hive_types = {{{', '.join(types)}}}" if types else ""
-        return (f"SELECT {VIEW_SELECT.get(name, '*')} FROM "
-                f"read_parquet('{path}', hive_partitioning = true, union_by_name = true{hive_types})")
-
-    for name, (glob, keys) in tables.items():
-        sql = source(name, glob, keys)
-        folded = FOLDED.get(name)
-        if folded in tables:
-            sql += f" UNION ALL BY NAME {source(folded, *tables[folded])}"
-        con.execute(f"CREATE OR REPLACE VIEW {name} AS {sql}")
+        con.execute(
+            f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM "
+            f"read_parquet('{path}', hive_partitioning = true, union_by_name = true{hive_types})"
+        )
         names.append(name)
     return names
 
