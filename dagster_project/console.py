@@ -9,7 +9,8 @@ handler is not a run logger, so the event log keeps every event. The project's o
 ``dagster.yaml`` (``python_logs``), so what they say during a run lands in the event log too; on the console
 the CLI's handler (:func:`setup_logging`) shows them by mode:
 
-- ``quiet`` (``featurelake demo`` / ``backfill``): errors only, and the CLI's own ``featurelake`` logger;
+- ``quiet`` (``featurelake demo`` / ``backfill``): errors, the project's warnings between runs (during a run
+  they go to its event log), and the CLI's own ``featurelake`` logger;
 - ``normal`` (the other commands): warnings and up, and the CLI's own logger at INFO;
 - ``verbose`` (``--verbose``): everything at INFO, with the runs' event lines (DEBUG) from Dagster.
 """
@@ -51,7 +52,10 @@ class ConsoleFilter(logging.Filter):
         if self.mode == "verbose":
             # during a run the run's console logger already prints what the managed loggers say
             return not (self.in_run and _under(record.name, MANAGED_LOGGERS))
-        return record.levelno >= (logging.ERROR if self.mode == "quiet" else logging.WARNING)
+        if self.mode == "quiet":  # between runs the project's own warnings still show (an orphaned run ended)
+            own = not self.in_run and _under(record.name, ("dagster_project", "assets"))
+            return record.levelno >= (logging.WARNING if own else logging.ERROR)
+        return record.levelno >= logging.WARNING
 
 
 FILTER = ConsoleFilter()

@@ -17,7 +17,7 @@ def _record(name: str, level: int) -> logging.LogRecord:
 
 @pytest.mark.parametrize(("mode", "name", "level", "shown"), [
     ("quiet", "featurelake", logging.INFO, True),  # the CLI's own logger always
-    ("quiet", "dagster_project.lib.describers", logging.WARNING, False),  # in the run's event log instead
+    ("quiet", "transformers.modeling_utils", logging.WARNING, False),
     ("quiet", "alembic.runtime.migration", logging.INFO, False),
     ("quiet", "py.warnings", logging.WARNING, False),
     ("quiet", "dagster_project.lib.sae", logging.ERROR, True),
@@ -28,6 +28,14 @@ def _record(name: str, level: int) -> logging.LogRecord:
 ])
 def test_console_filter_modes(mode: str, name: str, level: int, shown: bool) -> None:
     assert ConsoleFilter(mode).filter(_record(name, level)) is shown
+
+
+def test_quiet_shows_the_project_warnings_between_runs_only() -> None:
+    f = ConsoleFilter("quiet")
+    assert f.filter(_record("dagster_project.runs", logging.WARNING))  # e.g. an orphaned run marked ended
+    assert not f.filter(_record("py.warnings", logging.WARNING))  # Dagster's beta notes at import
+    f.in_run = True  # during a run: in the run's event log instead
+    assert not f.filter(_record("dagster_project.lib.describers", logging.WARNING))
 
 
 def test_verbose_runs_print_the_managed_loggers_once() -> None:
