@@ -835,9 +835,14 @@ def cross_validate(
     """
     yy = np.asarray(y).astype(np.int8)
     sw = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+    splits: list[Any] | None = None
     if clusters is not None:
-        splits = group_folds(yy, clusters, folds=folds, seed=seed)
-    else:
+        try:
+            splits = group_folds(yy, clusters, folds=folds, seed=seed)
+        except ValueError as e:  # clusters too large for folds that keep both classes: plain folds, said so
+            logger.warning("%s: group-aware folds impossible (%s); stratified folds that may split near "
+                           "duplicates instead", spec.name, e)
+    if splits is None:
         k = min(folds, int(yy.sum()), int((1 - yy).sum()))
         if k < 2:
             raise ValueError(
@@ -854,8 +859,11 @@ def cross_validate(
                           sample_weight=None if sw is None else sw[train_idx])
         scores = probe.decision_function(Xr[test_idx])
         oof[test_idx] = scores
-        aurocs.append(auroc(yy[test_idx], scores))
+        if yy[test_idx].min() != yy[test_idx].max():  # a group-aware fold can hold one class only
+            aurocs.append(auroc(yy[test_idx], scores))
         nonzero.append(probe.n_nonzero)
+    if not aurocs:  # no fold had both classes: the AUROC of the pooled out-of-fold scores
+        aurocs.append(auroc(yy, oof))
     return CVResult(fold_aurocs=tuple(aurocs), oof_scores=oof, mean_n_nonzero=float(np.mean(nonzero)))
 
 

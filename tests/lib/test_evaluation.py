@@ -310,7 +310,7 @@ def test_lodo_metrics_and_the_recommendation_in_the_report(run: Run) -> None:
                                         {"tr_a": 20, "tr_b": 14}[r["held_out_group"]])
         assert r["n_train"] == 70 - r["n"] - r["n_dropped_near_dup"]
     best = next(r for r in run.probes.to_pylist() if r["is_best"] and r["kind"] == "sae")
-    mine = lodo.filter((lodo["probe"] == best["probe_id"]))
+    mine = lodo.filter(lodo["probe"] == best["probe_id"])
     assert min(mine["auroc"].to_list()) == pytest.approx(best["lodo_worst_auroc"])
     said = recommendation(run.probes, run.metrics, lodo)
     assert best["probe_id"] in said and "held-out training groups" in said

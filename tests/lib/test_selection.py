@@ -195,3 +195,18 @@ def test_ksparse_curve_takes_the_features_its_rule_names() -> None:
     ids = pr.fold_feature_ids(specs[1], sp.csr_matrix(X[:4]), fids, y[:4], groups=groups[:4], hard=hard[:4])
     assert ids == tuple(sorted(int(f) for f in fids[np.lexsort((fids, -pr.transfer_scores(X[:4], y[:4], groups[:4],
                                                                                            hard[:4])))[:2]]))
+
+
+def test_cross_validation_survives_clusters_that_unbalance_folds() -> None:
+    """Big near-duplicate clusters can leave a test fold with one class, or a training side without one:
+    CV then scores the folds it can (or falls back to plain stratified folds), never crashes."""
+    rng = np.random.default_rng(3)
+    y = np.array([1] * 6 + [0] * 14, dtype=np.int8)
+    X = sp.csr_matrix(rng.random((20, 3)) + y[:, None])
+    spec = pr.ProbeSpec("p", "s", (0, 1, 2), penalty="l2", C=1.0)
+    one_cluster_of_positives = np.where(y == 1, 0, np.arange(20))
+    cv = pr.cross_validate(spec, X, y, folds=5, clusters=one_cluster_of_positives)
+    assert cv.fold_aurocs and all(0.0 <= a <= 1.0 for a in cv.fold_aurocs)
+    everything_one_cluster = np.zeros(20, dtype=np.int64)
+    cv = pr.cross_validate(spec, X, y, folds=5, clusters=everything_one_cluster)
+    assert len(cv.fold_aurocs) == 5  # fell back to stratified folds
