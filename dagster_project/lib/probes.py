@@ -904,8 +904,8 @@ class ProbeGridConfig:
     control_fpr: float = 0.01
     min_act: float = 1.0
     lodo_n_boot: int = 200
-    token_top_n: tuple[int, ...] = (50,)
-    token_Cs: tuple[float, ...] = (0.1,)
+    token_top_n: tuple[int, ...] = (500,)
+    token_Cs: tuple[float, ...] = (1.0,)
     aggregations: tuple[str, ...] = AGGREGATIONS
     agg_k: int = 5
     agg_window: int = 16
