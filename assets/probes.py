@@ -2,6 +2,7 @@
 held-out dataset, and the report. Thin wrappers over ``dagster_project.lib.evaluation``."""
 
 
+from dataclasses import replace
 from typing import Any
 
 import dagster as dg
@@ -66,6 +67,13 @@ def _best_provenance(probes_table: pa.Table) -> dict[str, Any]:
     return dict(p.probe.provenance) if p is not None else {}
 
 
+def registry_control_negatives() -> tuple[str, ...]:
+    """Control sets the registry marks ``train_as_negatives`` (their calibration half also trains)."""
+    from dagster_project.lib.datasets import parse_registry
+
+    return tuple(sorted(n for n, s in parse_registry().items() if s.role == "control" and s.train_as_negatives))
+
+
 def _check_probes_match(layer: int, loaded: list[Any], current: dict[str, Any]) -> None:
     """The saved probes were trained on activations like the layer's current ones (else rerun ``probes``)."""
     stale = [p.probe_id for p in loaded
@@ -100,7 +108,7 @@ def probes(context: dg.AssetExecutionContext, config: ProbeConfig, lake: LakeRes
     table lists them."""
     layer = int(context.partition_key)
     lk = lake.lake
-    settings = config.settings()
+    settings = replace(config.settings(), control_negatives=registry_control_negatives())
     try:
         check_layer(lk, layer)  # every dataset of the layer made with the current model / SAE / config
         con = views_connection(lk)

@@ -14,6 +14,7 @@ or honest text on which detection thresholds are set)::
         labels: {positive: [alignment_faking], negative: [aligned]}
         role: train
         group_field: source         # optional: each row's group (generator / source) is this field's value
+        # train_as_negatives: true  # control sets only: the calibration half also trains probes as negatives
         # group: my_generator       # optional: one group name for every row (default: the dataset's name)
 
 A **group** is one generator or source. Probe training mixes groups and chooses probes on held-out groups
@@ -88,6 +89,7 @@ class DatasetSpec:
     exclude_overlap_with: tuple[str, ...] = ()
     group: str | None = None
     group_field: str | None = None
+    train_as_negatives: bool = False
     description: str = ""
     registry_path: str = ""
     base_dir: str = ""
@@ -195,6 +197,11 @@ def parse_registry(path: str | Path | None = None) -> dict[str, DatasetSpec]:
             raise DatasetError(f"{where}: field 'group_field' must be a field name, got {group_field!r}")
         if group is not None and group_field is not None:
             raise DatasetError(f"{where}: give 'group' or 'group_field', not both")
+        as_neg = entry.get("train_as_negatives", False)
+        if not isinstance(as_neg, bool):
+            raise DatasetError(f"{where}: field 'train_as_negatives' must be true or false, got {as_neg!r}")
+        if as_neg and role != "control":
+            raise DatasetError(f"{where}: field 'train_as_negatives' is for control sets (role is {role!r})")
         default_label = entry.get("default_label")
         if default_label is not None and str(default_label) not in (*pos, *neg):
             raise DatasetError(f"{where}: field 'default_label' is {default_label!r}, which 'labels' does not map "
@@ -213,6 +220,7 @@ def parse_registry(path: str | Path | None = None) -> dict[str, DatasetSpec]:
             exclude_overlap_with=tuple(entry.get("exclude_overlap_with") or ()),
             group=None if group is None else str(group),
             group_field=group_field,
+            train_as_negatives=as_neg,
             description=str(entry.get("description", "")),
             registry_path=str(path),
             base_dir=str(path.parent),

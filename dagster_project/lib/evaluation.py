@@ -119,6 +119,7 @@ class EvalSettings:
 
     grid: ProbeGridConfig = field(default_factory=ProbeGridConfig)
     train_datasets: tuple[str, ...] = ()
+    control_negatives: tuple[str, ...] = ()  # control sets whose calibration half also trains (registry)
     n_boot: int = 1000
     seed: int = 0
     report_max_features: int = 50
@@ -141,6 +142,8 @@ class EvalSettings:
     def probe_config_hash(self) -> str:
         """Hash of what decides the fitted probes (grid and training sets)."""
         d = {"grid": asdict(self.grid), "train_datasets": list(self.train_datasets)}
+        if self.control_negatives:
+            d["control_negatives"] = list(self.control_negatives)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()[:16]
 
 
@@ -184,6 +187,7 @@ class LayerData:
         self.has_residual_view = "residuals" in view_names(con)
         self._rows: dict[str, pl.DataFrame] = {}
         self._resid: dict[str, pl.DataFrame] = {}
+        self._tok_resid_sets: dict[str, bool] = {}
 
     # -- datasets --------------------------------------------------------------------------
 
@@ -324,7 +328,14 @@ class LayerData:
         return self.token_sparse_for(samples, probe.spec.feature_ids)
 
     def has_token_residuals(self, dataset: str) -> bool:
-        return False
+        """Every sample of ``dataset`` has its per-token residuals at this layer (token-level dense probes)."""
+        if "token_residuals" not in view_names(self.con):
+            return False
+        if dataset not in self._tok_resid_sets:
+            n = self.con.sql("select count(distinct sample_id) from token_residuals where layer = $layer and "
+                             "dataset = $dataset", params={"layer": self.layer, "dataset": dataset}).fetchall()[0][0]
+            self._tok_resid_sets[dataset] = int(n) == self.samples_of([dataset]).height
+        return self._tok_resid_sets[dataset]
 
     def can_score(self, spec: ProbeSpec, dataset: str) -> bool:
         """The lake holds what ``spec`` scores for ``dataset`` (residuals / per-token residuals / tokens)."""
@@ -333,7 +344,23 @@ class LayerData:
         return self.has_residuals(dataset) if spec.is_dense else True
 
     def token_dense_for(self, samples: pl.DataFrame) -> TokenMatrix:
-        raise EvaluationError(f"the lake has no per-token residuals at layer {self.layer}")
+        """A dense :class:`TokenMatrix` of ``samples`` (in order): every real token's residual vector."""
+        datasets = sorted(set(samples["dataset"].to_list()))
+        missing = [d for d in datasets if not self.has_token_residuals(d)]
+        if missing:
+            raise EvaluationError(f"no per-token residuals at layer {self.layer} for {missing}: extract them "
+                                  "(the profile's token_residuals, or the activations asset's write_token_residuals)")
+        keys = samples.select(pl.col("dataset").cast(pl.String), pl.col("sample_id").cast(pl.Int64)).with_row_index("_row")
+        rows = _pl(relation(self.con, "probes/token_residuals", {"layer": self.layer, "datasets": datasets}))
+        rows = rows.with_columns(pl.col("dataset").cast(pl.String), pl.col("sample_id").cast(pl.Int64)).join(
+            keys, on=["dataset", "sample_id"], how="inner").sort(["_row", "token_pos"])
+        lengths = rows.group_by("_row").len().sort("_row")
+        if lengths.height != keys.height:
+            raise EvaluationError(f"{keys.height - lengths.height} sample(s) have no per-token residuals at layer "
+                                  f"{self.layer}: re-extract {datasets}")
+        width = int(rows["resid"].list.len().max() or 0)
+        tokens = rows["resid"].cast(pl.Array(pl.Float32, width)).to_numpy()
+        return TokenMatrix(tokens, np.concatenate([[0], np.cumsum(lengths["len"].to_numpy())]))
 
 
 def resolve_train_datasets(data: LayerData, requested: Sequence[str] = ()) -> list[str]:
@@ -444,6 +471,7 @@ class TrainedProbes:
     groups: dict[str, dict[str, int]] = field(default_factory=dict)
     held_out_groups: list[str] = field(default_factory=list)
     control_datasets: list[str] = field(default_factory=list)
+    control_negatives: list[str] = field(default_factory=list)
     n_near_dup_clusters: int = 0
 
     @property
@@ -476,10 +504,12 @@ def train_probes(
     cal, chk = data.control_half(controls, CALIBRATION), data.control_half(controls, CHECK)
     tr_samples = data.samples_of(train)
     control_rows = None
-    if grid.control_as_negatives and cal.height:
-        control_rows = np.arange(tr_samples.height, tr_samples.height + cal.height, dtype=np.int64)
-        tr_samples = pl.concat([tr_samples, cal])
-        cal = cal.clear()
+    as_negatives = controls if grid.control_as_negatives else [c for c in controls if c in settings.control_negatives]
+    joining = cal.filter(pl.col("dataset").is_in(as_negatives))
+    if joining.height:  # their calibration half trains; thresholds then come from its out-of-fold scores
+        control_rows = np.arange(tr_samples.height, tr_samples.height + joining.height, dtype=np.int64)
+        tr_samples = pl.concat([tr_samples, joining])
+        cal = cal.filter(~pl.col("dataset").is_in(as_negatives))
     balance = data.balance(train)
     active = active_feature_ids(data.rows(sorted(set(tr_samples["dataset"].to_list()))))
     if active.size == 0:
@@ -561,6 +591,7 @@ def train_probes(
         groups=_group_balance(tr_samples),
         held_out_groups=[sp_.group for sp_ in plan.splits],
         control_datasets=controls,
+        control_negatives=sorted(set(joining["dataset"].to_list())),
         n_near_dup_clusters=int(np.unique(clusters).size),
     )
 
@@ -730,6 +761,7 @@ def _save_probes_into(
             "groups": trained.groups,
             "held_out_groups": trained.held_out_groups,
             "control_datasets": trained.control_datasets,
+            "control_negatives": trained.control_negatives,
         }
         (tmp / SAVED_MARKER).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
         replace_dir(tmp, final)

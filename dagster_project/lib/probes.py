@@ -1293,7 +1293,10 @@ def fold_feature_ids(
 def _threshold(probe: FittedProbe, cal: Matrix | None, oof: NDArray[np.float64] | None, plan: SelectionPlan) -> None:
     """Set the probe's thresholds on control scores where there are any (``control`` / ``control_oof``)."""
     if plan.control_rows is not None and plan.control_rows.size and oof is not None:
-        t, source = threshold_at_fpr(oof[plan.control_rows], plan.control_fpr), "control_oof"
+        scores = oof[plan.control_rows]  # with the calibration half of controls that did not train, if any
+        if cal is not None and cal.shape[0]:
+            scores = np.concatenate([scores, probe.decision_function(cal)])
+        t, source = threshold_at_fpr(scores, plan.control_fpr), "control_oof"
     elif cal is not None and cal.shape[0]:
         t, source = threshold_at_fpr(probe.decision_function(cal), plan.control_fpr), "control"
     else:

@@ -226,6 +226,7 @@ def test_shared_datasets_known_counts(shared_specs: dict[str, ds.DatasetSpec]) -
         "gold_alt/train": 106, "gold_alt/benchmark": 53, "gold_alt/model_organism": 27, "gold_alt/sycophant": 12}
     assert set(got["opus46_500"].table.column("group").to_pylist()) == {"opus46_500"}
     assert got["detector_baseline"].table.num_rows == 5  # minus the 5 texts it shares with detector_test
+    assert {n for n, d in got.items() if d.spec.train_as_negatives} == {"sonar_honest", "detector_baseline"}
 
 
 def test_demo_registry_loads_all_five() -> None:
@@ -667,3 +668,9 @@ def test_registry_group_fields_are_checked(tmp_path: Path) -> None:
     reg = _registry(tmp_path, [{**_entry(), "source": str(data), "role": "control"}])
     with pytest.raises(DatasetError, match="role 'control' is for negatives-only"):
         parse_registry(reg)
+    reg = _registry(tmp_path, [{**_entry(), "source": str(data), "train_as_negatives": True}])
+    with pytest.raises(DatasetError, match="'train_as_negatives' is for control sets"):
+        parse_registry(reg)
+    reg = _registry(tmp_path, [{**_entry(), "source": str(data), "labels": {"negative": ["neg"]}, "role": "control",
+                                "train_as_negatives": True}])
+    assert parse_registry(reg)["d"].train_as_negatives

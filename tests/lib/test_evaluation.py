@@ -285,6 +285,9 @@ def test_control_set_sets_thresholds_and_reports_held_out_fpr(tmp_path: Path) ->
     again = ev.train_probes(con, LAYER, ev.EvalSettings(grid=grid, n_boot=50), data)
     assert {r.probe.threshold_source for r in again.results} == {"control_oof"}
     assert again.results[0].probe.n_train == trained.results[0].probe.n_train + 20
+    # the same, asked per control set (the registry's train_as_negatives)
+    named = ev.train_probes(con, LAYER, ev.EvalSettings(grid=GRID, n_boot=50, control_negatives=("ctl",)), data)
+    assert named.control_negatives == ["ctl"] and {r.probe.threshold_source for r in named.results} == {"control_oof"}
 
 
 def test_selection_cv_is_todays_choice(run: Run) -> None:
