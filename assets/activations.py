@@ -50,7 +50,8 @@ def extract_dataset(
             context.log.info(f"{dataset} layers {layers}: {done}/{total} samples")
 
     return extract_to_lake(lm, saes, items, texts, lake, dataset, metas, model.batch_tokens,
-                           cfg.write_token_activations, cfg.write_residuals, progress, pack=model.pack)
+                           cfg.write_token_activations, cfg.write_residuals, progress, pack=model.pack,
+                           with_token_residuals=cfg.token_residuals(load_profile()))
 
 
 @dg.asset(
@@ -64,10 +65,12 @@ def extract_dataset(
 def activations(context: dg.AssetExecutionContext, config: ExtractionConfig, lake: LakeResource,
                 model: ModelResource, sae: SAEResource) -> dg.MaterializeResult:
     """SAE activations of every sample at one layer, stored sparse: pooled rows per active feature
-    (max, mean over tokens, argmax token, active-token count), per-token rows, the tokens themselves, and
-    pooled residual vectors for the dense baseline. Texts of similar length share a batch; the model runs
-    only up to the deepest layer asked for; a run over several layers of one dataset does one forward pass.
-    Each file records the model, SAE, hook, dtype and config hash it was made with."""
+    (max, mean over tokens, argmax token, active-token count), per-token rows, the tokens themselves,
+    pooled residual vectors for the dense baseline and, where ``write_token_residuals`` (by default the
+    profile's ``token_residuals``) says so, every token's residual vector in float16. Texts of similar
+    length share a batch; the model runs only up to the deepest layer asked for; a run over several layers
+    of one dataset does one forward pass. Each file records the model, SAE, hook, dtype and config hash it
+    was made with."""
     by_dataset = split_keys(context.partition_keys)
     lk = lake.lake
     # leftovers of a killed run, only in the partitions this run writes: another extraction running beside

@@ -91,6 +91,9 @@ class Profile(BaseModel):
     sae: SAESpec
     describer: DescriberSpec = DescriberSpec()
     layers: list[int] = Field(description="layers the profile extracts by default (a sensor adds them)")
+    token_residuals: bool = Field(
+        False, description="extractions write every token's residual vector (token_residuals; float16, ~2 x d_model "
+        "bytes a token and layer) unless a run's write_token_residuals says otherwise")
 
     @field_validator("layers")
     @classmethod
@@ -117,6 +120,8 @@ PROFILES: dict[str, Profile] = {
         sae=SAESpec(source="train", width=4096, k=32),
         describer=DescriberSpec(backend="offline"),
         layers=[9],
+        # ~0.9-1.2 KB a token at d_model 640 (lake/README.md): the demo's token-level dense probes read them
+        token_residuals=True,
     ),
     "gemma-3-27b": Profile(
         name="gemma-3-27b",
@@ -156,6 +161,13 @@ class ExtractionConfig(dg.Config):
 
     write_token_activations: bool = Field(True, description="store per-token rows (needed for windows)")
     write_residuals: bool = Field(True, description="store pooled residual vectors (dense baseline)")
+    write_token_residuals: bool | None = Field(
+        None, description="store every token's residual vector (float16, ~2 x d_model bytes a token: token-level "
+        "dense probes); unset: the profile's token_residuals")
+
+    def token_residuals(self, profile: Profile) -> bool:
+        """Whether this run writes ``token_residuals``: the run's setting, else the profile's."""
+        return profile.token_residuals if self.write_token_residuals is None else self.write_token_residuals
 
 
 class ProbeConfig(dg.Config):

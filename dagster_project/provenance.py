@@ -1,7 +1,8 @@
 """Which model, SAE and config made each activation partition, and the one check every reader runs.
 
 The ``activations`` asset writes :func:`activation_record` into every file of a (layer, dataset) partition
-(``activations``, ``token_activations``, ``residuals``; Parquet key-value metadata, see ``lib/lake.py``).
+(``activations``, ``token_activations``, ``residuals`` and, where written, ``token_residuals``; Parquet
+key-value metadata, see ``lib/lake.py``).
 Every asset that reads activations (the statistics, the describe windows, the probes) first calls
 :func:`check_layer`: each partition of the layer must carry the record the *current profile* would write
 (same model, SAE weights, hook, dtypes, ``max_tokens`` and config hash), otherwise the step stops with a
@@ -24,7 +25,9 @@ from dagster_project.config import PROFILES, Profile, load_profile
 from dagster_project.lib.lake import Lake, LakeError
 
 PROVENANCE_KEYS = ("model_id", "sae_id", "hook", "dtype", "sae_dtype", "max_tokens", "config_hash")
-ACTIVATION_TABLES = ("activations", "token_activations", "residuals")
+# Every table of a (layer, dataset) partition. An optional one (``token_residuals``, written only where the
+# run or profile asks) that is absent is simply not checked: only the files present must carry the record.
+ACTIVATION_TABLES = ("activations", "token_activations", "residuals", "token_residuals")
 
 
 def activation_record(model: Any, sae_id: str, hook: str, config_hash: str) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 Every table folder of the lake becomes a view of the same name, read straight from its Parquet files with
 hive partitioning (``layer`` an integer, ``dataset`` a string). Statistic tables live under ``stats/`` and
-get views named for their folder (``feature_stats``, ``activation_profile``, ...).
+get views named for their folder (``feature_stats``, ``activation_profile``, ...). A table stored in a
+coded form is shown decoded (``VIEW_SELECT``: ``token_residuals``' float16 vectors times their scale).
 
 A remote lake (``s3://...``) is read through its fsspec filesystem registered on the DuckDB connection
 (:func:`connect`), so no DuckDB extension has to be downloaded.
@@ -37,6 +38,12 @@ def table_globs(lake: Lake) -> dict[str, str]:
 
 # Partition columns get fixed types: hive autocast alone would turn a dataset slug such as "2024" into a number.
 HIVE_TYPES = {"layer": "BIGINT", "dataset": "VARCHAR"}
+
+# Views that show a table's stored form decoded: ``token_residuals`` stores float16 vectors and a power-of-two
+# scale per row (float16 alone overflows on Gemma's largest residual values; ``lib/extraction.py``,
+# ``float16_scaled``); its view gives the vectors as FLOAT[] with the scale applied, and no scale column
+# that a query could apply twice.
+VIEW_SELECT = {"token_residuals": "* EXCLUDE (resid_scale) REPLACE ([x * resid_scale for x in resid] AS resid)"}
 
 
 def _tables(lake: Lake) -> dict[str, tuple[str, list[str]]]:
@@ -88,7 +95,7 @@ def create_views(con: duckdb.DuckDBPyConnection, lake: Lake) -> list[str]:
         types = [f"'{k}': {HIVE_TYPES[k]}" for k in keys if k in HIVE_TYPES]
         hive_types = f", hive_types = {{{', '.join(types)}}}" if types else ""
         con.execute(
-            f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM "
+            f"CREATE OR REPLACE VIEW {name} AS SELECT {VIEW_SELECT.get(name, '*')} FROM "
             f"read_parquet('{path}', hive_partitioning = true, union_by_name = true{hive_types})"
         )
         names.append(name)

@@ -4,7 +4,9 @@ The forward pass stops right after the deepest layer asked for (a hook raises on
 output), so the layers above it and the LM head never run: the outputs at the hooked layers are
 bit-identical to a full run. Each hooked layer's output (``resid_post``) goes through its SAE on the
 device, is pooled per sample there (max, mean over all tokens, argmax, active-token count), and only the
-non-zero entries leave the device as sparse rows.
+non-zero entries leave the device as sparse rows. Optionally the hooked layer's output itself leaves too, one
+float16 vector per real token (``token_residuals``, for token-level dense probes; see
+:func:`float16_scaled`).
 """
 
 from __future__ import annotations
@@ -47,6 +49,24 @@ TOKENS_SCHEMA = pa.schema(
         ("char_end", pa.int32()),
     ]
 )
+
+
+def token_residual_schema(d_model: int) -> pa.Schema:
+    """One row per real token (``token_pos`` as in ``tokens`` and ``token_activations``): the layer's output
+    as ``resid_scale * resid``. float16 halves float32's bytes, and DuckDB (2.0) reads a Parquet Float16
+    column as FLOAT (tested in tests/lib/test_catalog.py); but Gemma's residual stream has a few "massive"
+    values beyond float16's range (65,504: 70,656 at layer 9 of Gemma 3 270M, 93,184 at layer 12), so each
+    row carries a power-of-two scale, 1.0 unless the row's largest |value| would overflow. The catalog's
+    view applies the scale (``lib/catalog.py``); :func:`dagster_project.lib.lake.read_token_residuals`
+    returns the float32 vectors."""
+    return pa.schema(
+        [
+            ("sample_id", pa.int32()),
+            ("token_pos", pa.int32()),
+            ("resid", pa.list_(pa.float16(), d_model)),
+            ("resid_scale", pa.float32()),
+        ]
+    )
 
 
 def residual_schema(d_model: int) -> pa.Schema:
@@ -269,6 +289,7 @@ class LayerBatch:
     token_acts: pa.Table | None
     residuals: pa.Table | None
     n_tokens: int
+    token_residuals: pa.Table | None = None
 
 
 def _pinned_copy(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -295,14 +316,20 @@ class DeviceBatch:
     token_f: torch.Tensor | None  # float32 [n]: activation
     resid: torch.Tensor | None  # float32 [2, B, d]: mean, max of the residual over real tokens
     n_tokens: int
+    n_real: np.ndarray | None = None  # int32 [B], host: real tokens of each sample
+    token_resid: torch.Tensor | None = None  # float16 [n_tokens, d]: every real token's residual / its scale
+    token_scale: torch.Tensor | None = None  # float32 [n_tokens]: a power of two (see float16_scaled)
     ready: Any = None  # CUDA event recorded after the copies to the host
+
+    _ON_DEVICE = ("pooled_i", "pooled_f", "token_i", "token_f", "resid", "token_resid", "token_scale")
 
     def to_host(self) -> DeviceBatch:
         """Start the device-to-host copies (CUDA: pinned memory, asynchronous); a no-op on the CPU."""
         if self.pooled_i.device.type != "cuda":
             return self
-        host = DeviceBatch(self.sample_ids, *(_pinned_copy(t) for t in  # type: ignore[arg-type]
-                           (self.pooled_i, self.pooled_f, self.token_i, self.token_f, self.resid)), self.n_tokens)
+        from dataclasses import replace
+
+        host = replace(self, **{k: _pinned_copy(getattr(self, k)) for k in self._ON_DEVICE})
         host.ready = torch.cuda.Event()
         host.ready.record()
         return host
@@ -339,9 +366,25 @@ class DeviceBatch:
             schema=residual_schema(d),
         )
 
+    def token_residual_table(self) -> pa.Table | None:
+        """The ``token_residuals`` rows: one per real token, in batch order, ``token_pos`` from 0 (BOS dropped)."""
+        if self.token_resid is None or self.token_scale is None or self.n_real is None:
+            return None
+        self._wait()
+        rows, pos = real_token_index(self.n_real)
+        q = self.token_resid.cpu().numpy()
+        d = q.shape[-1]
+        return pa.table(
+            [pa.array(self.sample_ids[rows]), pa.array(pos.astype(np.int32)),
+             pa.FixedSizeListArray.from_arrays(pa.array(q.reshape(-1)), d),
+             pa.array(self.token_scale.cpu().numpy())],
+            schema=token_residual_schema(d),
+        )
+
     def to_arrow(self) -> LayerBatch:
         """Arrow tables of the non-zero entries (copying to the host first if needed)."""
-        return LayerBatch(self.pooled_table(), self.token_table(), self.residual_table(), self.n_tokens)
+        return LayerBatch(self.pooled_table(), self.token_table(), self.residual_table(), self.n_tokens,
+                          self.token_residual_table())
 
 
 @dataclass
@@ -358,11 +401,14 @@ class PooledDevice:
     mean: torch.Tensor  # [B, W] float32
     nact: torch.Tensor  # [B, W] int32
     resid: torch.Tensor | None  # [2, B, d] float32
+    n_real: np.ndarray | None = None  # int32 [B]
+    token_resid: torch.Tensor | None = None  # [n_tokens, d] float16 (see float16_scaled)
+    token_scale: torch.Tensor | None = None  # [n_tokens] float32
 
     def record_stream(self, stream: Any) -> None:
         """Mark every tensor as used on ``stream`` (the caching allocator then keeps its memory until
         that stream's work is done, though the tensors were made on another)."""
-        for t in (self.acts, self.mx, self.arg, self.mean, self.nact, self.resid):
+        for t in (self.acts, self.mx, self.arg, self.mean, self.nact, self.resid, self.token_resid, self.token_scale):
             if t is not None:
                 t.record_stream(stream)
 
@@ -397,14 +443,41 @@ def _compiled_jumprelu_pool() -> Callable[..., tuple[torch.Tensor, ...]]:
     return torch.compile(jumprelu_pool, dynamic=True)
 
 
+FLOAT16_MAX = 65504.0
+
+
+def float16_scaled(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` [N, d] as float16 ``q`` [N, d] and a float32 power of two ``scale`` [N] with ``q * scale`` ~= ``x``.
+
+    ``scale`` is 1 unless a row's largest |value| is beyond float16's range (65,504), and then the smallest
+    power of two that brings it within: dividing by a power of two is exact, so every value keeps float16's
+    relative precision (2**-11; bfloat16 values within range are kept exactly), bar values that fall below
+    float16's normal range (6.1e-5 x scale), which keep an absolute precision of 6e-8 x scale. NaN and
+    infinite values are kept as they are (scale 1). No host synchronisation."""
+    x = x.float()
+    m = x.abs().amax(-1)
+    e = torch.ceil(torch.log2(m / FLOAT16_MAX)).nan_to_num(0.0, 0.0, 0.0).clamp(0, 126)
+    e = e + ((m / torch.exp2(e) > FLOAT16_MAX) & m.isfinite())  # log2's rounding: one more where it fell short
+    scale = torch.exp2(e)
+    return (x / scale[:, None]).half(), scale
+
+
+def real_token_index(n_real: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(row, position) of every real token of a padded batch whose row ``j`` has ``n_real[j]`` real
+    tokens: row by row, position by position (the order of the ``token_residuals`` rows)."""
+    n = np.asarray(list(n_real), dtype=np.int64)
+    return np.repeat(np.arange(len(n)), n), np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
+
+
 @torch.inference_mode()
 def pool_device(
     hidden: torch.Tensor, n_real: Sequence[int], sample_ids: Sequence[int], sae: LoadedSAE,
-    with_residuals: bool = True,
+    with_residuals: bool = True, with_token_residuals: bool = False,
 ) -> PooledDevice:
     """SAE-encode ``hidden`` [B, T, d] (BOS already dropped; row ``j`` has ``n_real[j]`` real tokens, then
     padding) and pool over tokens (max, argmax, mean over real tokens, active-token count), on the device,
-    with no host synchronisation."""
+    with no host synchronisation. ``with_token_residuals``: also every real token's row of ``hidden`` itself,
+    as float16 and a scale (:func:`float16_scaled`)."""
     T = hidden.shape[1]
     dev = hidden.device
     lengths = to_device(torch.tensor(list(n_real)), dev)
@@ -426,7 +499,13 @@ def pool_device(
         rmean = h.masked_fill(~m, 0).sum(1) / lengths.clamp_min(1)[:, None]
         rmax = h.masked_fill(~m, float("-inf")).max(1).values
         resid = torch.stack([rmean, rmax])
-    return PooledDevice(np.asarray(sample_ids, dtype=np.int32), int(sum(n_real)), acts, mx, arg, mean, nact, resid)
+    token_resid = token_scale = None
+    if with_token_residuals:
+        # indices made on the host, where the lengths are: the gather needs no synchronisation
+        rows, pos = (to_device(torch.from_numpy(a), dev) for a in real_token_index(n_real))
+        token_resid, token_scale = float16_scaled(hidden[rows, pos])
+    return PooledDevice(np.asarray(sample_ids, dtype=np.int32), int(sum(n_real)), acts, mx, arg, mean, nact, resid,
+                        np.asarray(list(n_real), dtype=np.int32), token_resid, token_scale)
 
 
 @torch.inference_mode()
@@ -440,7 +519,8 @@ def compact(p: PooledDevice, with_tokens: bool = True) -> DeviceBatch:
         tb, tt, tf = (p.acts > 0).nonzero(as_tuple=True)
         token_i = torch.stack([tb.int(), tt.int(), tf.int()])
         token_f = p.acts[tb, tt, tf].float()
-    return DeviceBatch(p.sample_ids, pooled_i, pooled_f, token_i, token_f, p.resid, p.n_tokens)
+    return DeviceBatch(p.sample_ids, pooled_i, pooled_f, token_i, token_f, p.resid, p.n_tokens, p.n_real,
+                       p.token_resid, p.token_scale)
 
 
 def encode_pool_device(
@@ -498,6 +578,7 @@ def extract(
     progress: Callable[[int, int], None] | None = None,
     on_device: bool = False,
     pack: bool | None = None,
+    with_token_residuals: bool = False,
 ) -> Iterator[tuple[dict[int, Any], ExtractStats]]:
     """Yield, batch by batch, ``{layer: LayerBatch}`` for every layer in ``saes`` from one forward pass.
 
@@ -506,6 +587,8 @@ def extract(
     ``batch_tokens`` <= 0 sizes the batches by the device's free memory (see ``auto_batch_tokens``).
     ``pack``: run each batch's texts end to end in one row, no padding (``lib/packing.py``); ``None``
     packs where the fast kernel runs (a GPU with ``varlen_attn`` and a known model type).
+    ``with_token_residuals``: each layer's output at every real token too (``LayerBatch.token_residuals``),
+    padded and packed batches alike (both are laid out padded before pooling).
 
     Software-pipelined: batch *i*'s forward pass and pooling are queued on the device before batch *i-1*
     is compacted (the step that waits for the device); on a GPU that compaction runs on a side stream, so
@@ -543,7 +626,7 @@ def extract(
         hidden = batch_hidden(lm, rows, layers, bool(pack))
         n_real = [r.n_real for r in rows]
         sids = [r.sample_id for r in rows]
-        pooled = {layer: pool_device(hidden[layer], n_real, sids, saes[layer], with_residuals)
+        pooled = {layer: pool_device(hidden[layer], n_real, sids, saes[layer], with_residuals, with_token_residuals)
                   for layer in layers}
         ready = None
         if cuda:
@@ -659,7 +742,7 @@ def collect_vectors(lm: LoadedModel, layer: int, items: Sequence[Tokenized], bat
 # Batches whose tables may wait for the writer threads while the next batch computes (bounds host memory).
 WRITE_DEPTH = 2
 # What an extraction writes per (layer, dataset) partition; ``tokens`` is written per dataset.
-LAYER_TABLES = ("activations", "token_activations", "residuals")
+LAYER_TABLES = ("activations", "token_activations", "residuals", "token_residuals")
 
 
 def extract_to_lake(
@@ -675,6 +758,7 @@ def extract_to_lake(
     with_residuals: bool = True,
     progress: Callable[[int, int], None] | None = None,
     pack: bool | None = None,
+    with_token_residuals: bool = False,
 ) -> dict[str, float]:
     """Extract ``items`` at every layer of ``saes`` in one pass and write each (layer, dataset) partition.
 
@@ -683,6 +767,10 @@ def extract_to_lake(
     only when every batch succeeded. Each file has its own writer thread (Arrow building and Parquet
     encoding release the GIL), so the files of one batch are written side by side while the device runs
     the next batches; at most ``WRITE_DEPTH`` batches wait.
+
+    ``with_token_residuals`` writes ``token_residuals`` too; without it, a ``token_residuals`` partition
+    an earlier extraction left is removed once the new partitions are in place (it would describe another
+    extraction than the ``tokens`` and activations beside it).
     """
     import time
     from collections import deque
@@ -699,8 +787,10 @@ def extract_to_lake(
     active_total = {layer: 0 for layer in layers}
     stats: ExtractStats | None = None
     schemas = {"activations": POOLED_SCHEMA, "token_activations": TOKEN_ACTS_SCHEMA,
-               "residuals": residual_schema(lm.d_model)}
-    wanted = {"activations": True, "token_activations": with_tokens, "residuals": with_residuals}
+               "residuals": residual_schema(lm.d_model), "token_residuals": token_residual_schema(lm.d_model)}
+    wanted = {"activations": True, "token_activations": with_tokens, "residuals": with_residuals,
+              "token_residuals": with_token_residuals}
+    scaled = {layer: 0 for layer in layers}  # token residuals stored with a scale > 1 (beyond float16's range)
     tables = [t for t in LAYER_TABLES if wanted[t]]
 
     busy: dict[tuple[str, int], float] = {}  # seconds each file's thread spent (only that thread writes it)
@@ -714,6 +804,9 @@ def extract_to_lake(
             active_total[layer] += t.num_rows  # only this file's thread touches this layer's count
         elif name == "token_activations":
             t = db.token_table()
+        elif name == "token_residuals":
+            t = db.token_residual_table()
+            scaled[layer] += int(np.count_nonzero(t.column("resid_scale").to_numpy() > 1))
         else:
             t = db.residual_table()
         writers[key].write_table(t)
@@ -741,7 +834,7 @@ def extract_to_lake(
             waited[0] += time.perf_counter() - t_wait
 
         for out, stats in extract(lm, saes, items, batch_tokens, with_tokens, with_residuals, progress,  # noqa: B007
-                                  on_device=True, pack=pack):
+                                  on_device=True, pack=pack, with_token_residuals=with_token_residuals):
             waiting.append([threads[key].submit(write, key, out[key[1]]) for key in writers])
             drain(WRITE_DEPTH)
         drain(0)
@@ -753,6 +846,14 @@ def extract_to_lake(
     closing = time.perf_counter() - t_close  # the renames (at the stack's exit) included
     if stats is None:
         raise ValueError(f"dataset {dataset!r} has no samples to extract")
+    for layer in layers:
+        if with_token_residuals and scaled[layer]:
+            log.info("layer %d, %s: %d of %d token residuals exceed float16's range and are stored scaled",
+                     layer, dataset, scaled[layer], stats.n_tokens)
+        if not with_token_residuals and lake.exists("token_residuals", layer, dataset):
+            lake.remove_partition("token_residuals", layer, dataset)
+            log.info("layer %d, %s: removed the token_residuals of an earlier extraction (not written this time)",
+                     layer, dataset)
     seconds = time.time() - t0
     return {
         "samples": stats.n_samples,
@@ -770,4 +871,5 @@ def extract_to_lake(
         **{f"writer_busy_seconds_{name}": sum(v for k, v in busy.items() if k[0] == name) for name in tables},
         **{f"active_features_per_sample_L{layer}": active_total[layer] / max(stats.n_samples, 1) for layer in layers},
         **{f"pooled_rows_L{layer}": active_total[layer] for layer in layers},
+        **({"token_residuals_scaled": sum(scaled.values())} if with_token_residuals else {}),
     }

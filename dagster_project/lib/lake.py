@@ -34,15 +34,17 @@ import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import fsspec
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 from upath import UPath
@@ -55,9 +57,12 @@ PARQUET_OPTS: dict[str, Any] = {"compression": "zstd", "compression_level": 3}
 # The two big sparse tables: dictionary encoding only where values repeat (sample and position keys), not on
 # feature ids and activations, where it costs time and saves nothing. Measured on realistic rows (BENCHMARKS.md):
 # 1.5-1.8x faster writes, files no larger.
+# Per-token residuals likewise: a dictionary of float16 values saved 7% on a bfloat16 model's vectors, lost 2% on
+# a float32 model's, and took 1.6-2x the encode time (27-34 vs 17 us a token at d_model 640, measured).
 TABLE_PARQUET_OPTS: dict[str, dict[str, Any]] = {
     "token_activations": {"compression_level": 1, "use_dictionary": ["sample_id", "token_pos"]},
     "activations": {"use_dictionary": ["sample_id"]},
+    "token_residuals": {"use_dictionary": ["sample_id", "token_pos"]},
 }
 
 
@@ -88,6 +93,7 @@ TABLES: dict[str, tuple[str, ...]] = {
     "activations": ("layer", "dataset"),
     "token_activations": ("layer", "dataset"),
     "residuals": ("layer", "dataset"),
+    "token_residuals": ("layer", "dataset"),
 }
 
 
@@ -578,3 +584,64 @@ class Lake:
                 f"(or materialize activations for partition {dataset}|{layer})"
             )
         return meta
+
+
+# ------------------------------------------------------------------------------------------ token residuals
+
+
+class TokenResiduals(NamedTuple):
+    """The ``token_residuals`` of one layer, one row per real token, ordered by dataset (as asked), then
+    ``sample_id``, then ``token_pos`` (BOS dropped: 0 is the first real token, as in ``tokens``)."""
+
+    dataset: np.ndarray  # str (object) [N]
+    sample_id: np.ndarray  # int32 [N]
+    token_pos: np.ndarray  # int32 [N]
+    resid: np.ndarray  # float32 [N, d_model]: the layer's output, within float16 precision
+
+
+def read_token_residuals(lake: Lake, layer: int, datasets: Sequence[str] | str) -> TokenResiduals:
+    """Every token's residual vector at ``layer`` in ``datasets`` as float32 (``resid * resid_scale``).
+
+    The files hold float16 and a power-of-two scale per row (``lib/extraction.py``, ``float16_scaled``), so
+    each value is the layer's output to float16's relative precision (2**-11). Like every activation reader,
+    check the partitions' provenance first (``dagster_project.provenance.check_layer``); a dataset extracted
+    without token residuals is a :class:`LakeError` that says how to extract them.
+    """
+    names = [datasets] if isinstance(datasets, str) else list(datasets)
+    parts = []
+    for name in names:
+        if not lake.exists("token_residuals", layer, name):
+            raise LakeError(
+                f"{lake.file('token_residuals', layer, name)} does not exist: dataset {name!r} was extracted at "
+                f"layer {layer} without token residuals; extract it with them (the activations asset's "
+                f"write_token_residuals, or a profile with token_residuals: true): "
+                f"featurelake backfill --layer {layer} --dataset {name}"
+            )
+        t = lake.read("token_residuals", layer, name)
+        typ = t.schema.field("resid").type if "resid" in t.column_names else None
+        if (typ is None or not pa.types.is_fixed_size_list(typ) or typ.value_type != pa.float16()
+                or "resid_scale" not in t.column_names or t.column("resid").null_count):
+            raise LakeError(f"{lake.file('token_residuals', layer, name)}: not a token_residuals file (resid "
+                            f"fixed_size_list<float16>, resid_scale); rerun that partition to rewrite it")
+        parts.append((name, t, typ.list_size))
+    d_models = {d for _, _, d in parts}
+    if len(d_models) > 1:
+        raise LakeError(f"token_residuals of layer {layer} have different widths {sorted(d_models)} across {names}")
+    d_model = d_models.pop() if d_models else 0
+    n = sum(t.num_rows for _, t, _ in parts)
+    out = TokenResiduals(np.empty(n, dtype=object), np.empty(n, np.int32), np.empty(n, np.int32),
+                         np.empty((n, d_model), np.float32))
+    at = 0
+    for name, t, _ in parts:
+        k = t.num_rows
+        order = pc.sort_indices(t.select(["sample_id", "token_pos"]),
+                                        [("sample_id", "ascending"), ("token_pos", "ascending")]).to_numpy()
+        q = t.column("resid").combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(k, d_model)
+        scale = t.column("resid_scale").to_numpy()
+        rows = slice(at, at + k)
+        out.dataset[rows] = name
+        out.sample_id[rows] = t.column("sample_id").to_numpy()[order]
+        out.token_pos[rows] = t.column("token_pos").to_numpy()[order]
+        np.multiply(q[order], scale[order, None], out=out.resid[rows], dtype=np.float32)
+        at += k
+    return out

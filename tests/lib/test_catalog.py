@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 import pytest
 
@@ -314,3 +315,57 @@ def test_cli_sql_torn_and_corrupt_parquet_are_one_line(cli_env: Lake, capsys: py
         got = capsys.readouterr()
         assert got.out == "" and got.err.count("\n") == 1 and "Traceback" not in got.err, got
         assert f"{part} is not a readable Parquet file" in got.err, got.err  # found by reading the files
+
+
+# ------------------------------------------------------------------------------------------ token residuals
+
+
+def _write_token_residuals(lake: Lake, x: np.ndarray, layer: int = 1, dataset: str = "train_a") -> None:
+    import torch
+
+    from dagster_project.lib.extraction import float16_scaled, token_residual_schema
+
+    q, scale = float16_scaled(torch.from_numpy(x))
+    n, d = x.shape
+    lake.write("token_residuals", pa.table(
+        [pa.array(np.zeros(n, np.int32)), pa.array(np.arange(n, dtype=np.int32)),
+         pa.FixedSizeListArray.from_arrays(pa.array(q.numpy().reshape(-1)), d), pa.array(scale.numpy())],
+        schema=token_residual_schema(d)), layer=layer, dataset=dataset, meta={"model": "m"})
+
+
+def test_token_residuals_view_reads_float16_with_the_scale_applied(lake: Lake) -> None:
+    """DuckDB reads the Parquet Float16 column (as FLOAT[]); the view multiplies each row by its scale, so a
+    value beyond float16's range reads back as itself, and leaves no scale column to apply twice."""
+    from dagster_project.lib.lake import read_token_residuals
+
+    x = np.array([[1.5, -2.25, 0.0], [70656.0, 3.0, -0.5], [1e-3, 200.0, -7.0]], np.float32)
+    _write_token_residuals(lake, x)
+    _, names = build_catalog(lake)
+    assert "token_residuals" in names
+    with duckdb.connect(str(lake.catalog_path), read_only=True) as con:
+        types = _types(con, "token_residuals")
+        assert types == {"sample_id": "INTEGER", "token_pos": "INTEGER", "resid": "FLOAT[]", "layer": "BIGINT",
+                         "dataset": "VARCHAR"}, types
+        rows = con.sql("select token_pos, resid from token_residuals order by token_pos").fetchall()
+        got = np.array([r[1] for r in rows], np.float32)
+        assert [r[0] for r in rows] == [0, 1, 2]
+        np.testing.assert_allclose(got, x, rtol=2.0**-11)
+        assert got[1, 0] == 70656.0
+        np.testing.assert_array_equal(got, read_token_residuals(lake, 1, ["train_a"]).resid)
+        # raw float16 Parquet reads as FLOAT too, without the view
+        raw = con.sql(f"select resid, resid_scale from read_parquet('{lake.file('token_residuals', 1, 'train_a')}') "
+                      "order by token_pos").fetchall()
+        assert raw[1][1] == 2.0 and raw[1][0][0] == 35328.0 and raw[0][1] == 1.0
+
+
+def test_cli_sql_reads_token_residuals(cli_env: Lake, capsys: pytest.CaptureFixture[str]) -> None:
+    from dagster_project.cli import main
+
+    _write_token_residuals(cli_env, np.array([[0.5, -1.0], [70656.0, 2.0]], np.float32))
+    q = "select token_pos, resid, len(resid) as d from token_residuals where layer = 1 order by token_pos"
+    assert main(["sql", q, "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out) == [{"token_pos": 0, "resid": [0.5, -1.0], "d": 2},
+                                                   {"token_pos": 1, "resid": [70656.0, 2.0], "d": 2}]
+    assert main(["sql", q, "--format", "csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert json.loads(rows[1]["resid"]) == [70656.0, 2.0]

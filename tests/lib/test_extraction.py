@@ -48,8 +48,18 @@ def dense_reference(lm: LoadedModel, sae, texts: list[str], layer: int, max_toke
             "acts": acts.numpy(),
             "resid_mean": h.mean(0).numpy(),
             "resid_max": h.max(0).values.numpy(),
+            "hidden": h.numpy(),
         }
     return out
+
+
+# float16's relative precision (round to nearest: half an ulp of a 10-bit mantissa)
+FP16_RTOL = 2.0**-11
+
+
+def decoded(t) -> np.ndarray:  # noqa: ANN001
+    """``resid * resid_scale`` of token_residuals rows (a pandas frame), float32 [n, d]."""
+    return np.stack(t.resid.to_numpy()).astype(np.float32) * t.resid_scale.to_numpy(np.float32)[:, None]
 
 
 def check_against_reference(
@@ -59,12 +69,14 @@ def check_against_reference(
     pooled: dict[int, list] = {layer: [] for layer in saes}
     token_rows: dict[int, list] = {layer: [] for layer in saes}
     resid: dict[int, list] = {layer: [] for layer in saes}
-    for out, stats in extract(lm, saes, items, batch_tokens, pack=pack):
+    token_resid: dict[int, list] = {layer: [] for layer in saes}
+    for out, stats in extract(lm, saes, items, batch_tokens, pack=pack, with_token_residuals=True):
         assert stats.packed == bool(pack)
         for layer, lb in out.items():
             pooled[layer].append(lb.pooled.to_pandas())
             token_rows[layer].append(lb.token_acts.to_pandas())
             resid[layer].append(lb.residuals.to_pandas())
+            token_resid[layer].append(lb.token_residuals.to_pandas())
     import pandas as pd
 
     for layer, sae in saes.items():
@@ -72,6 +84,8 @@ def check_against_reference(
         df = pd.concat(pooled[layer])
         tok = pd.concat(token_rows[layer])
         res = pd.concat(resid[layer]).set_index("sample_id")
+        tres = pd.concat(token_resid[layer])
+        assert len(tres) == sum(len(r["hidden"]) for r in ref.values())  # one row per real token, no more
         n_checked = 0
         for sid, r in ref.items():
             got = df[df.sample_id == sid].set_index("feature_id")
@@ -102,6 +116,14 @@ def check_against_reference(
             np.testing.assert_allclose(
                 np.asarray(res.loc[sid].resid_max), r["resid_max"], rtol=1e-4, atol=1e-4
             )
+            # per-token residuals: the layer's output at every real token, BOS dropped, in float16 precision
+            tr = tres[tres.sample_id == sid].sort_values("token_pos")
+            assert tr.token_pos.tolist() == list(range(len(r["hidden"])))
+            vec = decoded(tr)
+            np.testing.assert_allclose(vec, r["hidden"], rtol=FP16_RTOL + 1e-4, atol=1e-4)
+            # the pooled mean is the mean of the stored vectors, to float16's error on each term
+            tol = FP16_RTOL * np.abs(vec).mean(0) + 1e-3
+            assert (np.abs(vec.mean(0) - np.asarray(res.loc[sid].resid_mean)) <= tol).all()
         assert n_checked > 0
 
 
@@ -436,3 +458,140 @@ def test_compiled_jumprelu_pool_equals_the_eager_pooling() -> None:
     assert live.sum() > 10
     picked = acts.gather(1, arg[:, None, :])[:, 0]  # argmax: the position of the max (ties allowed)
     torch.testing.assert_close(picked[live], mx[live])
+
+
+# ------------------------------------------------------------------------------------------ token residuals
+
+
+def test_float16_scaled_keeps_values_beyond_float16s_range_to_its_precision() -> None:
+    """Gemma's residual stream has values past float16's 65,504 (70,656 at layer 9 of the 270M model): a row
+    that holds one is stored divided by the smallest power of two that fits, every other row unscaled."""
+    from dagster_project.lib.extraction import FLOAT16_MAX, float16_scaled
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 32, generator=g) * 20
+    x[1, 3] = -70656.0  # Gemma 3 270M's largest at layer 9
+    x[2, 0] = 1e9
+    x[3, 5] = 65280.0  # within float16's range (and a bfloat16 value): no scale
+    x[4] = 0.0
+    x[5, :4] = torch.tensor([3e-6, -1e-7, 6.2e-5, 1e-3])  # below and at float16's normal range
+    q, scale = float16_scaled(x.to(torch.bfloat16))
+    assert q.dtype == torch.float16 and scale.dtype == torch.float32 and torch.isfinite(q).all()
+    assert scale.tolist() == [1.0, 2.0, 2.0**14, 1.0, 1.0, 1.0]
+    assert (torch.log2(scale) == torch.log2(scale).round()).all()  # powers of two: exact division
+    ref = x.to(torch.bfloat16).float()
+    back = q.float() * scale[:, None]
+    assert (back - ref).abs().le(FP16_RTOL * ref.abs() + 6e-8 * scale[:, None]).all()
+    # bfloat16 values within float16's normal range are kept exactly (8 mantissa bits fit in 10)
+    normal = (ref.abs() / scale[:, None] >= 2.0**-14) | (ref == 0)
+    assert torch.equal(back[normal], ref[normal])
+    # float32 input: float16's largest value needs no scale, the next float32 above it does
+    _, scale = float16_scaled(torch.tensor([[FLOAT16_MAX], [np.nextafter(FLOAT16_MAX, np.inf, dtype=np.float32)]]))
+    assert scale.tolist() == [1.0, 2.0]
+    # non-finite values stay what they are, unscaled
+    q, scale = float16_scaled(torch.tensor([[float("inf"), 1.0], [float("nan"), 2.0]]))
+    assert scale.tolist() == [1.0, 1.0] and q[0, 0] == float("inf") and q[1, 0].isnan()
+
+
+def _extract_to_tmp_lake(lm: LoadedModel, saes: dict, lake, texts: list[str], dataset: str = "d",  # noqa: ANN001
+                         **kw) -> dict:  # noqa: ANN003
+    from dagster_project.lib.extraction import extract_to_lake
+
+    items = tokenize(lm.tokenizer, texts, list(range(len(texts))), 64)
+    metas = {layer: {"model_id": "tiny", "config_hash": "h", "layer": layer, "dataset": dataset} for layer in saes}
+    return extract_to_lake(lm, saes, items, dict(enumerate(texts)), lake, dataset, metas, 80, **kw)
+
+
+def test_token_residuals_in_the_lake_align_with_tokens_and_token_activations(
+    tiny_lm: LoadedModel, tiny_saes: Path, tmp_path: Path
+) -> None:
+    """One row per real token, keyed exactly as ``tokens`` (BOS dropped), every ``token_activations`` key
+    among them; the reader gives float32 vectors whose per-sample mean is the pooled ``resid_mean``; the
+    files carry the partition's provenance record and the layer's check covers them."""
+    import pandas as pd
+
+    from dagster_project.lib.lake import Lake, LakeError, read_token_residuals
+    from dagster_project.provenance import check_layer, partitions
+
+    lake = Lake(str(tmp_path / "lake"), "t")
+    saes = {layer: load_gemmascope_dir(tiny_saes / f"layer_{layer}") for layer in (0, 2)}
+    m = _extract_to_tmp_lake(tiny_lm, saes, lake, TEXTS, with_token_residuals=True)
+    assert m["writer_busy_seconds_token_residuals"] > 0 and m["token_residuals_scaled"] == 0
+    tokens = lake.read("tokens", dataset="d").to_pandas()
+    for layer in saes:
+        tr = read_token_residuals(lake, layer, ["d"])
+        assert tr.resid.dtype == np.float32 and tr.resid.shape == (len(tokens), TINY_D)
+        keys = list(zip(tr.sample_id.tolist(), tr.token_pos.tolist(), strict=True))
+        assert keys == sorted(zip(tokens.sample_id, tokens.token_pos, strict=True))  # same keys, sorted
+        assert set(tr.dataset) == {"d"}
+        ta = lake.read("token_activations", layer, "d").to_pandas()
+        assert set(zip(ta.sample_id, ta.token_pos, strict=True)) <= set(keys) and len(ta) > 0
+        res = lake.read("residuals", layer, "d").to_pandas().set_index("sample_id")
+        means = pd.DataFrame(tr.resid).groupby(tr.sample_id).mean()
+        for sid, row in means.iterrows():
+            vec = tr.resid[tr.sample_id == sid]
+            tol = FP16_RTOL * np.abs(vec).mean(0) + 1e-3
+            assert (np.abs(row.to_numpy() - np.asarray(res.loc[sid].resid_mean)) <= tol).all()
+        assert lake.read_meta("token_residuals", layer, "d") == lake.read_meta("activations", layer, "d")
+        assert ("token_residuals", "d") in partitions(lake, layer)
+        assert check_layer(lake, layer, expected=None)["config_hash"] == "h"
+    # a token_residuals file made with another config is caught like any other activation file
+    other = lake.read("token_residuals", 0, "d")
+    lake.write("token_residuals", other, 0, "d", meta={"model_id": "tiny", "config_hash": "other"})
+    with pytest.raises(LakeError, match="different models/SAEs/configs"):
+        check_layer(lake, 0, expected=None)
+    with pytest.raises(LakeError, match=r"without token residuals.*featurelake backfill --layer 0 --dataset nope"):
+        read_token_residuals(lake, 0, ["nope"])
+
+
+def test_token_residuals_flag_off_writes_none_and_a_rerun_replaces_them(
+    tiny_lm: LoadedModel, tiny_saes: Path, tmp_path: Path
+) -> None:
+    """Off (the library's default): no token_residuals file, the other tables as before, and the layer's
+    provenance check passes without them. On twice: one file per partition, rows of the second run only.
+    Off after on: the earlier partition goes (it would describe another extraction)."""
+    from dagster_project.lib.lake import Lake
+    from dagster_project.provenance import check_layer
+
+    lake = Lake(str(tmp_path / "lake"), "t")
+    saes = {1: load_gemmascope_dir(tiny_saes / "layer_1")}
+    m = _extract_to_tmp_lake(tiny_lm, saes, lake, TEXTS)
+    assert "writer_busy_seconds_token_residuals" not in m and "token_residuals_scaled" not in m
+    assert not lake.table_dir("token_residuals").exists()
+    assert all(lake.exists(t, 1, "d") for t in ("activations", "token_activations", "residuals"))
+    assert check_layer(lake, 1, expected=None)["config_hash"] == "h"
+
+    n_tokens = lake.read("tokens", dataset="d").num_rows
+    _extract_to_tmp_lake(tiny_lm, saes, lake, TEXTS, with_token_residuals=True)
+    _extract_to_tmp_lake(tiny_lm, saes, lake, TEXTS[:2], with_token_residuals=True)  # fewer texts
+    part = lake.partition_dir("token_residuals", 1, "d")
+    assert sorted(p.name for p in part.iterdir()) == ["part-0.parquet"]
+    got = lake.read("token_residuals", 1, "d")
+    assert got.num_rows == lake.read("tokens", dataset="d").num_rows < n_tokens
+    assert set(got.column("sample_id").to_pylist()) == {0, 1}
+    import duckdb
+
+    glob = lake.glob("token_residuals")
+    assert duckdb.sql(f"select count(*) from read_parquet('{glob}')").fetchall() == [(got.num_rows,)]
+
+    _extract_to_tmp_lake(tiny_lm, saes, lake, TEXTS)
+    assert not lake.exists("token_residuals", 1, "d") and not part.exists()
+    assert lake.exists("activations", 1, "d")
+
+
+def test_token_residuals_setting_follows_the_profile_unless_the_run_sets_it() -> None:
+    """The embedded default profile writes them (its demo's token-level probes read them); the 27B profile
+    (d_model 5,376: ~10 KB a token and layer) does not; a run's write_token_residuals overrides either."""
+    from dagster_project.config import PROFILES, ExtractionConfig
+    from dagster_project.lib.extraction import LAYER_TABLES
+
+    assert ExtractionConfig().write_token_residuals is None
+    assert ExtractionConfig().token_residuals(PROFILES["default"]) is True
+    assert ExtractionConfig().token_residuals(PROFILES["gemma-3-27b"]) is False
+    assert ExtractionConfig(write_token_residuals=False).token_residuals(PROFILES["default"]) is False
+    assert ExtractionConfig(write_token_residuals=True).token_residuals(PROFILES["gemma-3-27b"]) is True
+    # the activations asset cleans and writes every one of these per partition
+    assert "token_residuals" in LAYER_TABLES
+    # a speed-and-storage setting: it does not enter the partitions' config hash
+    flipped = PROFILES["default"].model_copy(update={"token_residuals": False})
+    assert flipped.config_hash() == PROFILES["default"].config_hash()

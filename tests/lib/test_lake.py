@@ -296,3 +296,58 @@ def test_replace_dir_swaps_whole_folders_and_clears_a_killed_swaps_leftover(tmp_
         replace_dir(tmp, final)
         assert (final / "probe.json").read_text() == version
         assert sorted(p.name for p in tmp_path.iterdir()) == ["layer=1"]  # nothing hidden left behind
+
+
+def _token_residuals(x: np.ndarray, sample_id: list[int], token_pos: list[int]) -> pa.Table:
+    """token_residuals rows as the extraction writes them (float16 and a power-of-two scale per row)."""
+    import torch
+
+    from dagster_project.lib.extraction import float16_scaled, token_residual_schema
+
+    q, scale = float16_scaled(torch.from_numpy(x))
+    d = x.shape[1]
+    return pa.table([pa.array(np.asarray(sample_id, np.int32)), pa.array(np.asarray(token_pos, np.int32)),
+                     pa.FixedSizeListArray.from_arrays(pa.array(q.numpy().reshape(-1)), d),
+                     pa.array(scale.numpy())], schema=token_residual_schema(d))
+
+
+def test_read_token_residuals_round_trips_within_float16_precision(lake: Lake) -> None:
+    """float32 vectors back, scale applied (a value beyond float16's range included), ordered by the datasets
+    asked for, then sample and position, whatever order the batches wrote them in."""
+    from dagster_project.lib.lake import read_token_residuals
+
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((7, 16)) * 30).astype(np.float32)
+    x[2, 4] = 70656.0  # Gemma 3 270M's layer 9 has such values
+    x[5, 0] = -1e-6
+    keys = [(1, 0), (1, 1), (1, 2), (0, 0), (0, 1), (2, 0), (2, 1)]  # longest text first, as batches go
+    lake.write("token_residuals", _token_residuals(x[:5], *map(list, zip(*keys[:5], strict=True))), 3, "a", META)
+    lake.write("token_residuals", _token_residuals(x[5:], *map(list, zip(*keys[5:], strict=True))), 3, "b", META)
+    assert pq.read_schema(lake.file("token_residuals", 3, "a")).field("resid").type == pa.list_(pa.float16(), 16)
+    md = pq.ParquetFile(lake.file("token_residuals", 3, "a")).metadata.row_group(0)
+    cols = [md.column(i) for i in range(md.num_columns)]  # dictionary pages on the keys only, zstd everywhere
+    assert {c.path_in_schema for c in cols if any("DICTIONARY" in e for e in c.encodings)} == {"sample_id", "token_pos"}
+    assert {c.compression for c in cols} == {"ZSTD"}
+
+    got = read_token_residuals(lake, 3, ["b", "a"])
+    order = [5, 6, 3, 4, 0, 1, 2]  # b's rows, then a's sorted by (sample_id, token_pos)
+    assert got.dataset.tolist() == ["b"] * 2 + ["a"] * 5
+    assert list(zip(got.sample_id.tolist(), got.token_pos.tolist(), strict=True)) == [keys[i] for i in order]
+    assert got.resid.dtype == np.float32 and got.sample_id.dtype == np.int32 and got.resid.shape == (7, 16)
+    np.testing.assert_allclose(got.resid, x[order], rtol=2.0**-11, atol=6e-8)
+    assert got.resid[-1, 4] == 70656.0
+    one = read_token_residuals(lake, 3, "a")  # one dataset by name
+    np.testing.assert_array_equal(one.resid, got.resid[2:])
+    empty = read_token_residuals(lake, 3, [])
+    assert empty.resid.shape == (0, 0) and empty.sample_id.size == 0
+
+
+def test_read_token_residuals_refuses_what_it_cannot_read(lake: Lake) -> None:
+    from dagster_project.lib.lake import read_token_residuals
+
+    with pytest.raises(LakeError, match=r"without token residuals.*write_token_residuals.*backfill --layer 1"):
+        read_token_residuals(lake, 1, ["a"])
+    lake.write("token_residuals", pa.table({"sample_id": pa.array([0], pa.int32()), "token_pos": [0],
+                                            "resid": pa.array([[1.0, 2.0]], pa.list_(pa.float32(), 2))}), 1, "a")
+    with pytest.raises(LakeError, match="not a token_residuals file"):
+        read_token_residuals(lake, 1, ["a"])

@@ -98,8 +98,12 @@ def _assert_same_table(a: Any, b: Any) -> None:
 def test_kill_9_during_extraction_leaves_no_partial_partition_and_rerun_completes(
     tiny_profile: Path, small_registry: Path, tmp_path: Path
 ) -> None:
+    import yaml
+
     from dagster_project.lib.lake import Lake
 
+    # every table of a partition, the optional per-token residuals included
+    tiny_profile.write_text(yaml.safe_dump({**yaml.safe_load(tiny_profile.read_text()), "token_residuals": True}))
     lake = Lake(str(tmp_path / "lake"), "tiny")
     done = _extract(LAYERS="1", STAGES="corpus,sae,activations")
     assert done.returncode == 0, done.stderr[-3000:]
@@ -113,13 +117,13 @@ def test_kill_9_during_extraction_leaves_no_partial_partition_and_rerun_complete
     killed = _extract(LAYERS="1,2", DATASETS="tr", STAGES="activations", KILL_DATASET="tr")
     assert killed.returncode == KILLED, killed.stderr[-3000:]
     leftovers = sorted(p.relative_to(lake.base).as_posix() for p in lake.base.rglob(".tmp-*"))
-    for table in ("activations", "token_activations", "residuals"):
+    for table in ("activations", "token_activations", "residuals", "token_residuals"):
         for layer in (1, 2):
             assert any(p.startswith(f"{table}/layer={layer}/dataset=tr/.tmp-") for p in leftovers), leftovers
 
     # readers see the old layer-1 partition whole and no layer-2 partition at all
     assert featurelake_sql(SNAPSHOT) == before
-    for table in ("activations", "token_activations", "residuals"):
+    for table in ("activations", "token_activations", "residuals", "token_residuals"):
         assert featurelake_sql(f"select count(*) as n from {table} where layer = 2") == [{"n": 0}]
     assert _catalog_counts(lake) == [(r["layer"], r["dataset"], r["n"]) for r in before]
     assert not lake.exists("activations", 2, "tr")
@@ -143,6 +147,10 @@ def test_kill_9_during_extraction_leaves_no_partial_partition_and_rerun_complete
     (new,) = [r for r in after if r["layer"] == 2]
     tr_before = next(r for r in before if r["dataset"] == "tr")
     assert new["dataset"] == "tr" and new["n"] == new["u"] > 0 and new["samples"] == tr_before["samples"]
+    tokens = featurelake_sql("select count(*) as n from tokens where dataset = 'tr'")[0]["n"]
+    assert featurelake_sql("select layer, count(*) as n, count(distinct (sample_id, token_pos)) as u from "
+                           "token_residuals where dataset = 'tr' group by all order by all") == [
+        {"layer": 1, "n": tokens, "u": tokens}, {"layer": 2, "n": tokens, "u": tokens}]
     assert not list(lake.base.rglob(".tmp-*"))
     assert _feature_stats(tmp_path / "lake", 2).success
     runs = {r.run_id: r.status for r in instance.get_runs()}
