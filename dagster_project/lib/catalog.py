@@ -88,16 +88,28 @@ def _remote_tables(lake: Lake) -> dict[str, tuple[str, list[str]]]:
     return {name: (str(d / "**" / "*.parquet"), keys) for name, (d, keys) in sorted(found.items())}
 
 
+# Views that also take the rows of another table: the multi-layer ensemble's metrics (no layer partition:
+# `layer` NULL, `layers` the layers it averages) sit in `probe_metrics` beside every layer's own.
+FOLDED = {"probe_metrics": "probe_ensemble_metrics"}
+
+
 def create_views(con: duckdb.DuckDBPyConnection, lake: Lake) -> list[str]:
     names = []
-    for name, (glob, keys) in _tables(lake).items():
+    tables = _tables(lake)
+
+    def source(name: str, glob: str, keys: list[str]) -> str:
         path = glob.replace("'", "''")
         types = [f"'{k}': {HIVE_TYPES[k]}" for k in keys if k in HIVE_TYPES]
         hive_types = f", hive_types = {{{', '.join(types)}}}" if types else ""
-        con.execute(
-            f"CREATE OR REPLACE VIEW {name} AS SELECT {VIEW_SELECT.get(name, '*')} FROM "
-            f"read_parquet('{path}', hive_partitioning = true, union_by_name = true{hive_types})"
-        )
+        return (f"SELECT {VIEW_SELECT.get(name, '*')} FROM "
+                f"read_parquet('{path}', hive_partitioning = true, union_by_name = true{hive_types})")
+
+    for name, (glob, keys) in tables.items():
+        sql = source(name, glob, keys)
+        folded = FOLDED.get(name)
+        if folded in tables:
+            sql += f" UNION ALL BY NAME {source(folded, *tables[folded])}"
+        con.execute(f"CREATE OR REPLACE VIEW {name} AS {sql}")
         names.append(name)
     return names
 
