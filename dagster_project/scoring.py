@@ -115,17 +115,37 @@ def score_texts(profile: Profile, lake: Lake, model: Any, sae: Any, probe_id: st
     check_provenance(probe, current, probe_id)
     items = tokenize(lm.tokenizer, list(texts), list(range(len(texts))), model.max_tokens)
     dense = probe.spec.is_dense
-    pooled, resid = [], []
-    for out, _stats in extract(lm, {layer: loaded}, items, model.batch_tokens, with_tokens=False,
+    token = probe.spec.is_token
+    if token and dense:
+        raise ScoreError(f"probe {probe_id!r} is a token-level residual probe: `featurelake score` scores pooled "
+                         "probes and token-level SAE probes; pick one of those")
+    pooled, resid, token_acts = [], [], []
+    for out, _stats in extract(lm, {layer: loaded}, items, model.batch_tokens, with_tokens=token,
                                with_residuals=dense):
         lb = out[layer]
         pooled.append(lb.pooled)
         if lb.residuals is not None:
             resid.append(lb.residuals)
+        if token and lb.token_acts is not None:
+            token_acts.append(lb.token_acts)
     n = len(texts)
     samples = pa.table({"dataset": ["score"] * n, "sample_id": list(range(n)), "is_positive": [False] * n,
                         "label": ["?"] * n})
-    if dense:
+    if token:
+        from dagster_project.lib.token_probes import token_matrix_from_rows
+
+        ta = pa.concat_tables(token_acts) if token_acts else None
+        col = {int(f): i for i, f in enumerate(probe.spec.feature_ids)}
+        keep = [] if ta is None else [i for i, f in enumerate(ta.column("feature_id").to_pylist()) if f in col]
+        ta = ta.take(keep) if ta is not None else None
+        lengths = [max(t.n_real, 1) for t in sorted(items, key=lambda t: t.sample_id)]
+        X = token_matrix_from_rows(
+            lengths, [] if ta is None else ta.column("sample_id").to_pylist(),
+            [] if ta is None else ta.column("token_pos").to_pylist(),
+            [] if ta is None else [col[int(f)] for f in ta.column("feature_id").to_pylist()],
+            [] if ta is None else ta.column("act").to_pylist(), len(col))
+        scores = probe.decision_function(X)
+    elif dense:
         res = pa.concat_tables(resid)
         res = res.append_column("dataset", pa.array(["score"] * res.num_rows))
         pooling = probe.spec.value.removeprefix("resid_")
