@@ -21,7 +21,13 @@ import numpy as np
 import pyarrow as pa
 
 from dagster_project.lib.datasets import SAMPLES_SCHEMA
-from dagster_project.lib.extraction import POOLED_SCHEMA, TOKEN_ACTS_SCHEMA, TOKENS_SCHEMA, residual_schema
+from dagster_project.lib.extraction import (
+    POOLED_SCHEMA,
+    TOKEN_ACTS_SCHEMA,
+    TOKENS_SCHEMA,
+    residual_schema,
+    token_residual_schema,
+)
 from dagster_project.lib.lake import Lake
 
 LAYER = 1
@@ -51,7 +57,7 @@ CONTROL = {"ctl": ("control", 0, 40, 0)}  # negatives-only control set (build_pr
 
 def build_probe_lake(
     root: Path, namespace: str = "t", seed: int = 0, classifications: bool = False, descriptions: bool = False,
-    control: bool = False,
+    control: bool = False, token_residuals: bool = False,
 ) -> Lake:
     rng = np.random.default_rng(seed)
     lake = Lake(str(root), namespace)
@@ -146,6 +152,20 @@ def build_probe_lake(
             "resid_mean": pa.array(list(noise[:, 0, :]), schema.field("resid_mean").type),
             "resid_max": pa.array(list(noise[:, 1, :]), schema.field("resid_max").type),
         }, schema=schema), LAYER, dataset, meta=meta)
+        if token_residuals:  # per token: noise, and on positives one token with dimension 2 raised (own rng)
+            trng = np.random.default_rng([seed, len(dataset), ord(dataset[0])])
+            per = [trng.normal(0.0, 1.0, size=(int(k), D_MODEL)).astype(np.float32) for k in n_tok]
+            for i, vecs in enumerate(per):
+                if pos[i]:
+                    vecs[int(trng.integers(0, len(vecs))), 2] += 4.0
+            flat = np.vstack(per)
+            ts = token_residual_schema(D_MODEL)
+            lake.write("token_residuals", pa.table({
+                "sample_id": pa.array(np.repeat(np.arange(n), n_tok), pa.int32()),
+                "token_pos": pa.array(np.concatenate([np.arange(k) for k in n_tok]), pa.int32()),
+                "resid": pa.array(list(flat.astype(np.float16)), ts.field("resid").type),
+                "resid_scale": pa.array(np.ones(flat.shape[0], np.float32), ts.field("resid_scale").type),
+            }, schema=ts), LAYER, dataset, meta=meta)
 
     x, y = np.vstack(train_x), np.concatenate(train_y)
     n_pos, n_neg = int(y.sum()), int((~y).sum())

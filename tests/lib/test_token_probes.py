@@ -87,3 +87,28 @@ def test_token_probes_over_the_fixture_lake(tmp_path: Path) -> None:
     metrics = ev.evaluate_probes(data, ev.load_saved_probes(probes), settings).metrics.to_pylist()
     te = {m["aggregation"]: m["auroc"] for m in metrics if m["eval_dataset"] == "te" and m["kind"] == "sae"}
     assert set(te) == {"pooled", "max", "mean", "topk_mean", "window_max"} and all(0 <= v <= 1 for v in te.values())
+
+
+def test_token_level_dense_probes_read_per_token_residuals(tmp_path: Path) -> None:
+    lake = build_probe_lake(tmp_path, token_residuals=True)
+    con = views_connection(lake)
+    data = ev.LayerData(con, LAYER)
+    assert data.has_token_residuals("te")
+    samples = data.samples_of(["te"])
+    tm = data.token_dense_for(samples)
+    n_tokens = con.sql("select count(*) from tokens where dataset = 'te'").fetchall()[0][0]
+    assert tm.tokens.shape == (n_tokens, 8) and tm.shape == (samples.height, 8)
+    # rows in token order: the view's vectors for sample 3 are its block of the matrix
+    v = con.sql("select resid from token_residuals where dataset = 'te' and sample_id = 3 order by token_pos").fetchall()
+    assert np.allclose(tm.tokens[tm.offsets[3]:tm.offsets[4]], np.array([r[0] for r in v]))
+    grid = ProbeGridConfig(top_n=(5,), penalties=("l2",), Cs=(1.0,), transforms=("raw",), dense_poolings=("mean",),
+                           dense_Cs=(1.0,), folds=3, token_top_n=(), ksparse=(), aggregations=("mean", "max"))
+    trained = ev.train_probes(con, LAYER, ev.EvalSettings(grid=grid, n_boot=50), data)
+    tok = {r.spec.aggregation: r for r in trained.dense if r.spec.is_token}
+    assert set(tok) == {"mean", "max"}
+    # the planted signal sits on one token of each positive: max finds it better than mean dilutes it
+    assert tok["max"].cv.mean > tok["mean"].cv.mean
+    probes = ev.save_probes(lake, trained, {"profile": "t"})
+    metrics = ev.evaluate_probes(data, ev.load_saved_probes(probes), ev.EvalSettings(grid=grid, n_boot=50)).metrics
+    te = [m for m in metrics.to_pylist() if m["eval_dataset"] == "te" and m["kind"] == "dense"]
+    assert {m["aggregation"] for m in te} == {"pooled", "mean", "max"}
