@@ -119,7 +119,9 @@ PROFILES: dict[str, Profile] = {
         model=ModelSpec(id="gguf:gemma3-270m", dtype="auto", max_tokens=1024),
         sae=SAESpec(source="train", width=4096, k=32),
         describer=DescriberSpec(backend="offline"),
-        layers=[9],
+        # two layers: the probe stage chooses between them on held-out groups and fits their ensemble; the
+        # forward still stops after layer 9
+        layers=[6, 9],
         # ~0.9-1.2 KB a token at d_model 640 (lake/README.md): the demo's token-level dense probes read them
         token_residuals=True,
     ),
@@ -206,10 +208,11 @@ class ProbeConfig(dg.Config):
         "selective in every training group (transfer{k} sets), for each k; [] skips it"
     )
     token_top_n: list[int] = Field(
-        default=[50], description="token-level probes (score every token, aggregate per text) on these top-N sets; "
+        default=[500], description="token-level probes (score every token, aggregate per text) on these top-N sets "
+        "(the larger sets: the top 200 by selectivity are mostly rare features, 0.8% of tokens on the AF mixture); "
         "[] skips them"
     )
-    token_Cs: list[float] = Field(default=[0.1], description="C values of the token-level probes")
+    token_Cs: list[float] = Field(default=[1.0], description="C values of the token-level probes")
     aggregations: list[str] = Field(
         default=["mean", "max", "topk_mean", "window_max"], description="per-text aggregations of token scores"
     )
