@@ -93,21 +93,27 @@ def run_variant(name: str, lake: Lake, layer: int, extra: dict[str, Any]) -> lis
             "cv_auroc": r.cv.mean, "lodo_worst": r.lodo_auroc("worst"), "lodo_mean": r.lodo_auroc("mean"),
             "threshold_source": r.probe.threshold_source, "n_nonzero": r.probe.n_nonzero, "train_seconds": seconds,
         }
-        for e in mine.iter_rows(named=True):
-            d = e["eval_dataset"]
-            if e["auroc"] is not None:
-                row[f"auroc:{d}"] = e["auroc"]
-                row[f"ci:{d}"] = (e["auroc_ci_low"], e["auroc_ci_high"])
-            if e["eval_role"] == "control" or d in controls:
-                row[f"fpr:{d}"] = e["fpr_at_1pct_fpr"]
-            elif e["n_neg"] == 0:
-                row[f"det:{d}"] = e["detection_rate"]
-        for g in r.lodo:
-            row[f"lodo:{g['held_out_group']}"] = g["auroc"]
-            if g["n_neg"] == 0:
-                row[f"lododet:{g['held_out_group']}"] = g["detection_rate"]
-        rows.append(row)
+        rows.append(_cells(row, mine.iter_rows(named=True), r.lodo, controls))
     return rows
+
+
+def _cells(row: dict[str, Any], metrics: Any, lodo: Any, controls: set[str]) -> dict[str, Any]:
+    """``row`` plus a cell per eval set (AUROC and CI; detection on positive-only sets; flagged share on
+    control sets) and per held-out group (AUROC; detection on one-class groups)."""
+    for e in metrics:
+        d = e["eval_dataset"]
+        if e["auroc"] is not None:
+            row[f"auroc:{d}"] = e["auroc"]
+            row[f"ci:{d}"] = (e["auroc_ci_low"], e["auroc_ci_high"])
+        if e["eval_role"] == "control" or d in controls:
+            row[f"fpr:{d}"] = e["fpr_at_1pct_fpr"]
+        elif e["n_neg"] == 0:
+            row[f"det:{d}"] = e["detection_rate"]
+    for g in lodo:
+        row[f"lodo:{g['held_out_group']}"] = g["auroc"]
+        if g["n_neg"] == 0:
+            row[f"lododet:{g['held_out_group']}"] = g["detection_rate"]
+    return row
 
 
 def from_lake(name: str, lake: Lake, layer: int) -> list[dict[str, Any]]:
@@ -127,20 +133,8 @@ def from_lake(name: str, lake: Lake, layer: int) -> list[dict[str, Any]]:
             "cv_auroc": r["cv_auroc"], "lodo_worst": r["lodo_worst_auroc"], "lodo_mean": r["lodo_mean_auroc"],
             "threshold_source": r["threshold_source"], "n_nonzero": r["n_nonzero"],
         }
-        for e in m.filter(pl.col("probe") == r["probe_id"]).iter_rows(named=True):
-            d = e["eval_dataset"]
-            if e["auroc"] is not None:
-                row[f"auroc:{d}"] = e["auroc"]
-                row[f"ci:{d}"] = (e["auroc_ci_low"], e["auroc_ci_high"])
-            if e["eval_role"] == "control" or d in controls:
-                row[f"fpr:{d}"] = e["fpr_at_1pct_fpr"]
-            elif e["n_neg"] == 0:
-                row[f"det:{d}"] = e["detection_rate"]
-        for g in lo.filter(pl.col("kind") == r["kind"]).iter_rows(named=True):
-            row[f"lodo:{g['held_out_group']}"] = g["auroc"]
-            if g["n_neg"] == 0:
-                row[f"lododet:{g['held_out_group']}"] = g["detection_rate"]
-        rows.append(row)
+        rows.append(_cells(row, m.filter(pl.col("probe") == r["probe_id"]).iter_rows(named=True),
+                           lo.filter(pl.col("kind") == r["kind"]).iter_rows(named=True), controls))
     return rows
 
 

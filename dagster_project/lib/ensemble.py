@@ -20,40 +20,18 @@ import duckdb
 import polars as pl
 import pyarrow as pa
 
+from dagster_project.lib.evaluation import PROBE_METRICS_SCHEMA
 from dagster_project.lib.metrics import evaluate_scores, threshold_at_fpr
 
 ENSEMBLE_TABLE = "stats/probe_ensemble_metrics"
 
-ENSEMBLE_SCHEMA = pa.schema(
-    [
-        ("probe", pa.string()),
-        ("kind", pa.string()),
-        ("feature_set", pa.string()),
-        ("aggregation", pa.string()),
-        ("layers", pa.list_(pa.int64())),
-        ("members", pa.list_(pa.string())),
-        ("is_best", pa.bool_()),
-        ("eval_dataset", pa.string()),
-        ("eval_role", pa.string()),
-        ("auroc", pa.float64()),
-        ("auroc_ci_low", pa.float64()),
-        ("auroc_ci_high", pa.float64()),
-        ("accuracy", pa.float64()),
-        ("tpr_at_1pct_fpr", pa.float64()),
-        ("fpr_at_1pct_fpr", pa.float64()),
-        ("detection_rate", pa.float64()),
-        ("mean_score", pa.float64()),
-        ("train_threshold", pa.float64()),
-        ("fpr1_threshold", pa.float64()),
-        ("threshold_source", pa.string()),
-        ("selection", pa.string()),
-        ("n", pa.int32()),
-        ("n_pos", pa.int32()),
-        ("n_neg", pa.int32()),
-        ("train_datasets", pa.list_(pa.string())),
-        ("by_label", pa.string()),
-    ]
-)
+# The columns of ``probe_metrics`` an ensemble has (by name, so the two stay one contract), plus its own.
+_SHARED = ("probe", "kind", "feature_set", "aggregation", "is_best", "eval_dataset", "eval_role", "auroc",
+           "auroc_ci_low", "auroc_ci_high", "accuracy", "tpr_at_1pct_fpr", "fpr_at_1pct_fpr", "detection_rate",
+           "mean_score", "train_threshold", "fpr1_threshold", "threshold_source", "selection", "n", "n_pos",
+           "n_neg", "train_datasets", "by_label")
+ENSEMBLE_SCHEMA = pa.schema([PROBE_METRICS_SCHEMA.field(n) for n in _SHARED]
+                            + [pa.field("layers", pa.list_(pa.int64())), pa.field("members", pa.list_(pa.string()))])
 
 
 def _frame(con: duckdb.DuckDBPyConnection, sql: str) -> pl.DataFrame:
