@@ -8,10 +8,16 @@ PORT ?= 3000
 
 .PHONY: setup setup-test demo test lint bench ui clean
 
+SHELL := /bin/bash
+# pip prints one "Location ... is ignored" warning per package for every configured package folder that
+# this machine lacks (hundreds of lines on a fresh install); only those lines are dropped, and pip's own
+# exit status is kept (pipefail).
+QUIET_PIP := 2>&1 | { grep -v "^WARNING: Location 'file://.*' is ignored: it is neither a file nor a directory." || true; }
+
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	set -o pipefail; $(BIN)/pip install --quiet --upgrade pip $(QUIET_PIP)
+	set -o pipefail; $(BIN)/pip install --quiet -e '.[dev]' $(QUIET_PIP)
 	touch $(STAMP)
 
 setup: $(STAMP)
