@@ -139,9 +139,18 @@ def stage_line(asset: str, partition: str | None, meta: dict[str, Any]) -> str |
     if asset == "descriptions":
         return _line("descriptions", layer, f"{g('ok')} ok, {g('failed')} failed")
     if asset == "probes":
-        best = [f"{kind} {raw(f'best_{kind}')} (CV AUROC {_fmt(raw(f'best_{kind}_cv_auroc'))})"
-                for kind in ("sae", "dense") if raw(f"best_{kind}") is not None]
-        return _line("probes", layer, f"{g('sae_probes')} SAE and {g('dense_probes')} dense probes; best "
+        lodo = raw("selection") == "lodo"
+
+        def why(kind: str) -> str:
+            cv = f"CV AUROC {_fmt(raw(f'best_{kind}_cv_auroc'))}"
+            if lodo and raw(f"best_{kind}_selection_score") is not None:
+                return f"worst held-out group AUROC {_fmt(raw(f'best_{kind}_selection_score'))}, {cv}"
+            return cv
+
+        best = [f"{kind} {raw(f'best_{kind}')} ({why(kind)})" for kind in ("sae", "dense")
+                if raw(f"best_{kind}") is not None]
+        chosen = "chosen on held-out groups" if lodo else "chosen by training CV"
+        return _line("probes", layer, f"{g('sae_probes')} SAE and {g('dense_probes')} dense probes, {chosen}; best "
                                       + ("; ".join(best) or "none"))
     return None
 
