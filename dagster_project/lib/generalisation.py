@@ -122,8 +122,9 @@ def recommendation(probes: Frame, metrics: Frame, lodo: Frame | None = None) -> 
     n_groups = len(set(held["held_out_group"].to_list())) if held.height else 0
     if selection == "lodo":
         why = (f"it has the best worst-case AUROC over the {n_groups} held-out training groups "
-               f"({_f(lead.get('lodo_worst_auroc'))}; mean {_f(lead.get('lodo_mean_auroc'))}), where training CV "
-               f"({_f(lead['cv_auroc'])}) cannot tell the probes apart")
+               f"({_f(lead.get('lodo_worst_auroc'))}; mean {_f(lead.get('lodo_mean_auroc'))}); its training CV AUROC "
+               f"({_f(lead['cv_auroc'])}) was not used to choose it, since CV on the training mixture says little "
+               "about other sources")
     else:
         why = (f"it has the best training cross-validation AUROC ({_f(lead['cv_auroc'])}); the training sets hold "
                "fewer than two groups that can be held out, so this choice says nothing about other sources")
