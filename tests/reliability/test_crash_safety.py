@@ -320,7 +320,7 @@ saved = ev.saved_dir(lake, 1)
 
 def trained(C):
     grid = ProbeGridConfig(top_n=(5, 10), include_all=False, penalties=("l2",), Cs=(C,), transforms=("raw",),
-                           dense_poolings=(), folds=3)
+                           dense_poolings=(), folds=3, ksparse=())
     return ev.train_probes(views_connection(lake), 1, ev.EvalSettings(grid=grid))
 
 def state(table):
@@ -390,7 +390,7 @@ def test_kill_9_while_saving_probes_keeps_the_previous_set_or_shows_none(tmp_pat
     assert "materialize probes again" in swap["error"]
 
     grid = ProbeGridConfig(top_n=(5, 10), include_all=False, penalties=("l2",), Cs=(1.0,), transforms=("raw",),
-                           dense_poolings=(), folds=3)
+                           dense_poolings=(), folds=3, ksparse=())
     trained = ev.train_probes(views_connection(lake), LAYER, ev.EvalSettings(grid=grid))
     table = ev.save_probes(lake, trained, {"model_id": "m"})  # the rerun puts a whole set back
     assert {p.probe_id: p.probe.coef.tolist() for p in ev.load_saved_probes(table)} == before["coef"]
