@@ -1038,6 +1038,29 @@ def probe_grid(
     return specs
 
 
+def _col_mean(Xc: Any, mask: NDArray[np.bool_]) -> NDArray[np.float64]:
+    """Per column, the sum over the rows in ``mask`` over their count (0 where ``mask`` is empty)."""
+    if not mask.any():
+        return np.zeros(Xc.shape[1])
+    return np.asarray(Xc[mask].sum(axis=0)).ravel() / float(mask.sum())
+
+
+def _selectivity(p: NDArray[np.float64], n: NDArray[np.float64]) -> NDArray[np.float64]:
+    """``(p - n) / (p + n)``, 0 where both are 0 (``feature_stats``' selectivity on class means)."""
+    d = p + n
+    return np.where(d > 0, (p - n) / np.where(d > 0, d, 1.0), 0.0)
+
+
+def _col_max(Xc: Any) -> NDArray[np.float64]:
+    return np.asarray(Xc.max(axis=0).toarray()).ravel() if sp.issparse(Xc) else np.asarray(Xc).max(axis=0)
+
+
+def _transfer_ranked(feature_ids: NDArray[np.int64], scores: NDArray[np.float64]) -> NDArray[np.int64]:
+    """Active feature ids (score above -1) by descending :func:`transfer_scores`, ties by feature id."""
+    order = np.lexsort((feature_ids, -scores))
+    return feature_ids[order[scores[order] > -1.0]]
+
+
 def transfer_scores(
     X: Matrix, y: ArrayLike, groups: Sequence[str], hard: ArrayLike | None = None, min_act: float = 1.0
 ) -> NDArray[np.float64]:
@@ -1054,14 +1077,9 @@ def transfer_scores(
     g = np.asarray(list(groups), dtype=object)
 
     def col_mean(mask: NDArray[np.bool_]) -> NDArray[np.float64]:
-        if not mask.any():
-            return np.zeros(Xc.shape[1])
-        return np.asarray(Xc[mask].sum(axis=0)).ravel() / float(mask.sum())
+        return _col_mean(Xc, mask)
 
-    def sel(p: NDArray[np.float64], n: NDArray[np.float64]) -> NDArray[np.float64]:
-        d = p + n
-        return np.where(d > 0, (p - n) / np.where(d > 0, d, 1.0), 0.0)
-
+    sel = _selectivity
     pos_all, neg_all = col_mean(yy == 1), col_mean(yy == 0)
     direction = np.sign(sel(pos_all, neg_all))
     per_group = []
@@ -1077,20 +1095,18 @@ def transfer_scores(
         if h.any() and rest.any():
             agree = np.sign(sel(pos_all, col_mean(h))) == np.sign(sel(pos_all, col_mean(rest)))
             score = np.where(agree, score, np.minimum(score, 0.0))
-    mx = np.asarray(Xc.max(axis=0).toarray()).ravel() if sp.issparse(Xc) else np.asarray(Xc).max(axis=0)
-    return np.where(mx >= min_act, score, -1.0)
+    return np.where(_col_max(Xc) >= min_act, score, -1.0)
 
 
 def ksparse_specs(config: ProbeGridConfig, feature_ids: NDArray[np.int64], scores: NDArray[np.float64]) -> list[ProbeSpec]:
     """The k-sparse curve: an L2 probe (``ksparse_C``) on the ``k`` features of highest
     :func:`transfer_scores` (ties by feature id), for each ``k`` of ``config.ksparse`` that fits."""
-    order = np.lexsort((feature_ids, -scores))
-    usable = order[scores[order] > -1.0]
+    ranked = _transfer_ranked(feature_ids, scores)
     specs = []
     for k in sorted(set(config.ksparse)):
-        if k > usable.size:
+        if k > ranked.size:
             break
-        ids = tuple(sorted(int(f) for f in feature_ids[usable[:k]]))
+        ids = tuple(sorted(int(f) for f in ranked[:k]))
         specs.append(ProbeSpec(name=spec_name(f"transfer{k}", "l2", config.ksparse_C, "raw", config.value),
                                feature_set=f"transfer{k}", feature_ids=ids, penalty="l2", C=float(config.ksparse_C),
                                value=config.value))
@@ -1264,22 +1280,14 @@ def fold_feature_ids(
     ``transfer{k}`` re-ranks by :func:`transfer_scores` over the training side's ``groups``; any other set
     (``relevant``) keeps its own. Never empty: falls back to the spec's own features."""
     if not spec.is_dense and spec.feature_set.startswith("transfer") and groups is not None:
-        scores = transfer_scores(X, y, groups, hard, min_act)
-        order = np.lexsort((feature_ids, -scores))
-        usable = order[scores[order] > -1.0]
         k = int(spec.feature_set.removeprefix("transfer"))
-        ids = tuple(sorted(int(f) for f in feature_ids[usable[:k]]))
+        ids = tuple(sorted(int(f) for f in _transfer_ranked(feature_ids, transfer_scores(X, y, groups, hard, min_act))[:k]))
         return ids if len(ids) == k else spec.feature_ids
     if spec.is_dense or not (spec.feature_set.startswith("top") or spec.feature_set == "all"):
         return spec.feature_ids
     Xc = sp.csc_matrix(X)
-    pos, neg = y == 1, y == 0
-    pos_mean = np.asarray(Xc[pos].sum(axis=0)).ravel() / max(int(pos.sum()), 1)
-    neg_mean = np.asarray(Xc[neg].sum(axis=0)).ravel() / max(int(neg.sum()), 1)
-    active = np.asarray(Xc.max(axis=0).toarray()).ravel() >= min_act
-    denom = pos_mean + neg_mean
-    sel = np.where(denom > 0, (pos_mean - neg_mean) / np.where(denom > 0, denom, 1.0), 0.0)
-    cand = np.flatnonzero(active)
+    sel = _selectivity(_col_mean(Xc, y == 1), _col_mean(Xc, y == 0))
+    cand = np.flatnonzero(_col_max(Xc) >= min_act)
     if spec.feature_set == "all":
         chosen = cand
     else:
