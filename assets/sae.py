@@ -6,7 +6,7 @@ import time
 import dagster as dg
 
 from dagster_project.lib.datasets import parse_registry
-from dagster_project.lib.extraction import collect_vectors, tokenize
+from dagster_project.lib.extraction import collect_layer_vectors, tokenize
 from dagster_project.lib.lake import staged_dir
 from dagster_project.lib.sae import FINISHED_MARKER, train_topk
 from dagster_project.partitions import layer_partitions
@@ -28,39 +28,50 @@ def train_texts(lake: LakeResource) -> tuple[list[str], list[int]]:
     partitions_def=layer_partitions,
     group_name="sae",
     deps=[dg.AssetDep("samples", partition_mapping=dg.AllPartitionMapping())],
+    backfill_policy=dg.BackfillPolicy.single_run(),
     kinds={"pytorch"},
     pool="model",
 )
 def sae(context: dg.AssetExecutionContext, lake: LakeResource, model: ModelResource,
         sae: SAEResource) -> dg.MaterializeResult:
-    """The SAE of one layer. Profile ``default`` trains a TopK SAE (sae-lens) on the residual stream
-    (``resid_post``) of the train-role texts, decoder bias started at the data mean, and reports the
+    """The SAE of each layer of the run. Profile ``default`` trains a TopK SAE (sae-lens) on the residual
+    stream (``resid_post``) of the train-role texts, decoder bias started at the data mean, and reports the
     variance explained on held-out vectors; other profiles load a release or a folder and check its
-    ``d_in`` against the model."""
-    layer = int(context.partition_key)
+    ``d_in`` against the model. A run over several layers collects every layer's training vectors in one
+    forward pass (up to the deepest), then trains the layers one after another."""
+    layers = sorted(int(k) for k in context.partition_keys)
     lm = model.load()
-    lm.check_layer(layer)
+    for layer in layers:
+        lm.check_layer(layer)
     if sae.source != "train":
-        loaded = sae.load(layer, lake.lake, device=str(lm.device), d_model=lm.d_model)
-        return dg.MaterializeResult(metadata={"sae_id": loaded.sae_id, "d_in": loaded.d_in, "d_sae": loaded.d_sae})
+        per: dict[str, dict[str, object]] = {}
+        for layer in layers:
+            loaded = sae.load(layer, lake.lake, device=str(lm.device), d_model=lm.d_model)
+            per[str(layer)] = {"sae_id": loaded.sae_id, "d_in": loaded.d_in, "d_sae": loaded.d_sae}
+        return dg.MaterializeResult(metadata=_metadata(per))
     t0 = time.time()
     texts, ids = train_texts(lake)
     items = tokenize(lm.tokenizer, texts, ids, model.max_tokens)
-    vectors = collect_vectors(lm, layer, items, model.batch_tokens, sae.train_tokens, seed=sae.seed)
-    context.log.info(f"collected {vectors.shape[0]} activation vectors at layer {layer} in {time.time() - t0:.1f}s")
+    by_layer = collect_layer_vectors(lm, layers, items, model.batch_tokens, sae.train_tokens, seed=sae.seed)
+    context.log.info(f"collected {next(iter(by_layer.values())).shape[0]} activation vectors at layers {layers} "
+                     f"in {time.time() - t0:.1f}s (one forward pass)")
+    per = {}
+    for layer in layers:
+        vectors = by_layer.pop(layer)
 
-    def progress(step: int, total: int) -> None:
-        if step % 500 == 0 or step == total:
-            context.log.info(f"SAE training step {step}/{total}")
+        def progress(step: int, total: int, layer: int = layer) -> None:
+            if step % 500 == 0 or step == total:
+                context.log.info(f"SAE layer {layer} training step {step}/{total}")
 
-    dest = lake.lake.sae_dir(layer)
-    with staged_dir(dest, FINISHED_MARKER) as out_dir:  # an S3 lake: built locally, uploaded marker last
-        res = train_topk(
-            vectors, out_dir, width=sae.width, k=sae.k, epochs=sae.epochs,
-            batch_size=sae.batch_size, lr=sae.lr, seed=sae.seed, progress=progress, location=str(dest),
-        )
-    return dg.MaterializeResult(
-        metadata={
+        dest = lake.lake.sae_dir(layer)
+        with staged_dir(dest, FINISHED_MARKER) as out_dir:  # an S3 lake: built locally, uploaded marker last
+            res = train_topk(
+                vectors, out_dir, width=sae.width, k=sae.k, epochs=sae.epochs,
+                batch_size=sae.batch_size, lr=sae.lr, seed=sae.seed, progress=progress, location=str(dest),
+            )
+        del vectors
+        context.log.info(f"SAE layer {layer}: variance explained {res.variance_explained:.3f}, L0 {res.l0:.1f}")
+        per[str(layer)] = {
             "sae_id": res.sae_id,
             "variance_explained_heldout": float(res.variance_explained),
             "l0": float(res.l0),
@@ -68,6 +79,19 @@ def sae(context: dg.AssetExecutionContext, lake: LakeResource, model: ModelResou
             "train_vectors": res.n_train,
             "heldout_vectors": res.n_heldout,
             "train_seconds": float(res.seconds),
-            "path": dg.MetadataValue.path(str(dest)),
+            "path": str(dest),
         }
-    )
+    return dg.MaterializeResult(metadata=_metadata(per))
+
+
+def _metadata(per: dict[str, dict[str, object]]) -> dict[str, object]:
+    """One layer: its fields as they are (a path as a path). Several: each field suffixed ``_layer{L}``,
+    and the whole as JSON under ``layers``."""
+    out: dict[str, object] = {}
+    for layer, fields in per.items():
+        suffix = "" if len(per) == 1 else f"_layer{layer}"
+        for k, v in fields.items():
+            out[k + suffix] = dg.MetadataValue.path(str(v)) if k == "path" else v
+    if len(per) > 1:
+        out["layers"] = dg.MetadataValue.json(per)
+    return out

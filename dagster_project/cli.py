@@ -87,6 +87,21 @@ def _emit(text: str) -> None:
 # ------------------------------------------------------------------------------------------ pipeline
 
 
+def sae_steps(layers: Sequence[int], registered: Sequence[str]) -> list[tuple[str, list[Any], dict[str, str]]]:
+    """The SAE step(s) for ``layers``: one run over all of them (one forward pass collects every layer's
+    training vectors) when they sit side by side among the ``registered`` layer partitions, so that a
+    partition range names exactly them; else one run a layer."""
+    import dagster as dg
+
+    keys = [str(x) for x in layers]
+    pos = sorted(registered.index(k) for k in keys) if all(k in registered for k in keys) else []
+    if len(keys) > 1 and pos == list(range(pos[0], pos[0] + len(pos))):
+        tags = {"dagster/asset_partition_range_start": registered[pos[0]],
+                "dagster/asset_partition_range_end": registered[pos[-1]]}
+        return [(f"sae layers {', '.join(keys)}", [dg.AssetKey("sae")], tags)]
+    return [(f"sae layer {k}", [dg.AssetKey("sae")], {"dagster/partition": k}) for k in keys]
+
+
 class StepFailed(RuntimeError):
     """A step of :func:`materialize_steps` failed; the message names the step, its run and the error."""
 
@@ -128,7 +143,7 @@ def materialize_steps(layers: Sequence[int] | None = None, datasets: Sequence[st
     if "corpus" in stages:
         steps += [(f"samples {d}", [dg.AssetKey("samples")], {"dagster/partition": d}) for d in datasets]
     if "sae" in stages:
-        steps += [(f"sae layer {x}", [dg.AssetKey("sae")], {"dagster/partition": str(x)}) for x in layers]
+        steps += sae_steps(layers, instance.get_dynamic_partitions(LAYER_PARTITIONS_NAME))
     if "activations" in stages:
         for d in datasets:
             keys = sorted(multi_key(x, d) for x in layers)

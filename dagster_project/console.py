@@ -122,12 +122,14 @@ def stage_line(asset: str, partition: str | None, meta: dict[str, Any]) -> str |
         role = f", role {raw('role')}" if raw("role") else ""
         return _line("samples", str(partition), f"{g('rows')} samples ({g('positives')} positive, "
                                                 f"{g('negatives')} negative{role})")
-    if asset == "sae":
-        if raw("variance_explained_heldout") is None:
-            return _line("sae", layer, f"loaded {g('sae_id')} ({g('d_sae')} features)")
-        return _line("sae", layer, f"trained, variance explained {_fmt(raw('variance_explained_heldout'), '.1%')} "
-                                   f"on held-out vectors, L0 {_fmt(raw('l0'), '.0f')}, "
-                                   f"{_fmt(raw('train_seconds'), '.0f')} s")
+    if asset == "sae":  # a run over several layers suffixes each layer's fields with _layer{L}
+        sfx = f"_layer{partition}" if _value(meta, f"sae_id_layer{partition}") is not None else ""
+        raw_s = lambda k: raw(k + sfx)  # noqa: E731
+        if raw_s("variance_explained_heldout") is None:
+            return _line("sae", layer, f"loaded {g('sae_id' + sfx)} ({g('d_sae' + sfx)} features)")
+        return _line("sae", layer, f"trained, variance explained {_fmt(raw_s('variance_explained_heldout'), '.1%')} "
+                                   f"on held-out vectors, L0 {_fmt(raw_s('l0'), '.0f')}, "
+                                   f"{_fmt(raw_s('train_seconds'), '.0f')} s")
     if asset == "activations":
         parts = raw("partitions") or {}
         where = ", ".join(sorted(parts)) if isinstance(parts, dict) and parts else str(partition)

@@ -72,6 +72,13 @@ def test_stage_lines_from_metadata() -> None:
         == "activations  tr: 24 samples, 10,130 tokens at 4,306 tokens/s"
     assert stage_line("sae", "9", {"variance_explained_heldout": V(0.9461), "l0": V(31.6), "train_seconds": V(159.2)}) \
         == "sae          layer 9: trained, variance explained 94.6% on held-out vectors, L0 32, 159 s"
+    several = {"sae_id_layer6": V("a"), "variance_explained_heldout_layer6": V(0.91), "l0_layer6": V(32.0),
+               "train_seconds_layer6": V(80.0), "sae_id_layer9": V("b"), "variance_explained_heldout_layer9": V(0.95),
+               "l0_layer9": V(31.0), "train_seconds_layer9": V(90.0)}  # one run over two layers
+    assert stage_line("sae", "6", several) \
+        == "sae          layer 6: trained, variance explained 91.0% on held-out vectors, L0 32, 80 s"
+    assert stage_line("sae", "9", several) \
+        == "sae          layer 9: trained, variance explained 95.0% on held-out vectors, L0 31, 90 s"
     assert stage_line("descriptions", "9", {"ok": V(50), "failed": V(0)}) == "descriptions layer 9: 50 ok, 0 failed"
     assert stage_line("descriptions", "9", {}) == "descriptions layer 9: ? ok, ? failed"  # keys missing: '?'
     assert stage_line("feature_stats", "9", {"rows": V(1)}) is None  # no line of its own

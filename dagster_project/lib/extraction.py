@@ -721,22 +721,33 @@ def extract(
 def collect_vectors(lm: LoadedModel, layer: int, items: Sequence[Tokenized], batch_tokens: int,
                     max_vectors: int, seed: int = 0) -> torch.Tensor:
     """Residual vectors (BOS dropped) at ``layer`` for SAE training, up to ``max_vectors`` sampled evenly."""
-    lm.check_layer(layer)
-    chunks = []
-    total = 0
+    return collect_layer_vectors(lm, [layer], items, batch_tokens, max_vectors, seed)[layer]
+
+
+def collect_layer_vectors(lm: LoadedModel, layers: Sequence[int], items: Sequence[Tokenized],
+                          batch_tokens: int, max_vectors: int, seed: int = 0) -> dict[int, torch.Tensor]:
+    """:func:`collect_vectors` for several layers in one forward pass (run up to the deepest): each
+    layer's vectors are exactly those a pass for that layer alone gives, sampled with the same seed."""
+    layers = sorted({int(x) for x in layers})
+    for layer in layers:
+        lm.check_layer(layer)
+    chunks: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     budget = batch_tokens if batch_tokens > 0 else CPU_BATCH_TOKENS
     for idx in length_batches([len(t.ids) for t in items], budget):
         rows = [items[i] for i in idx]
         ids, att = pad_batch(rows, pad_id(lm.tokenizer), lm.device)
-        h = forward_layers(lm, ids, None, [layer])[layer][:, 1:]
-        v = h[att[:, 1:].bool()].float().cpu()
-        chunks.append(v)
-        total += v.shape[0]
-    allv = torch.cat(chunks)
-    if allv.shape[0] > max_vectors:
-        g = torch.Generator().manual_seed(seed)
-        allv = allv[torch.randperm(allv.shape[0], generator=g)[:max_vectors]]
-    return allv
+        hs = forward_layers(lm, ids, None, layers)
+        keep = att[:, 1:].bool()
+        for layer in layers:
+            chunks[layer].append(hs[layer][:, 1:][keep].float().cpu())
+    out: dict[int, torch.Tensor] = {}
+    for layer in layers:
+        allv = torch.cat(chunks.pop(layer))
+        if allv.shape[0] > max_vectors:
+            g = torch.Generator().manual_seed(seed)
+            allv = allv[torch.randperm(allv.shape[0], generator=g)[:max_vectors]]
+        out[layer] = allv
+    return out
 
 
 # Batches whose tables may wait for the writer threads while the next batch computes (bounds host memory).

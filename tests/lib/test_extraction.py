@@ -207,6 +207,37 @@ def test_forward_stops_at_deepest_layer_bit_identical(tiny_lm: LoadedModel) -> N
     assert torch.equal(got[2], full[3])
 
 
+def test_one_pass_over_several_layers_collects_what_a_pass_per_layer_does(tiny_lm: LoadedModel) -> None:
+    from dagster_project.lib.extraction import collect_layer_vectors, collect_vectors
+
+    items = tokenize(tiny_lm.tokenizer, TEXTS, [0, 1, 2, 3], 64)
+    n_tokens = sum(len(t.ids) - 1 for t in items)
+    for cap in (10_000, n_tokens // 2):  # all vectors, and a seeded sample of half of them
+        both = collect_layer_vectors(tiny_lm, [2, 0], items, 16, cap, seed=3)
+        assert sorted(both) == [0, 2]
+        for layer in (0, 2):
+            alone = collect_vectors(tiny_lm, layer, items, 16, cap, seed=3)
+            assert alone.shape == (min(cap, n_tokens), TINY_D)
+            assert torch.equal(both[layer], alone)
+    assert not torch.equal(both[0], both[2])
+    with pytest.raises(ModelError, match="layer 99 is beyond"):
+        collect_layer_vectors(tiny_lm, [0, 99], items, 16, 100)
+
+
+def test_sae_steps_share_one_run_only_when_the_layers_form_a_partition_range() -> None:
+    from dagster_project.cli import sae_steps
+
+    one = sae_steps([6, 9], ["6", "9", "12"])
+    assert [name for name, _, _ in one] == ["sae layers 6, 9"]
+    assert one[0][2] == {"dagster/asset_partition_range_start": "6", "dagster/asset_partition_range_end": "9"}
+    # a registered layer between them would fall inside the range: one run a layer instead
+    apart = sae_steps([6, 12], ["6", "9", "12"])
+    assert [(name, tags) for name, _, tags in apart] == [("sae layer 6", {"dagster/partition": "6"}),
+                                                         ("sae layer 12", {"dagster/partition": "12"})]
+    assert [name for name, _, _ in sae_steps([9], ["9"])] == ["sae layer 9"]
+    assert [name for name, _, _ in sae_steps([12, 3], ["3", "12"])] == ["sae layers 12, 3"]
+
+
 def test_layer_beyond_model_is_a_clear_error(tiny_lm: LoadedModel, tiny_saes: Path) -> None:
     sae = load_gemmascope_dir(tiny_saes / "layer_0")
     items = tokenize(tiny_lm.tokenizer, TEXTS[:1], [0], 64)
