@@ -120,6 +120,14 @@ def plot_metadata(lake: Lake, layer: int, name: str, png: bytes) -> dict[str, dg
     return {name: dg.MetadataValue.md(png_md(png, name)), f"{name}_png": dg.MetadataValue.path(str(path))}
 
 
+SIGNIFICANCE_LEVELS = (0.01, 0.05, 0.1)
+
+
+def n_below(values: pa.ChunkedArray, alpha: float) -> int:
+    """How many (non-NULL) values are below ``alpha``."""
+    return int(pc.sum(pc.fill_null(pc.less(values, alpha), False).cast(pa.int64())).as_py() or 0)
+
+
 def top_by_abs_selectivity(table: pa.Table, n: int) -> pa.Table:
     active = table.filter(pc.fill_null(table["is_active"], False))
     active = active.append_column("abs_selectivity", pc.abs(active["selectivity"]))
@@ -135,7 +143,9 @@ def feature_stats(
 ) -> dg.MaterializeResult:
     """Per-feature class statistics of one layer over the training datasets (``train_datasets``, default every
     train-role dataset, pooled): class means of max_act (inactive samples count as 0), firing frequencies,
-    peak activation and selectivity = (pos_mean - neg_mean) / (pos_mean + neg_mean), also on mean_act.
+    peak activation and selectivity = (pos_mean - neg_mean) / (pos_mean + neg_mean), also on mean_act; and
+    significance: ``p_value``, a two-sided Mann-Whitney U test of positives vs negatives on max_act (absent
+    rows as tied zeros), and ``q_value``, its Benjamini-Hochberg adjustment over the layer's features.
     Writes ``stats/feature_stats/layer=L``, recording ``min_act`` and the resolved training datasets."""
     layer = int(context.partition_key)
     lk = lake.lake
@@ -168,8 +178,10 @@ def feature_stats(
     }
     path = write_stat(lk, "feature_stats", table, layer, meta)
     n_active = int(pc.sum(pc.fill_null(table["is_active"], False).cast(pa.int64())).as_py() or 0)
+    significant = {str(alpha): n_below(table["q_value"], alpha) for alpha in SIGNIFICANCE_LEVELS}
     context.log.info(
-        f"layer {layer}: {table.num_rows} features with activations, {n_active} active -> {path}"
+        f"layer {layer}: {table.num_rows} features with activations, {n_active} active, "
+        f"{significant['0.05']} with BH q < 0.05 -> {path}"
     )
     png = plots_stats.selectivity_histogram(
         table, min_selectivity=config.min_selectivity, title=f"Selectivity of active features (layer {layer})"
@@ -185,10 +197,12 @@ def feature_stats(
             "n_positive": sum(r["n_positive"] for r in counts),
             "n_negative": sum(r["n_negative"] for r in counts),
             "min_act": config.min_act,
+            "significant_features": dg.MetadataValue.json(significant),
             "top_10": dg.MetadataValue.md(
                 md_table(
                     top,
-                    ["feature_id", "selectivity", "pos_mean", "neg_mean", "pos_freq", "neg_freq", "max_act"],
+                    ["feature_id", "selectivity", "pos_mean", "neg_mean", "pos_freq", "neg_freq", "max_act"]
+                    + ["p_value", "q_value"],
                 )
             ),
             **plot_metadata(lk, layer, "selectivity_histogram", png),
@@ -234,8 +248,8 @@ def selected_features(
 ) -> dg.MaterializeResult:
     """The class-selective features of one layer worth describing and probing: active features with
     |selectivity| >= ``min_selectivity`` (and ``min_freq`` in the class they prefer; positive-preferring only
-    unless ``keep_negative``), ranked by |selectivity|, at most ``max_features``, each with a ``reason``.
-    The effective config is stored in the Parquet metadata."""
+    unless ``keep_negative``; with ``q_value < fdr_alpha`` when that is set), ranked by |selectivity|, at most
+    ``max_features``, each with a ``reason``. The effective config is stored in the Parquet metadata."""
     layer = int(context.partition_key)
     lk = lake.lake
     fs = read_stat(lk, "feature_stats", layer)
@@ -245,6 +259,7 @@ def selected_features(
         "min_freq": config.min_freq,
         "keep_negative": config.keep_negative,
         "max_features": config.max_features,
+        "fdr_alpha": config.fdr_alpha,
         "min_act": rec.get("min_act"),
         "train_datasets": rec.get("train_datasets"),
     }
@@ -258,7 +273,10 @@ def selected_features(
             config.keep_negative,
             config.max_features,
             stats=fs,
+            fdr_alpha=config.fdr_alpha,
         )
+    except ValueError as e:
+        raise dg.Failure(str(e)) from e
     finally:
         con.close()
     path = write_stat(lk, "selected_features", table, layer, {"layer": layer, "config": effective})
@@ -274,7 +292,8 @@ def selected_features(
             "top_10": dg.MetadataValue.md(
                 md_table(
                     table,
-                    ["rank", "feature_id", "direction", "selectivity", "freq", "pos_mean", "neg_mean"],
+                    ["rank", "feature_id", "direction", "selectivity", "freq", "pos_mean", "neg_mean"]
+                    + ["q_value"],
                     10,
                 )
             ),
@@ -499,7 +518,8 @@ def selected_features_valid(
     context: dg.AssetCheckExecutionContext, lake: LakeResource, sae: SAEResource
 ) -> dg.AssetCheckResult:
     """Every selected feature has an id below the SAE width, a finite selectivity in [-1, 1] that reaches the
-    recorded ``min_selectivity``, and a direction that matches its sign."""
+    recorded ``min_selectivity``, a direction that matches its sign, and (when ``fdr_alpha`` was recorded)
+    a q_value below it."""
     layer = int(context.partition_key)
     lk = lake.lake
     try:
@@ -509,6 +529,7 @@ def selected_features_valid(
         return _missing("selected_features", layer, e)
     width = sae_width(sae, lk, layer)
     min_sel = float(cfg.get("min_selectivity") or 0.0)
+    alpha = cfg.get("fdr_alpha")
     problems = []
     for r in table.to_pylist():
         fid, s = r["feature_id"], r["selectivity"]
@@ -520,6 +541,8 @@ def selected_features_valid(
             problems.append(f"feature {fid}: |selectivity| {abs(s):.3f} below min_selectivity {min_sel}")
         elif (s >= 0) != (r["direction"] == "positive"):
             problems.append(f"feature {fid}: direction {r['direction']!r} but selectivity {s:+.3f}")
+        elif alpha is not None and not (r.get("q_value") is not None and r["q_value"] < alpha):
+            problems.append(f"feature {fid}: q_value {r.get('q_value')} not below fdr_alpha {alpha}")
     desc = (
         f"{table.num_rows} selected features valid"
         if not problems

@@ -312,3 +312,8 @@ class StatsConfig(dg.Config):
         "then features seen on one or two samples of one class, selectivity exactly +/-1, fill the top of the list)",
     )
     max_features: int | None = Field(200, ge=1, description="keep the N highest-ranked features; None keeps all")
+    fdr_alpha: float | None = Field(
+        None, gt=0, le=1,
+        description="also require q_value < this: the Benjamini-Hochberg q of the Mann-Whitney test of positives "
+        "vs negatives in feature_stats (a false discovery rate over the layer's features); None: no such filter",
+    )

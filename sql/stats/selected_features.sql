@@ -7,9 +7,12 @@
 --                                    the class they prefer (0 keeps all)
 --          $keep_negative   boolean  false keeps only features that prefer the positive class
 --          $max_features    integer or NULL  keep the first N by rank; NULL keeps all
+--          $fdr_alpha       double or NULL   keep only features with q_value < this (the Benjamini-Hochberg
+--                                    q of the Mann-Whitney test in feature_stats); NULL: no such filter
 -- Output : features with is_active and |selectivity| >= $min_selectivity, ranked by |selectivity| desc,
 --          then the frequency in the preferred class desc, then feature_id; direction is 'positive'
---          (fires more on positives) or 'negative'; `reason` says in words why it was kept.
+--          (fires more on positives) or 'negative'; `reason` says in words why it was kept (with the
+--          rank test's p and q when feature_stats has them). p_value / q_value are feature_stats'.
 -- Grain  : layer x feature_id.
 
 with
@@ -33,7 +36,9 @@ candidates as (
         pos_freq,
         neg_freq,
         max_act,
-        selectivity_mean_act
+        selectivity_mean_act,
+        p_value,
+        q_value
     from layer_stats
     where is_active
         and abs(selectivity) >= $min_selectivity
@@ -44,6 +49,7 @@ filtered as (
     from candidates
     where freq >= $min_freq
         and (direction = 'positive' or $keep_negative)
+        and ($fdr_alpha is null or q_value < $fdr_alpha)
 ),
 
 ranked as (
@@ -68,11 +74,17 @@ final as (
         neg_freq,
         max_act,
         selectivity_mean_act,
+        p_value,
+        q_value,
         printf(
             'selectivity %+.3f (|s| >= %.2f): mean max_act %.3f on positives vs %.3f on negatives; '
             || 'fires on %.1f%% of positive and %.1f%% of negative training samples (peak %.2f)',
             selectivity, $min_selectivity, pos_mean, neg_mean, 100 * pos_freq, 100 * neg_freq, max_act
-        ) as reason
+        ) || case
+            when q_value is null then ''
+            else printf('; Mann-Whitney p %.2g, BH q %.2g', p_value, q_value)
+                || case when $fdr_alpha is null then '' else printf(' < %g', $fdr_alpha) end
+        end as reason
     from ranked
     where $max_features is null or rank <= $max_features
 )

@@ -77,6 +77,16 @@ def test_statistics_assets_write_tables_and_pass_checks(fx: LakeFixture) -> None
     assert "layer" not in fs.column_names
     assert fs.equals(expected.drop_columns(["layer"]))
     assert lake.read_meta("stats/feature_stats", layer=LAYER)["train_datasets"] == fx.train_datasets()
+    # significance: the rank test's p and its BH q, NULL nowhere (both classes are present)
+    assert {"p_value", "q_value"} <= set(fs.column_names)
+    p, q = fs.column("p_value").to_pylist(), fs.column("q_value").to_pylist()
+    assert None not in p and None not in q
+    assert all(0 <= pv <= qv <= 1 for pv, qv in zip(p, q, strict=True))
+    q_of = dict(zip(fs.column("feature_id").to_pylist(), q, strict=True))
+    assert all(q_of[f] < 0.01 for f in (0, 1, 5, 8))  # planted class-selective features
+    assert q_of[13] > 0.05  # fires at random on both classes
+    significant = _metadata(result, "feature_stats")["significant_features"].value
+    assert significant["0.05"] == sum(v < 0.05 for v in q) > 0
 
     # one row per dataset; ordered pairs with the diagonal; a transfer row per dataset and direction
     assert lake.read("stats/activation_profile", layer=LAYER).num_rows == len(DATASETS)
@@ -91,6 +101,8 @@ def test_statistics_assets_write_tables_and_pass_checks(fx: LakeFixture) -> None
     raw = pq.read_schema(lake.file("stats/selected_features", layer=LAYER)).metadata[META_KEY]
     cfg = json.loads(raw)["config"]
     assert cfg["min_selectivity"] == 0.3 and cfg["max_features"] == 200 and cfg["keep_negative"] is True
+    assert cfg["fdr_alpha"] is None
+    assert sel.column("q_value").to_pylist() == [q_of[f] for f in sel.column("feature_id").to_pylist()]
     assert _metadata(result, "selected_features")["config"].value == cfg
 
     evaluations = result.get_asset_check_evaluations()
@@ -107,6 +119,30 @@ def test_statistics_assets_write_tables_and_pass_checks(fx: LakeFixture) -> None
     assert "data:image/png;base64," in _metadata(result, "cross_distribution")["jaccard_heatmap"].value
     for png in ("selectivity_histogram", "active_features", "jaccard_heatmap"):
         assert (lake.base / "report" / f"layer={LAYER}" / f"{png}.png").is_file()
+
+
+def test_selected_features_with_fdr_alpha_drops_features_not_significant(fx: LakeFixture) -> None:
+    alpha = 0.001
+    config = {"min_selectivity": 0.1, "max_features": None}
+    defs = [statistics.feature_stats, statistics.selected_features, statistics.selected_features_valid]
+    lake = Lake(str(fx.root.parent), NS)
+
+    assert _materialize(fx, defs, {"ops": {"selected_features": {"config": config}}}).success
+    without = lake.read("stats/selected_features", layer=LAYER)
+    run_config = {"ops": {"selected_features": {"config": {**config, "fdr_alpha": alpha}}}}
+    result = _materialize(fx, defs, run_config)
+    assert result.success
+    [check] = result.get_asset_check_evaluations()
+    assert check.passed, check.description
+    sel = lake.read("stats/selected_features", layer=LAYER)
+
+    kept = [r["feature_id"] for r in without.to_pylist() if r["q_value"] < alpha]
+    assert sel.column("feature_id").to_pylist() == kept
+    assert 0 < len(kept) < without.num_rows  # features with q >= alpha were dropped, the rest kept in order
+    assert all(q < alpha for q in sel.column("q_value").to_pylist())
+    raw = pq.read_schema(lake.file("stats/selected_features", layer=LAYER)).metadata[META_KEY]
+    assert json.loads(raw)["config"]["fdr_alpha"] == alpha
+    assert _metadata(result, "selected_features")["config"].value["fdr_alpha"] == alpha
 
 
 def test_train_classes_check_names_datasets_without_negatives(fx: LakeFixture) -> None:

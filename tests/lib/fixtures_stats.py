@@ -11,6 +11,9 @@ Planted structure (per layer, with different random draws):
 - feature 13 fires everywhere but below ``min_act`` = 1.0 (not ``is_active``);
 - features 45-49 never fire (dead, as are 50-63 of the SAE width 64);
 - samples 0 and 1 of every dataset have no active feature at all.
+
+``build_lake(..., quantum=q)`` rounds every active value up to a multiple of ``q`` (same draws otherwise), so
+that active values tie within a feature: the rank test's tie handling is then exercised beyond the zeros.
 """
 
 from __future__ import annotations
@@ -67,7 +70,7 @@ class LakeFixture:
 
 
 def _activations(
-    rng: np.random.Generator, dataset: str, is_positive: np.ndarray
+    rng: np.random.Generator, dataset: str, is_positive: np.ndarray, quantum: float | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     role = DATASETS[dataset][0]
     n = len(is_positive)
@@ -89,6 +92,8 @@ def _activations(
     # dead features and empty samples
     active[:, 45:50] = False
     active[:2, :] = False
+    if quantum is not None:
+        values = np.ceil(values / quantum) * quantum
     max_act = np.where(active, values, 0.0).astype(np.float32)
     mean_act = (max_act * rng.uniform(0.05, 0.5, size=max_act.shape)).astype(np.float32)
     return max_act, mean_act
@@ -99,8 +104,9 @@ def _write(table: pa.Table, path: Path) -> None:
     pq.write_table(table, path, compression="zstd")
 
 
-def build_lake(root: Path, seed: int = 0) -> LakeFixture:
-    """Write samples, tokens and activations Parquet under ``root``; return the dense truth."""
+def build_lake(root: Path, seed: int = 0, quantum: float | None = None) -> LakeFixture:
+    """Write samples, tokens and activations Parquet under ``root``; return the dense truth (``quantum``: round
+    active values up to its multiples, for ties)."""
     rng = np.random.default_rng(seed)
     fx = LakeFixture(root=root)
     vocab = [f"w{i}" for i in range(40)]
@@ -155,7 +161,7 @@ def build_lake(root: Path, seed: int = 0) -> LakeFixture:
             root / "tokens" / f"dataset={dataset}" / "part-0.parquet",
         )
         for layer in LAYERS:
-            max_act, mean_act = _activations(rng, dataset, is_positive)
+            max_act, mean_act = _activations(rng, dataset, is_positive, quantum)
             argmax = rng.integers(0, n_tok[:, None], size=max_act.shape).astype(np.int32)
             fx.max_act[(layer, dataset)] = max_act
             fx.mean_act[(layer, dataset)] = mean_act

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
-from scipy.stats import spearmanr
+from scipy.stats import false_discovery_control, mannwhitneyu, norm, spearmanr
 
 from dagster_project.lib import plots_stats, stats
 from dagster_project.sql import SQLError
@@ -133,7 +133,132 @@ def test_feature_stats_missing_class_gives_null_not_nan(con: duckdb.DuckDBPyConn
     assert table.num_rows > 0
     assert table["selectivity"].null_count == table.num_rows
     assert table["neg_mean"].null_count == table.num_rows
+    assert table["p_value"].null_count == table["q_value"].null_count == table.num_rows  # no test, not p = 1
     assert stats.evaluate_check(con, "feature_stats_nan", {"layer": 3}, {"feature_stats": table}).passed
+
+
+# ---- significance: Mann-Whitney U and Benjamini-Hochberg --------------------------------------
+
+
+def ref_rank_test(x: np.ndarray, y: np.ndarray, feature_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """scipy's two-sided asymptotic Mann-Whitney p (continuity corrected) per feature, and BH q over them."""
+    p = np.array(
+        [
+            mannwhitneyu(
+                x[y, f], x[~y, f], alternative="two-sided", method="asymptotic", use_continuity=True
+            ).pvalue
+            for f in feature_ids
+        ]
+    )
+    return p, false_discovery_control(p, method="bh")
+
+
+@pytest.fixture(scope="module")
+def tied_lake(tmp_path_factory: pytest.TempPathFactory) -> LakeFixture:
+    return build_lake(tmp_path_factory.mktemp("tied_lake"), seed=11, quantum=0.5)
+
+
+@pytest.mark.parametrize("which", ["continuous", "tied"])
+@pytest.mark.parametrize("layer", LAYERS)
+@pytest.mark.parametrize("train_datasets", [None, ["train_a", "test_b"]])
+def test_rank_test_matches_scipy(
+    lake: LakeFixture,
+    tied_lake: LakeFixture,
+    which: str,
+    layer: int,
+    train_datasets: list[str] | None,
+) -> None:
+    fx = lake if which == "continuous" else tied_lake
+    c = connect(fx.root)
+    table = stats.feature_stats(c, layer, train_datasets=train_datasets)
+    c.close()
+    x, y = fx.stacked(layer, train_datasets or fx.train_datasets())
+    fids = table["feature_id"].to_numpy()
+    # the fixture has what the sparse ranks must get right: zeros on every feature (absent rows), and in the
+    # tied lake, equal active values within a feature
+    assert all((x[:, f] == 0).sum() >= 2 for f in fids)
+    if which == "tied":
+        assert sum(len(np.unique(x[x[:, f] > 0, f])) < (x[:, f] > 0).sum() for f in fids) > len(fids) // 2
+    p_ref, q_ref = ref_rank_test(x, y, fids)
+    np.testing.assert_allclose(_col(table, "p_value"), p_ref, rtol=1e-9, atol=1e-15)
+    np.testing.assert_allclose(_col(table, "q_value"), q_ref, rtol=1e-9, atol=1e-15)
+    assert "rank_z" not in table.column_names
+    assert (p_ref < 1e-4).any() and (p_ref > 0.2).any()  # both ends of the range are compared
+
+
+def _tiny_views(rows: list[tuple[int, int, float]], labels: list[bool]) -> duckdb.DuckDBPyConnection:
+    """A connection whose ``samples`` / ``activations`` views hold one train dataset, written by hand."""
+    c = duckdb.connect()
+    c.register(
+        "samples",
+        pa.table(
+            {
+                "dataset": ["d"] * len(labels),
+                "sample_id": pa.array(range(len(labels)), pa.int32()),
+                "is_positive": labels,
+                "role": ["train"] * len(labels),
+            }
+        ),
+    )
+    c.register(
+        "activations",
+        pa.table(
+            {
+                "layer": pa.array([1] * len(rows), pa.int32()),
+                "dataset": ["d"] * len(rows),
+                "sample_id": pa.array([r[0] for r in rows], pa.int32()),
+                "feature_id": pa.array([r[1] for r in rows], pa.int32()),
+                "max_act": pa.array([r[2] for r in rows], pa.float32()),
+                "mean_act": pa.array([r[2] / 2 for r in rows], pa.float32()),
+            }
+        ),
+    )
+    return c
+
+
+def test_rank_test_edge_cases_by_hand() -> None:
+    labels = [True, True, True, False, False, False, False]
+    rows = (
+        [(i, 0, 2.0) for i in range(7)]  # feature 0: every sample ties (sigma 0): no evidence, p = 1
+        + [(0, 1, 3.0), (1, 1, 3.0), (2, 1, 1.5), (3, 1, 1.5)]  # feature 1: ties among active values and zeros
+        + [(5, 2, 0.7)]  # feature 2: a single negative sample
+    )
+    c = _tiny_views(rows, labels)
+    table = stats.feature_stats(c, 1, min_act=1.0)
+    c.close()
+    dense = np.zeros((7, 3))
+    for sid, fid, v in rows:
+        dense[sid, fid] = v
+    y = np.array(labels)
+    p_ref, q_ref = ref_rank_test(dense, y, np.arange(3))
+    assert table["feature_id"].to_pylist() == [0, 1, 2]
+    assert table["p_value"].to_pylist()[0] == 1.0 == p_ref[0]
+    np.testing.assert_allclose(_col(table, "p_value"), p_ref, rtol=1e-12)
+    np.testing.assert_allclose(_col(table, "q_value"), q_ref, rtol=1e-12)
+
+
+def test_rank_test_p_values_from_z() -> None:
+    z = np.array([0.0, -0.3, 1.0, 3.0, 12.0, 30.0])
+    got = stats.rank_test_p_values([*z, None, 37.5])
+    np.testing.assert_allclose(got[:-2], np.minimum(1.0, 2 * norm.sf(z)), rtol=1e-12)
+    assert got[0] == got[1] == 1.0  # clipped at 1
+    assert np.isnan(got[-2])
+    assert 0 < got[-1] < 1e-300  # the far tail is not rounded to 0 (where 1 - cdf would be)
+
+
+def test_bh_q_values_match_scipy() -> None:
+    rng = np.random.default_rng(5)
+    p = np.concatenate([rng.uniform(size=60), rng.uniform(0, 1e-4, size=15), [0.02] * 5, [1.0, 0.0]])
+    rng.shuffle(p)
+    q = stats.bh_q_values(p)
+    np.testing.assert_allclose(q, false_discovery_control(p, method="bh"), rtol=1e-12)
+    assert ((q >= p) & (q <= 1)).all()
+    assert len(set(q[p == 0.02])) == 1  # tied p-values get one q
+    # missing p-values are not hypotheses: they stay missing and do not count in m
+    with_missing = stats.bh_q_values([*p, None, float("nan")])
+    np.testing.assert_allclose(with_missing[:-2], q, rtol=1e-12)
+    assert np.isnan(with_missing[-2:]).all()
+    assert stats.bh_q_values([]).shape == (0,)
 
 
 # ---- activation_profile -----------------------------------------------------------------------
@@ -256,7 +381,43 @@ def test_selected_features_reads_the_view(con: duckdb.DuckDBPyConnection) -> Non
     con.unregister("feature_stats")
 
 
-@pytest.mark.parametrize("kwargs", [{"min_selectivity": 1.5}, {"min_freq": -0.1}, {"max_features": 0}])
+@pytest.mark.parametrize("alpha", [0.001, 0.05])
+def test_selected_features_fdr_alpha(lake: LakeFixture, con: duckdb.DuckDBPyConnection, alpha: float) -> None:
+    fs = stats.feature_stats(con, 3)
+    kwargs = {"min_selectivity": 0.1, "min_freq": 0.0, "keep_negative": True, "max_features": None}
+    unfiltered = stats.selected_features(con, 3, stats=fs, **kwargs)
+    table = stats.selected_features(con, 3, stats=fs, fdr_alpha=alpha, **kwargs)
+    x, y = lake.stacked(3, lake.train_datasets())
+    ref = ref_class_stats(x, y)
+    _, ref["q_value"] = ref_rank_test(x, y, ref["feature_id"])
+    ids, _ = ref_selection(ref, **kwargs)
+    q_of = dict(zip(ref["feature_id"].tolist(), ref["q_value"].tolist(), strict=True))
+    kept = [f for f in ids if q_of[f] < alpha]
+    assert table["feature_id"].to_pylist() == kept
+    assert table["rank"].to_pylist() == list(range(1, len(kept) + 1))
+    assert 0 < len(kept) < len(ids) == unfiltered.num_rows  # the filter keeps some and drops some
+    assert all(q < alpha for q in table["q_value"].to_pylist())
+    assert all("BH q " in r and f"< {alpha:g}" in r for r in table["reason"].to_pylist())
+    np.testing.assert_allclose(_col(table, "q_value"), [q_of[f] for f in kept], rtol=1e-9)
+
+
+def test_selected_features_on_feature_stats_without_significance(con: duckdb.DuckDBPyConnection) -> None:
+    """A feature_stats written before the rank test: selection still runs, but not with fdr_alpha."""
+    fs = stats.feature_stats(con, 3)
+    old = fs.drop_columns(["p_value", "q_value"])
+    table = stats.selected_features(con, 3, max_features=5, stats=old)
+    new = stats.selected_features(con, 3, max_features=5, stats=fs)
+    assert table["feature_id"].to_pylist() == new["feature_id"].to_pylist()
+    assert table["q_value"].null_count == table.num_rows == 5
+    assert all("BH q" not in r for r in table["reason"].to_pylist())
+    with pytest.raises(ValueError, match="rematerialize feature_stats"):
+        stats.selected_features(con, 3, stats=old, fdr_alpha=0.05)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"min_selectivity": 1.5}, {"min_freq": -0.1}, {"max_features": 0}, {"fdr_alpha": 0.0}, {"fdr_alpha": 1.5}],
+)
 def test_selected_features_rejects_bad_config(con: duckdb.DuckDBPyConnection, kwargs: dict) -> None:
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         stats.selected_features(con, 3, **kwargs)
