@@ -5,12 +5,17 @@ Every asset here is partitioned by layer and writes ``stats/<name>/layer=L/part-
 column lives only in the path, so the lake's DuckDB view of the same name has it back):
 
 - ``descriptions``: one row per selected feature (``stats/selected_features``), ``status`` ok or failed. The
-  windows are chosen in SQL (``sql/describe``): the top-k samples by pooled max_act and zero-activation
-  samples matched on class, dataset and length, with a token window around each peak. The differential
-  prompt (top windows against the matched negatives) goes to the describer resource's backend.
+  windows are chosen in SQL (``sql/describe``): activating samples drawn by ``sampling`` (top-k by pooled
+  max_act, activation deciles, or random) and zero-activation samples matched on class, dataset and length
+  (or near misses by residual similarity), with a token window around each peak. The differential
+  prompt (activating windows against the negatives) goes to the describer resource's backend,
+  ``n_candidates`` times on different subsets of those windows; each candidate is scored by detection on
+  validation windows and the best kept. Every candidate is in ``stats/description_candidates``.
 - ``classifications``: the rubric's 0-10 relevance score, category and themes of every ``ok`` description.
-- ``detection_scores``: from its description alone, which held-out windows fire (the ranks after top-k
-  against held-out matched negatives); accuracy and balanced accuracy per feature.
+- ``detection_scores``: from its description alone, which held-out windows fire (drawn by
+  ``holdout_sampling``, by default from every activation decile, against held-out negatives); accuracy and
+  balanced accuracy per feature. The same step runs the other ``scorers`` (fuzzing, embedding) and writes
+  ``stats/explanation_scores``: one row per selected feature and scorer, a score or a recorded failure.
 - ``themes``: clusters of the ``ok`` descriptions (MiniLM embeddings, agglomerative), each named by its terms.
 
 Every model call goes through a crash-safe cache under ``<lake>/<profile>/llm_cache``: a rerun, or a run
@@ -44,12 +49,15 @@ from dagster_project.lib.describers import (
     Describer,
     LLMConfigError,
     RetryPolicy,
+    detection_score_record,
+    run_best_of_n,
     run_classify,
-    run_describe,
     run_detection,
+    run_fuzzing,
 )
 from dagster_project.lib.lake import Lake, LakeError
 from dagster_project.lib.llm_cache import LLMCache
+from dagster_project.lib.scorers import SCORERS, complete_scores, embedding_scores
 from dagster_project.lib.themes import EmbeddingModelError, cluster_descriptions
 from dagster_project.partitions import layer_partitions
 from dagster_project.provenance import check_layer
@@ -63,6 +71,8 @@ DESCRIPTIONS = "stats/descriptions"
 CLASSIFICATIONS = "stats/classifications"
 DETECTION = "stats/detection_scores"
 THEMES = "stats/themes"
+CANDIDATES = "stats/description_candidates"
+EXPLANATION_SCORES = "stats/explanation_scores"
 
 _IDS = pa.list_(pa.string())
 CALL_FIELDS: list[tuple[str, pa.DataType]] = [
@@ -94,6 +104,49 @@ DESCRIPTIONS_SCHEMA = pa.schema(
         ("holdout_sample_ids", _IDS),
         ("holdout_negative_sample_ids", _IDS),
         ("top_max_act", pa.float64()),
+        ("candidate", pa.int32()),
+        ("n_candidates", pa.int32()),
+        ("validation_balanced_accuracy", pa.float64()),
+    ]
+)
+CANDIDATES_SCHEMA = pa.schema(
+    [
+        ("feature_id", pa.int32()),
+        ("candidate", pa.int32()),
+        ("is_best", pa.bool_()),
+        ("status", pa.string()),
+        ("description", pa.string()),
+        ("confidence", pa.int32()),
+        ("error", pa.string()),
+        *CALL_FIELDS,
+        ("top_sample_ids", _IDS),
+        ("negative_sample_ids", _IDS),
+        ("validation_status", pa.string()),
+        ("validation_error", pa.string()),
+        ("validation_balanced_accuracy", pa.float64()),
+        ("validation_accuracy", pa.float64()),
+        ("validation_n", pa.int32()),
+        ("validation_sample_ids", _IDS),
+        ("validation_cache_key", pa.string()),
+    ]
+)
+EXPLANATION_SCORES_SCHEMA = pa.schema(
+    [
+        ("feature_id", pa.int32()),
+        ("scorer", pa.string()),
+        ("score", pa.float64()),
+        ("n", pa.int32()),
+        ("status", pa.string()),
+        ("metric", pa.string()),
+        ("balanced_accuracy", pa.float64()),
+        ("n_activating", pa.int32()),
+        ("error", pa.string()),
+        ("description", pa.string()),
+        ("description_cache_key", pa.string()),
+        ("window_sample_ids", _IDS),
+        ("window_is_activating", pa.list_(pa.bool_())),
+        ("chosen", pa.list_(pa.int32())),
+        *CALL_FIELDS,
     ]
 )
 CLASSIFICATIONS_SCHEMA = pa.schema(
@@ -152,10 +205,21 @@ class DescribeConfig(dg.Config):
     exactly those the describer never saw. ``classifications`` uses the rubric; ``themes`` the threshold.
     """
 
-    top_k: int = Field(5, ge=1, description="activating windows shown to the describer (top samples by max_act)")
+    top_k: int = Field(5, ge=1, description="activating windows shown to the describer (drawn by `sampling`)")
     n_negatives: int = Field(5, ge=0, description="matched zero-activation windows shown to the describer")
-    n_holdout: int = Field(5, ge=0, description="activating windows held out for detection (next ranks)")
-    n_holdout_negatives: int = Field(5, ge=0, description="zero-activation windows held out for detection")
+    n_holdout: int = Field(10, ge=0, description="activating windows held out for scoring (drawn by holdout_sampling)")
+    n_holdout_negatives: int = Field(10, ge=0, description="zero-activation windows held out for scoring")
+    sampling: str = Field("top", description="describer's activating windows: top | deciles | random")
+    holdout_sampling: str = Field("deciles", description="held-out windows: next (ranks after top_k) | deciles "
+                                  "(round-robin over activation deciles: n_holdout >= 10 covers each) | random")
+    negatives: str = Field("matched", description="negatives: matched (class, dataset, length) | near_miss "
+                           "(class, then nearest pooled residual)")
+    sampling_seed: int = Field(0, description="seeds the deciles / random draws and the candidate subsets")
+    n_candidates: int = Field(2, ge=1, description="candidate descriptions per feature (best-of-n on validation)")
+    n_validation: int = Field(5, ge=0, description="activating validation windows for best-of-n (n_candidates > 1)")
+    n_validation_negatives: int = Field(5, ge=0, description="zero-activation validation windows for best-of-n")
+    scorers: list[str] = Field(["detection", "fuzzing", "embedding"],
+                               description="explanation_scores scorers (detection always runs)")
     window_tokens: int = Field(12, ge=0, description="tokens each side of a window's peak")
     max_features: int | None = Field(None, ge=1, description="describe the first N selected features; None: all")
     prompt_version: str = Field(DEFAULT_PROMPT_VERSION, description="prompt templates (dagster_project/prompts)")
@@ -169,14 +233,30 @@ class DescribeConfig(dg.Config):
     theme_distance_threshold: float = Field(0.45, gt=0, lt=2, description="cosine distance merging themes")
 
     def examples(self) -> ExampleSettings:
-        return ExampleSettings(
-            top_k=self.top_k,
-            n_negatives=self.n_negatives,
-            n_holdout=self.n_holdout,
-            n_holdout_negatives=self.n_holdout_negatives,
-            window=self.window_tokens,
-            max_features=self.max_features,
-        )
+        many = self.n_candidates > 1
+        try:
+            return ExampleSettings(
+                top_k=self.top_k,
+                n_negatives=self.n_negatives,
+                n_holdout=self.n_holdout,
+                n_holdout_negatives=self.n_holdout_negatives,
+                window=self.window_tokens,
+                max_features=self.max_features,
+                sampling=self.sampling,
+                holdout_sampling=self.holdout_sampling,
+                negatives=self.negatives,
+                n_validation=self.n_validation if many else 0,
+                n_validation_negatives=self.n_validation_negatives if many else 0,
+                seed=self.sampling_seed,
+            )
+        except ExamplesError as e:
+            raise dg.Failure(f"describe config: {e}") from e
+
+    def scorer_list(self) -> list[str]:
+        bad = [s for s in self.scorers if s not in SCORERS]
+        if bad:
+            raise dg.Failure(f"describe config: unknown scorers {bad}; expected some of {list(SCORERS)}")
+        return ["detection", *[s for s in SCORERS if s in self.scorers and s != "detection"]]
 
     def retry(self) -> RetryPolicy:
         return RetryPolicy(
@@ -405,10 +485,13 @@ def layer_examples(context: dg.AssetExecutionContext, lake: Lake, layer: int, se
 def descriptions(
     context: dg.AssetExecutionContext, config: DescribeConfig, lake: LakeResource, describer: DescriberResource
 ) -> dg.MaterializeResult:
-    """A description of what each selected feature fires on, from a differential prompt: its top-k windows
-    by max_act (activating tokens marked, with their activations) against zero-activation windows of samples
-    matched on class, dataset and length. One call per feature, cached; ``status`` is ``failed`` (with the
-    error) when the attempts run out. The samples shown are recorded as ``dataset:sample_id`` lists."""
+    """A description of what each selected feature fires on, from a differential prompt: its activating
+    windows (by ``sampling``; activating tokens marked, with their activations) against zero-activation
+    windows of samples matched on class, dataset and length. ``n_candidates`` calls per feature (candidate 1
+    on every describer window, the others on seeded subsets), cached; with more than one, each ``ok``
+    candidate is scored by detection on validation windows and the best is kept, every candidate with its
+    score going to ``stats/description_candidates``. ``status`` is ``failed`` (with the error) when every
+    candidate's attempts ran out. The samples shown are recorded as ``dataset:sample_id`` lists."""
     layer = _layer(context)
     lk = lake.lake
     settings = config.examples()
@@ -418,12 +501,14 @@ def descriptions(
     context.log.info(f"layer {layer}: describing {len(ex.examples)} features with {describer.backend} "
                      f"({describer.model}), concurrency {describer.concurrency}")
     t0 = time.perf_counter()
-    records = _run(
+    records, candidates = _run(
         backend,
-        lambda d: run_describe(
+        lambda d: run_best_of_n(
             ex.examples,
             d,
             cache,
+            n_candidates=config.n_candidates,
+            seed=config.sampling_seed,
             prompt_version=config.prompt_version,
             retry=config.retry(),
             concurrency=describer.concurrency,
@@ -437,10 +522,13 @@ def descriptions(
         raise dg.Failure("describe returned records that do not match the features asked (lost or duplicated)")
     features = {r["feature_id"]: r for r in ex.features.to_pylist()}
     by_id = ex.by_id
+    best = {cs[0].description.feature_id: next(c for c in cs if c.is_best) for cs in candidates if cs}
+    n_cands = {cs[0].description.feature_id: len(cs) for cs in candidates if cs}
     rows = []
     for rec in records:
         fx = by_id[rec.feature_id]
         sel = features[rec.feature_id]
+        kept = best[rec.feature_id]
         rows.append(
             {
                 "feature_id": rec.feature_id,
@@ -457,22 +545,22 @@ def descriptions(
                 "holdout_sample_ids": [w.ref for w in fx.holdout],
                 "holdout_negative_sample_ids": [w.ref for w in fx.holdout_negatives],
                 "top_max_act": fx.scale,
+                "candidate": kept.candidate,
+                "n_candidates": n_cands[rec.feature_id],
+                "validation_balanced_accuracy": kept.validation_score,
             }
         )
+    cand_rows = [_candidate_row(c) for cs in candidates for c in cs]
     meta = {
         "layer": layer,
-        "examples": {
-            "top_k": settings.top_k,
-            "n_negatives": settings.n_negatives,
-            "n_holdout": settings.n_holdout,
-            "n_holdout_negatives": settings.n_holdout_negatives,
-            "window": settings.window,
-            "max_features": settings.max_features,
-        },
+        "examples": settings.record(),
+        "n_candidates": config.n_candidates,
         "prompt_version": config.prompt_version,
         "threshold_frac": config.threshold_frac,
         "describer": describer.identity(),
     }
+    # candidates first: the descriptions table is the one downstream steps read, written last
+    _write(lk, CANDIDATES, cand_rows, CANDIDATES_SCHEMA, layer, meta)
     path = _write(lk, DESCRIPTIONS, rows, DESCRIPTIONS_SCHEMA, layer, meta)
     stats = call_metadata(records, cache)
     context.log.info(
@@ -490,11 +578,38 @@ def descriptions(
             "prompt_version": config.prompt_version,
             "failures": dg.MetadataValue.md(failures_md(records)),
             "preview": dg.MetadataValue.md(
-                md_rows(rows, ["feature_rank", "feature_id", "status", "confidence", "description"], 10)
+                md_rows(rows, ["feature_rank", "feature_id", "status", "confidence", "candidate",
+                               "validation_balanced_accuracy", "description"], 10)
             ),
+            "n_candidates": config.n_candidates,
+            "candidates": len(cand_rows),
+            "kept_not_first": sum(1 for r in rows if (r["candidate"] or 1) > 1),
             "path": dg.MetadataValue.path(path),
         }
     )
+
+
+def _candidate_row(c: Any) -> dict[str, Any]:
+    rec, val = c.description, c.validation
+    return {
+        "feature_id": rec.feature_id,
+        "candidate": c.candidate,
+        "is_best": c.is_best,
+        "status": rec.status,
+        "description": rec.description,
+        "confidence": rec.confidence,
+        "error": rec.error,
+        **_call_row(rec.call),
+        "top_sample_ids": rec.top_sample_ids,
+        "negative_sample_ids": rec.negative_sample_ids,
+        "validation_status": val.status if val is not None else None,
+        "validation_error": val.error if val is not None else None,
+        "validation_balanced_accuracy": c.validation_score,
+        "validation_accuracy": val.accuracy if val is not None else None,
+        "validation_n": val.n_windows if val is not None else 0,
+        "validation_sample_ids": val.window_sample_ids if val is not None else [],
+        "validation_cache_key": val.call.cache_key if val is not None else None,
+    }
 
 
 @dg.asset(partitions_def=layer_partitions, group_name=GROUP, deps=[descriptions], kinds=KINDS, pool="describer")
@@ -576,9 +691,16 @@ def detection_scores(
     context: dg.AssetExecutionContext, config: DescribeConfig, lake: LakeResource, describer: DescriberResource
 ) -> dg.MaterializeResult:
     """How well each ``ok`` description predicts activations: given only the description, the scorer picks
-    which of the shuffled held-out windows fire (the ranks after top-k, and matched zero-activation
-    windows the describer never saw). Accuracy, balanced accuracy, precision and recall per feature. The
-    windows follow the example settings recorded by ``descriptions``."""
+    which of the shuffled held-out windows fire (activating ones drawn by ``holdout_sampling``, by default
+    from every activation decile, and matched zero-activation windows the describer never saw). Accuracy,
+    balanced accuracy, precision and recall per feature. The windows follow the example settings recorded
+    by ``descriptions``.
+
+    The same step writes ``stats/explanation_scores``, one row per selected feature and scorer of
+    ``scorers``: ``detection`` (these figures), ``fuzzing`` (held-out activating windows with their firing
+    tokens or decoy tokens marked; which marks fit the description) and ``embedding`` (MiniLM similarity of
+    description and held-out window, AUROC; no model call). A feature a scorer could not score (failed
+    description, no held-out windows, failed call) has a ``failed`` row with the reason."""
     layer = _layer(context)
     lk = lake.lake
     recs, dmeta = read_descriptions(lk, layer)
@@ -589,9 +711,11 @@ def detection_scores(
         raise dg.Failure(f"descriptions of layer {layer} recorded unusable example settings {recorded}: {e}") from e
     ex = layer_examples(context, lk, layer, settings)
     by_id = ex.by_id
+    # a candidate description was written from a subset of the describer's windows
     changed = [
         r.feature_id for r in recs
-        if r.status == "ok" and r.feature_id in by_id and [w.ref for w in by_id[r.feature_id].top] != r.top_sample_ids
+        if r.status == "ok" and r.feature_id in by_id
+        and not set(r.top_sample_ids) <= {w.ref for w in by_id[r.feature_id].top}
     ]
     if changed:
         context.log.warning(
@@ -642,9 +766,29 @@ def detection_scores(
     ]
     meta = {"layer": layer, "examples": recorded, "seed": config.detection_seed,
             "prompt_version": config.prompt_version, "describer": describer.identity()}
+    scorers = config.scorer_list()
+    scored: dict[str, Any] = {"detection": [detection_score_record(r) for r in records]}
+    if "fuzzing" in scorers:
+        scored["fuzzing"] = _run(
+            _build(describer),
+            lambda d: run_fuzzing(
+                features, recs, d, cache, prompt_version=config.prompt_version, seed=config.detection_seed,
+                threshold_frac=float(dmeta.get("threshold_frac", config.threshold_frac)), retry=config.retry(),
+                concurrency=describer.concurrency, use_message_batches=describer.use_message_batches,
+                progress=_progress(context, f"layer {layer} fuzzing"),
+            ),
+        )
+    if "embedding" in scorers:
+        try:
+            scored["embedding"] = embedding_scores(features, recs)
+        except EmbeddingModelError as e:
+            raise dg.Failure(f"EmbeddingModelError: {e}") from e
+    score_rows = _score_rows(complete_scores(ex.examples, recs, scored), recs)
     path = _write(lk, DETECTION, rows, DETECTION_SCHEMA, layer, meta)
+    _write(lk, EXPLANATION_SCORES, score_rows, EXPLANATION_SCORES_SCHEMA, layer, {**meta, "scorers": scorers})
     ok = [r for r in records if r.status == "ok"]
     context.log.info(f"layer {layer}: detection scored {len(ok)} features -> {path}")
+    summary = _scorer_summary(score_rows)
     return dg.MaterializeResult(
         metadata={
             "dagster/row_count": len(rows),
@@ -653,6 +797,8 @@ def detection_scores(
             "examples_changed": len(changed),
             "mean_accuracy": _mean([r.accuracy for r in ok if r.accuracy is not None]),
             "mean_balanced_accuracy": _mean([r.balanced_accuracy for r in ok if r.balanced_accuracy is not None]),
+            "scorers": dg.MetadataValue.md(md_rows(summary, ["scorer", "metric", "ok", "failed", "mean", "std"],
+                                                   len(summary))),
             "failures": dg.MetadataValue.md(failures_md(records)),
             "preview": dg.MetadataValue.md(
                 md_rows(sorted(rows, key=lambda r: -(r["balanced_accuracy"] or 0)),
@@ -661,6 +807,43 @@ def detection_scores(
             "path": dg.MetadataValue.path(path),
         }
     )
+
+
+def _score_rows(records: Sequence[Any], descs: Sequence[DescriptionRecord]) -> list[dict[str, Any]]:
+    by_id = {d.feature_id: d for d in descs}
+    rows = []
+    for r in records:
+        d = by_id.get(r.feature_id)
+        rows.append({
+            "feature_id": r.feature_id,
+            "scorer": r.scorer,
+            "score": r.score,
+            "n": r.n,
+            "status": r.status,
+            "metric": r.metric,
+            "balanced_accuracy": r.balanced_accuracy,
+            "n_activating": r.n_activating,
+            "error": r.error,
+            "description": d.description if d is not None else None,
+            "description_cache_key": d.call.cache_key if d is not None else None,
+            "window_sample_ids": r.window_sample_ids,
+            "window_is_activating": r.window_is_activating,
+            "chosen": r.chosen,
+            **_call_row(r.call),
+        })
+    return rows
+
+
+def _scorer_summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for scorer in dict.fromkeys(r["scorer"] for r in rows):
+        sub = [r for r in rows if r["scorer"] == scorer]
+        vals = [r["score"] for r in sub if r["status"] == "ok" and r["score"] is not None]
+        mean = _mean(vals)
+        std = (sum((v - mean) ** 2 for v in vals) / len(vals)) ** 0.5 if vals else 0.0
+        out.append({"scorer": scorer, "metric": sub[0]["metric"], "ok": len(vals), "failed": len(sub) - len(vals),
+                    "mean": mean, "std": std})
+    return out
 
 
 @dg.asset(partitions_def=layer_partitions, group_name=GROUP, deps=[descriptions], kinds=KINDS)

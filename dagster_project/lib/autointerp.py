@@ -128,7 +128,8 @@ class FeatureExamples:
 
     ``top``: strongest activating windows; ``negatives``: matched windows where the feature is weak
     or silent (both shown to the describer). ``holdout`` / ``holdout_negatives``: activating and
-    non-activating windows *not* shown to the describer, used only for detection scoring.
+    non-activating windows *not* shown to the describer, used only for scoring. ``validation`` /
+    ``validation_negatives``: windows shown to neither, used to choose among candidate descriptions.
     """
 
     layer: int
@@ -137,6 +138,8 @@ class FeatureExamples:
     negatives: list[Window]
     holdout: list[Window] = field(default_factory=list)
     holdout_negatives: list[Window] = field(default_factory=list)
+    validation: list[Window] = field(default_factory=list)
+    validation_negatives: list[Window] = field(default_factory=list)
 
     @property
     def key(self) -> tuple[int, int]:
@@ -475,6 +478,92 @@ def build_detect_prompt(
     )
 
 
+@dataclass(frozen=True)
+class FuzzWindow:
+    """A held-out activating window with a highlight: its firing tokens (``correct``) or as many decoy
+    tokens where the feature is silent (not ``correct``)."""
+
+    window: Window
+    marked: tuple[bool, ...]
+    correct: bool
+
+
+def render_marked(w: Window, marked: Sequence[bool]) -> str:
+    """A window's text with the tokens of ``marked`` in ``<<...>>`` (no activations shown)."""
+    if len(marked) != len(w.tokens):
+        raise PromptError(f"window {w.ref}: {len(marked)} marks for {len(w.tokens)} tokens")
+    parts: list[str] = []
+    i, n = 0, len(w.tokens)
+    while i < n:
+        if not marked[i]:
+            parts.append(_token(w.tokens[i]))
+            i += 1
+            continue
+        j = i
+        while j < n and marked[j]:
+            j += 1
+        span = "".join(_token(t) for t in w.tokens[i:j])
+        stripped = span.lstrip()
+        lead = span[: len(span) - len(stripped)]
+        core = stripped.rstrip()
+        parts.append(f"{lead}<<{core}>>{stripped[len(core):]}" if core else span)
+        i = j
+    return "".join(parts).strip()
+
+
+def fuzz_windows(
+    windows: Sequence[Window], *, threshold_frac: float = 0.2, seed: str = "0"
+) -> list[FuzzWindow]:
+    """Fuzzing examples from held-out activating windows: a seeded half keep their firing tokens marked
+    (activation above ``threshold_frac`` of the window's own peak), the other half get as many decoy
+    tokens marked, drawn from the tokens where the feature is silent. A window with no silent token
+    keeps its true marks. Order: as given (the caller shuffles)."""
+    import random
+
+    rng = random.Random(f"fuzz:{seed}")
+    order = list(range(len(windows)))
+    rng.shuffle(order)
+    decoys = set(order[: len(windows) // 2])
+    out = []
+    for i, w in enumerate(windows):
+        thr = threshold_frac * w.max_act
+        true_mask = [a > thr and a > 0 for a in w.acts]
+        if not any(true_mask):
+            true_mask[w.peak] = True
+        silent = [k for k, a in enumerate(w.acts) if a <= 0]
+        if i in decoys and silent:
+            k = min(sum(true_mask), len(silent))
+            picked = set(rng.sample(silent, k))
+            out.append(FuzzWindow(w, tuple(j in picked for j in range(len(w.tokens))), False))
+        else:
+            out.append(FuzzWindow(w, tuple(true_mask), True))
+    return out
+
+
+def build_fuzz_prompt(
+    description: str, windows: Sequence[FuzzWindow], prompt_version: str = DEFAULT_PROMPT_VERSION
+) -> Prompt:
+    """Fuzzing: the description plus numbered windows with marked tokens; which marks fit it, 1-based."""
+    if not windows:
+        raise PromptError("fuzzing needs at least one window")
+    blocks = "\n\n".join(
+        data_block(f"WINDOW {i}", render_marked(fw.window, fw.marked)) for i, fw in enumerate(windows, 1)
+    )
+    return Prompt(
+        kind="fuzz",
+        prompt_version=prompt_version,
+        system=_fill("fuzz", prompt_version, "system"),
+        user=_fill(
+            "fuzz",
+            prompt_version,
+            "user",
+            description=neutralize(description),
+            n_windows=len(windows),
+            window_blocks=blocks,
+        ),
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Reply schemas and parsing
 # --------------------------------------------------------------------------------------------
@@ -609,6 +698,11 @@ def parse_classify_batch_reply(text: str, ids: Sequence[str], rubric: Rubric) ->
     return out
 
 
+def parse_fuzz_reply(text: str, n_windows: int) -> DetectReply:
+    """The fuzzing reply has the detection schema: ``{"chosen": [int]}``, numbers in 1..n_windows."""
+    return parse_detect_reply(text, n_windows)
+
+
 def parse_detect_reply(text: str, n_windows: int) -> DetectReply:
     """``{"chosen": [int]}`` with each number in 1..n_windows and none repeated."""
     reply: DetectReply = _validate(DetectReply, extract_json_object(text))
@@ -707,6 +801,30 @@ class DetectionRecord(_RowRecord):
     window_is_activating: list[bool]
     call: CallInfo
 
+
+
+@dataclass
+class ScoreRecord:
+    """One scorer's verdict on one feature's description (a row of ``explanation_scores``).
+
+    ``score`` is the scorer's headline figure (``metric``: balanced accuracy for detection and fuzzing,
+    AUROC for embedding); ``balanced_accuracy`` is given for every scorer; ``n`` counts the windows scored.
+    """
+
+    layer: int
+    feature_id: int
+    scorer: str
+    status: Status
+    error: str | None
+    score: float | None
+    metric: str
+    balanced_accuracy: float | None
+    n: int
+    n_activating: int
+    window_sample_ids: list[str]
+    window_is_activating: list[bool]
+    chosen: list[int]
+    call: CallInfo
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,13 @@
 """The windows each selected feature is described and scored on, chosen in SQL over the lake's views.
 
 ``sql/describe/features.sql`` lists the selected features of a layer; ``sql/describe/windows.sql`` picks,
-per feature, the top-k samples by pooled ``max_act`` (shown to the describer), the next ranks (held out
-for detection scoring) and zero-activation samples matched to them on class, dataset and length (the
-describer's contrast set and the held-out negatives); ``sql/describe/window_tokens.sql`` cuts a window of
+per feature, the activating samples shown to the describer (``sampling``: the top-k by pooled ``max_act``,
+a round-robin over the feature's activation deciles, or a random draw), then from the samples left the ones
+held out for scoring (``holdout_sampling``: the next ranks, every decile, or random) and for choosing among
+candidate descriptions (validation), and zero-activation samples matched to each part's windows (on class,
+dataset and length, or, ``negatives="near_miss"``, on class and the nearest pooled residual: texts the
+model represents like the anchor but where the feature is silent). No sample is in two parts of one
+feature, so no window a description was written from is ever used to score it. ``sql/describe/window_tokens.sql`` cuts a window of
 tokens around each one with the feature's activation on every token. This module runs the three
 statements and builds :class:`~dagster_project.lib.autointerp.FeatureExamples` from their rows. It is pure:
 it reads through the DuckDB connection it is given and writes nothing.
@@ -11,6 +15,7 @@ it reads through the DuckDB connection it is given and writes nothing.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
@@ -21,8 +26,12 @@ import pyarrow as pa
 from dagster_project import sql
 from dagster_project.lib.autointerp import FeatureExamples, Window
 
-PARTS = ("top", "negative", "holdout", "holdout_negative")
+PARTS = ("top", "negative", "holdout", "holdout_negative", "validation", "validation_negative")
 NEEDED_VIEWS = ("selected_features", "samples", "tokens", "activations", "token_activations")
+SAMPLINGS = ("top", "deciles", "random")
+HOLDOUT_SAMPLINGS = ("next", "deciles", "random")
+NEGATIVES = ("matched", "near_miss")
+_RESIDUALS_SCHEMA = pa.schema([("dataset", pa.string()), ("sample_id", pa.int32()), ("resid", pa.list_(pa.float32()))])
 
 
 class ExamplesError(RuntimeError):
@@ -31,12 +40,17 @@ class ExamplesError(RuntimeError):
 
 @dataclass(frozen=True)
 class ExampleSettings:
-    """How many windows of each kind per feature, and how wide.
+    """How many windows of each kind per feature, how they are drawn, and how wide.
 
-    ``top_k`` activating windows and ``n_negatives`` matched zero-activation windows go to the describer;
-    ``n_holdout`` activating windows (the ranks after ``top_k``) and ``n_holdout_negatives`` matched
-    zero-activation windows are held out for detection scoring. A window spans ``window`` tokens each
-    side of its center. ``max_features`` keeps the first N selected features by rank (None: all).
+    ``top_k`` activating windows (drawn by ``sampling``: ``top``, ``deciles`` or ``random``) and
+    ``n_negatives`` zero-activation windows go to the describer. From the activating samples left,
+    ``n_holdout`` (drawn by ``holdout_sampling``: ``next`` ranks by max_act, ``deciles`` round-robin over
+    the feature's activation deciles, or ``random``) and ``n_holdout_negatives`` negatives are held out for
+    scoring, then ``n_validation`` / ``n_validation_negatives`` for choosing among candidate descriptions.
+    ``negatives`` is ``matched`` (class, dataset, length) or ``near_miss`` (class, then the nearest pooled
+    residual; needs the lake's ``residuals``). ``seed`` seeds the random draws. A window spans ``window``
+    tokens each side of its center. ``max_features`` keeps the first N selected features by rank (None: all).
+    The defaults are the original top-k selection.
     """
 
     top_k: int = 5
@@ -45,15 +59,26 @@ class ExampleSettings:
     n_holdout_negatives: int = 5
     window: int = 12
     max_features: int | None = None
+    sampling: str = "top"
+    holdout_sampling: str = "next"
+    negatives: str = "matched"
+    n_validation: int = 0
+    n_validation_negatives: int = 0
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.top_k < 1:
             raise ExamplesError(f"top_k must be >= 1, got {self.top_k}")
-        for name in ("n_negatives", "n_holdout", "n_holdout_negatives", "window"):
+        for name in ("n_negatives", "n_holdout", "n_holdout_negatives", "window", "n_validation",
+                     "n_validation_negatives"):
             if getattr(self, name) < 0:
                 raise ExamplesError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_features is not None and self.max_features < 1:
             raise ExamplesError(f"max_features must be >= 1 or None, got {self.max_features}")
+        for name, allowed in (("sampling", SAMPLINGS), ("holdout_sampling", HOLDOUT_SAMPLINGS),
+                              ("negatives", NEGATIVES)):
+            if getattr(self, name) not in allowed:
+                raise ExamplesError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
 
     def params(self, layer: int) -> dict[str, Any]:
         return {
@@ -61,9 +86,19 @@ class ExampleSettings:
             "max_features": self.max_features,
             "top_k": self.top_k,
             "n_holdout": self.n_holdout,
+            "n_validation": self.n_validation,
             "n_negatives": self.n_negatives,
             "n_holdout_negatives": self.n_holdout_negatives,
+            "n_validation_negatives": self.n_validation_negatives,
+            "sampling": self.sampling,
+            "holdout_sampling": self.holdout_sampling,
+            "negatives": self.negatives,
+            "seed": int(self.seed),
         }
+
+    def record(self) -> dict[str, Any]:
+        """The settings as recorded in the descriptions' metadata (read back by the scorers)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
 @dataclass
@@ -95,9 +130,24 @@ def selected(con: duckdb.DuckDBPyConnection, layer: int, settings: ExampleSettin
     ).to_arrow_table()
 
 
+def _residuals(con: duckdb.DuckDBPyConnection, layer: int, settings: ExampleSettings) -> pa.Table:
+    """Pooled residual means of the layer's samples for near-miss negatives (an empty table otherwise)."""
+    if settings.negatives != "near_miss":
+        return _RESIDUALS_SCHEMA.empty_table()
+    have = {r[0] for r in con.sql("select view_name from duckdb_views() where not internal").fetchall()}
+    if "residuals" not in have:
+        raise ExamplesError("negatives='near_miss' needs the lake's residuals table (pooled residual vectors): "
+                            "materialize activations, or use negatives='matched'")
+    return sql.relation(con, "describe/residuals", {"layer": int(layer)}).to_arrow_table().cast(_RESIDUALS_SCHEMA)
+
+
 def select_windows(con: duckdb.DuckDBPyConnection, layer: int, settings: ExampleSettings) -> pa.Table:
     """One row per chosen window (windows.sql)."""
-    return sql.relation(con, "describe/windows", settings.params(layer)).to_arrow_table()
+    con.register("describe_residuals", _residuals(con, layer, settings))
+    try:
+        return sql.relation(con, "describe/windows", settings.params(layer)).to_arrow_table()
+    finally:
+        con.unregister("describe_residuals")
 
 
 def window_tokens(
@@ -151,6 +201,8 @@ def build_examples(layer: int, features: pa.Table, windows: pa.Table, tokens: pa
                 negatives=p["negative"],
                 holdout=p["holdout"],
                 holdout_negatives=p["holdout_negative"],
+                validation=p["validation"],
+                validation_negatives=p["validation_negative"],
             )
         )
     return out

@@ -48,19 +48,24 @@ from dagster_project.lib.autointerp import (
     DetectionRecord,
     DetectReply,
     FeatureExamples,
+    FuzzWindow,
     PromptError,
     ReplyParseError,
     Rubric,
+    ScoreRecord,
     Window,
     build_classify_batch_prompt,
     build_classify_prompt,
     build_describe_prompt,
     build_detect_prompt,
+    build_fuzz_prompt,
     detection_scores,
+    fuzz_windows,
     parse_classify_batch_reply,
     parse_classify_reply,
     parse_describe_reply,
     parse_detect_reply,
+    parse_fuzz_reply,
 )
 from dagster_project.lib.llm_cache import LLMCache, cache_key
 from dagster_project.lib.themes import STOPWORDS, MiniLMEmbedder, default_embedder, stem, strip_tag, words
@@ -647,6 +652,12 @@ class DetectPayload:
     windows: tuple[Window, ...]
 
 
+@dataclass(frozen=True)
+class FuzzPayload:
+    description: str
+    windows: tuple[FuzzWindow, ...]
+
+
 _WORD_SPAN = re.compile(r"[A-Za-z0-9][A-Za-z0-9'_-]*")
 _QUOTED_TERM = re.compile(r"'([^']{1,80})'")
 
@@ -814,6 +825,8 @@ class OfflineDescriber(Describer):
       keywords) combined with keyword hits, with the rubric's ``offline_classifier`` thresholds.
     - detect: a window is chosen when it contains a term quoted in the description (or, for a
       description without quotes, one of its content words).
+    - fuzz: a window is chosen when every word of a quoted term (or one content word) is among its
+      marked words: the same term matching as detect, restricted to what is highlighted.
 
     The embedding model loads on first classify; if it cannot, :class:`EmbeddingModelError`
     propagates and the run stops. There is no fallback.
@@ -861,6 +874,8 @@ class OfflineDescriber(Describer):
             reply = {"results": [{"id": i, **self.classify(d, payload.rubric)} for i, d in payload.items]}
         elif isinstance(payload, DetectPayload):
             reply = {"chosen": self.detect(payload.description, payload.windows)}
+        elif isinstance(payload, FuzzPayload):
+            reply = {"chosen": self.fuzz(payload.description, payload.windows)}
         else:
             raise LLMCallError(
                 f"offline backend got a {request.kind!r} request without a structured payload",
@@ -921,11 +936,27 @@ class OfflineDescriber(Describer):
         }
 
     @staticmethod
-    def detect(description: str, windows: Sequence[Window]) -> list[int]:
+    def _terms(description: str) -> list[list[str]]:
         quoted = [q.strip() for q in _QUOTED_TERM.findall(description)]
         terms = [words(q) for q in quoted if words(q)]
         if not terms:
             terms = [[w] for w in words(strip_tag(description)) if w not in STOPWORDS and len(w) > 3]
+        return terms
+
+    @staticmethod
+    def fuzz(description: str, windows: Sequence[FuzzWindow]) -> list[int]:
+        terms = OfflineDescriber._terms(description)
+        chosen = []
+        for i, fw in enumerate(windows, 1):
+            marked = {w for tok, m in zip(fw.window.tokens, fw.marked, strict=True) if m
+                      for w in words(tok.replace("▁", " "))}
+            if any(t and all(w in marked for w in t) for t in terms):
+                chosen.append(i)
+        return chosen
+
+    @staticmethod
+    def detect(description: str, windows: Sequence[Window]) -> list[int]:
+        terms = OfflineDescriber._terms(description)
         chosen = []
         for i, w in enumerate(windows, 1):
             ws = words("".join(t.replace("▁", " ") for t in w.tokens))
@@ -1565,6 +1596,201 @@ async def run_detection(
     records = await _gather_bounded([lambda j=j: one(j) for j in jobs], concurrency, progress)
     _log_summary("detection", records, cache)
     return records
+
+
+def detection_score_record(r: DetectionRecord) -> ScoreRecord:
+    """A detection record as a row of ``explanation_scores`` (scorer ``detection``)."""
+    return ScoreRecord(
+        layer=r.layer,
+        feature_id=r.feature_id,
+        scorer="detection",
+        status=r.status,
+        error=r.error,
+        score=r.balanced_accuracy,
+        metric="balanced_accuracy",
+        balanced_accuracy=r.balanced_accuracy,
+        n=r.n_windows,
+        n_activating=r.n_activating,
+        window_sample_ids=list(r.window_sample_ids),
+        window_is_activating=list(r.window_is_activating),
+        chosen=list(r.chosen),
+        call=r.call,
+    )
+
+
+async def run_fuzzing(
+    features: Sequence[FeatureExamples],
+    descriptions: Sequence[DescriptionRecord],
+    describer: Describer,
+    cache: LLMCache | None = None,
+    *,
+    prompt_version: str = DEFAULT_PROMPT_VERSION,
+    seed: int = 0,
+    threshold_frac: float = 0.2,
+    params: GenerationParams | None = None,
+    retry: RetryPolicy | None = None,
+    concurrency: int = 8,
+    use_message_batches: bool = False,
+    progress: ProgressFn | None = None,
+) -> list[ScoreRecord]:
+    """Fuzzing (delphi's token-level scorer): each held-out activating window is shown once with marks, a
+    seeded half on its firing tokens and half on as many decoy tokens where the feature is silent
+    (:func:`~dagster_project.lib.autointerp.fuzz_windows`); from the description alone the scorer says
+    which marks fit. Balanced accuracy of those choices against the truth. Only features with an ``ok``
+    description and held-out activating windows are scored (the caller records the others)."""
+    params = params or GenerationParams(max_tokens=300)
+    retry = retry or RetryPolicy()
+    by_key = {(d.layer, d.feature_id): d for d in descriptions if d.status == "ok" and d.description}
+    _check_unique([fx.key for fx in features], "run_fuzzing")
+    jobs: list[tuple[FeatureExamples, list[FuzzWindow], LLMRequest]] = []
+    for fx in features:
+        d = by_key.get(fx.key)
+        if d is None or not fx.holdout:
+            continue
+        fws = fuzz_windows(fx.holdout, threshold_frac=threshold_frac, seed=f"{seed}:{fx.layer}:{fx.feature_id}")
+        prompt = build_fuzz_prompt(d.description or "", fws, prompt_version)
+        req = LLMRequest(
+            kind="fuzz",
+            system=prompt.system,
+            user=prompt.user,
+            prompt_version=prompt_version,
+            max_tokens=params.max_tokens,
+            temperature=params.temperature,
+            payload=FuzzPayload(d.description or "", tuple(fws)),
+        )
+        jobs.append((fx, fws, req))
+    prefetched = (
+        await _prefetch(describer, cache, [j[2] for j in jobs], None)
+        if use_message_batches and describer.supports_message_batches and jobs
+        else None
+    )
+    rng = random.Random(0)
+
+    async def one(job: tuple[FeatureExamples, list[FuzzWindow], LLMRequest]) -> ScoreRecord:
+        fx, fws, req = job
+        n = len(fws)
+        truth = [fw.correct for fw in fws]
+        out = await _call(
+            describer, cache, req, lambda t: parse_fuzz_reply(t, n), rubric_version=None, policy=retry,
+            prefetched=prefetched, rng=rng,
+        )
+        base = {
+            "layer": fx.layer, "feature_id": fx.feature_id, "scorer": "fuzzing", "metric": "balanced_accuracy",
+            "n": n, "n_activating": sum(truth), "window_sample_ids": [fw.window.ref for fw in fws],
+            "window_is_activating": truth, "call": out.info,
+        }
+        if not out.ok:
+            return ScoreRecord(**base, status="failed", error=out.error, score=None, balanced_accuracy=None,
+                               chosen=[])
+        s = detection_scores(out.parsed.chosen, truth)
+        return ScoreRecord(**base, status="ok", error=None, score=s.balanced_accuracy,
+                           balanced_accuracy=s.balanced_accuracy, chosen=sorted(out.parsed.chosen))
+
+    records = await _gather_bounded([lambda j=j: one(j) for j in jobs], concurrency, progress)
+    _log_summary("fuzzing", records, cache)
+    return records
+
+
+# --------------------------------------------------------------------------------------------
+# Best of n: several candidate descriptions per feature, chosen on validation windows
+# --------------------------------------------------------------------------------------------
+
+
+def candidate_examples(fx: FeatureExamples, n_candidates: int, seed: int = 0) -> list[FeatureExamples]:
+    """The examples each candidate description is written from: candidate 1 sees every describer window;
+    each further candidate a different seeded subset (about two thirds of the top and of the negative
+    windows, at least one top window), as HypotheSAEs draws a fresh sample of examples per candidate. Only
+    the describer's windows are ever used; a feature with too few windows for distinct subsets gets
+    fewer candidates."""
+    out = [fx]
+    if n_candidates <= 1 or not fx.top:
+        return out
+    seen = {(tuple(range(len(fx.top))), tuple(range(len(fx.negatives))))}
+    rng = random.Random(f"candidates:{seed}:{fx.layer}:{fx.feature_id}")
+    k_top = max(1, math.ceil(2 * len(fx.top) / 3))
+    k_neg = math.ceil(2 * len(fx.negatives) / 3)
+    tries = 0
+    while len(out) < n_candidates and tries < 50:
+        tries += 1
+        top = tuple(sorted(rng.sample(range(len(fx.top)), k_top)))
+        neg = tuple(sorted(rng.sample(range(len(fx.negatives)), k_neg)))
+        if (top, neg) in seen:
+            continue
+        seen.add((top, neg))
+        out.append(dataclasses.replace(fx, top=[fx.top[i] for i in top], negatives=[fx.negatives[i] for i in neg]))
+    return out
+
+
+@dataclass
+class CandidateRecord:
+    """One candidate description of a feature with its validation detection score."""
+
+    candidate: int
+    description: DescriptionRecord
+    validation: DetectionRecord | None
+    is_best: bool = False
+
+    @property
+    def validation_score(self) -> float | None:
+        v = self.validation
+        return v.balanced_accuracy if v is not None and v.status == "ok" else None
+
+
+async def run_best_of_n(
+    features: Sequence[FeatureExamples],
+    describer: Describer,
+    cache: LLMCache | None = None,
+    *,
+    n_candidates: int = 1,
+    seed: int = 0,
+    prompt_version: str = DEFAULT_PROMPT_VERSION,
+    retry: RetryPolicy | None = None,
+    concurrency: int = 8,
+    threshold_frac: float = 0.2,
+    use_message_batches: bool = False,
+    progress: ProgressFn | None = None,
+) -> tuple[list[DescriptionRecord], list[list[CandidateRecord]]]:
+    """Describe every feature ``n_candidates`` times (:func:`candidate_examples`), score each ``ok``
+    candidate by detection on the feature's validation windows (shown to no describer and never used by
+    the scorers of ``explanation_scores``) and keep the best (highest balanced accuracy; ties and
+    unscored candidates: the lower candidate number, so candidate 1 when nothing could be scored).
+
+    Returns the kept record per feature (input order) and every feature's candidates. With one
+    candidate this is :func:`run_describe` and no validation call is made."""
+    if n_candidates < 1:
+        raise ValueError(f"n_candidates must be >= 1, got {n_candidates}")
+    retry = retry or RetryPolicy()
+    per_feature = [candidate_examples(fx, n_candidates, seed) for fx in features]
+    rounds = max((len(c) for c in per_feature), default=0)
+    cands: list[list[CandidateRecord]] = [[] for _ in features]
+    for k in range(rounds):  # one round per candidate number: (layer, feature) is unique within a round
+        idx = [i for i, c in enumerate(per_feature) if len(c) > k]
+        recs = await run_describe(
+            [per_feature[i][k] for i in idx], describer, cache, prompt_version=prompt_version, retry=retry,
+            concurrency=concurrency, threshold_frac=threshold_frac, use_message_batches=use_message_batches,
+            progress=progress if k == 0 else None,
+        )
+        vals: dict[int, DetectionRecord] = {}
+        if n_candidates > 1:
+            held = [dataclasses.replace(features[i], holdout=features[i].validation,
+                                        holdout_negatives=features[i].validation_negatives) for i in idx]
+            det = await run_detection(
+                [h for h in held if h.holdout or h.holdout_negatives], recs, describer, cache,
+                prompt_version=prompt_version, seed=seed, retry=retry, concurrency=concurrency,
+                use_message_batches=use_message_batches,
+            )
+            vals = {r.feature_id: r for r in det}
+        for i, rec in zip(idx, recs, strict=True):
+            cands[i].append(CandidateRecord(candidate=k + 1, description=rec, validation=vals.get(rec.feature_id)))
+    kept: list[DescriptionRecord] = []
+    for cs in cands:
+        ok = [c for c in cs if c.description.status == "ok"]
+        pool = ok or cs
+        best = max(pool, key=lambda c: (c.validation_score if c.validation_score is not None else -1.0,
+                                        -c.candidate))
+        best.is_best = True
+        kept.append(best.description)
+    return kept, cands
 
 
 def _log_summary(what: str, records: Sequence[Any], cache: LLMCache | None) -> None:

@@ -220,6 +220,19 @@ def _detect(user: str) -> dict[str, Any]:
     return {"chosen": sorted(chosen)}
 
 
+def _fuzz(user: str) -> dict[str, Any]:
+    """The windows whose <<marked>> tokens contain a term quoted in the description."""
+    m = _DESC.search(user)
+    desc = m.group(1) if m else ""
+    terms = [(a or b).lower() for a, b in _QUOTED.findall(desc)] or re.findall(r"[a-z]{4,}", desc.lower())
+    chosen = []
+    for b in _BLOCK.finditer(user):
+        marked = " ".join(s.lower() for s in _MARK.findall(b.group(3)))
+        if b.group(1) == "WINDOW" and any(t in marked for t in terms):
+            chosen.append(int(b.group(2)))
+    return {"chosen": sorted(chosen)}
+
+
 def default_responder(body: Mapping[str, Any]) -> str:
     """Reply to a featurelake prompt with valid JSON derived from the prompt's data blocks."""
     system, user = request_texts(body)
@@ -238,6 +251,8 @@ def default_responder(body: Mapping[str, Any]) -> str:
         return json.dumps({"results": results})
     if task == "detect-activations":
         return json.dumps(_detect(user))
+    if task == "fuzz-highlights":
+        return json.dumps(_fuzz(user))
     return json.dumps({"text": "unrecognised prompt"})
 
 

@@ -6,6 +6,7 @@ trigger word; the Anthropic backend talks to the local protocol server with faul
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from assets.describe import classifications, descriptions, detection_scores, the
 from dagster_project.config import DescriberSpec
 from dagster_project.describer_resource import DescriberResource, describer_resource
 from dagster_project.lib.catalog import views_connection
-from dagster_project.lib.describe_examples import ExampleSettings, load_examples
+from dagster_project.lib.describe_examples import ExamplesError, ExampleSettings, load_examples
 from dagster_project.lib.describers import LLMConfigError
 from dagster_project.partitions import LAYER_PARTITIONS_NAME
 from dagster_project.resources import LakeResource
@@ -28,6 +29,11 @@ from dagster_project.testing.describe_lake import DescribeLake, build_describe_l
 LAYER = 1
 ASSETS = [descriptions, classifications, detection_scores, themes]
 FAST = {"max_attempts": 3, "retry_base_delay_s": 0.01, "retry_max_delay_s": 0.05}
+# The original describe settings (one description per feature, held-out windows the next ranks by max_act,
+# detection the only LLM scorer): the tests written for them count calls and windows exactly. The tests of
+# the defaults (best-of-n, decile-sampled held-out windows, three scorers) pass ``legacy=False``.
+LEGACY = {"n_candidates": 1, "n_holdout": 5, "n_holdout_negatives": 5, "holdout_sampling": "next",
+          "scorers": ["detection", "embedding"]}
 FAILING_WORD = "zanzibar"  # the planted feature 21 fires on it; its describe prompt marks it <<zanzibar
 FAILING_FEATURE = 21
 RARE_FEATURE = 41  # fires in 3 samples: fewer than top_k, so no held-out windows
@@ -40,6 +46,7 @@ def _materialize(
     selection: list[Any] | None = None,
     config: dict[str, Any] | None = None,
     raise_on_error: bool = True,
+    legacy: bool = True,
 ) -> tuple[dg.ExecuteInProcessResult, dg.DagsterInstance]:
     if instance is None:
         instance = dg.DagsterInstance.ephemeral()
@@ -50,7 +57,8 @@ def _materialize(
         partition_key=str(LAYER),
         resources={"lake": LakeResource(root=str(root), namespace="t"), "describer": describer},
         instance=instance,
-        run_config={"ops": {a.op.name: {"config": {**FAST, **(config or {})}} for a in chosen}},
+        run_config={"ops": {a.op.name: {"config": {**FAST, **(LEGACY if legacy and a.op.name != "themes" else {}),
+                                                   **(config or {})}} for a in chosen}},
         raise_on_error=raise_on_error,
     )
     return result, instance
@@ -323,3 +331,178 @@ def test_describer_resource_needs_a_key_for_anthropic() -> None:
         DescriberResource(backend="anthropic", model="claude-haiku-4-5").build()
     assert describer_resource(DescriberSpec()).api_key is None  # offline: the variable is not even read
     assert DescriberResource().build().backend == "offline"
+
+
+# ------------------------------------------------------------------------------------------ defaults: sampling,
+# best-of-n, scorers
+
+
+def _score_rows(dl: DescribeLake) -> list[dict[str, Any]]:
+    rows = dl.lake.read("stats/explanation_scores", layer=LAYER).to_pylist()
+    keys = [(r["feature_id"], r["scorer"]) for r in rows]
+    assert len(keys) == len(set(keys)), "explanation_scores: a (feature, scorer) twice"
+    return rows
+
+
+def _no_window_scores_its_own_description(dl: DescribeLake) -> int:
+    """Every window any candidate description of a feature was written from, or chosen on, is in none of
+    the windows that score the kept description. Returns how many (feature, scorer) rows were checked."""
+    written: dict[int, set[str]] = {}
+    chosen_on: dict[int, set[str]] = {}
+    for c in dl.lake.read("stats/description_candidates", layer=LAYER).to_pylist():
+        written.setdefault(c["feature_id"], set()).update(c["top_sample_ids"] + c["negative_sample_ids"])
+        chosen_on.setdefault(c["feature_id"], set()).update(c["validation_sample_ids"])
+    for d in _rows(dl, "descriptions").values():  # the kept description's own windows are among them
+        assert set(d["top_sample_ids"] + d["negative_sample_ids"]) <= written[d["feature_id"]]
+    checked = 0
+    for r in _score_rows(dl):
+        scoring = set(r["window_sample_ids"])
+        assert not scoring & written[r["feature_id"]], (r["feature_id"], r["scorer"], scoring & written[r["feature_id"]])
+        assert not scoring & chosen_on[r["feature_id"]], (r["feature_id"], r["scorer"])
+        checked += bool(scoring)
+    return checked
+
+
+@pytest.mark.parametrize(
+    "sampling",
+    [{}, {"sampling": "deciles", "holdout_sampling": "random", "n_candidates": 3},
+     {"sampling": "random", "holdout_sampling": "next", "top_k": 8}],
+    ids=["defaults", "deciles-random-3", "random-next"],
+)
+def test_no_window_used_to_write_a_description_scores_it(tmp_path: Path, sampling: dict[str, Any]) -> None:
+    dl = build_describe_lake(tmp_path)
+    result, _ = _materialize(tmp_path, DescriberResource(), selection=[descriptions, detection_scores],
+                             config=sampling, legacy=False)
+    assert result.success
+    # 7 features with held-out windows x 3 scorers, each scored on windows the describer never saw
+    assert _no_window_scores_its_own_description(dl) == 7 * 3
+
+
+def test_defaults_score_every_selected_feature_by_three_scorers(tmp_path: Path) -> None:
+    dl = build_describe_lake(tmp_path)
+    result, _ = _materialize(tmp_path, DescriberResource(), legacy=False)
+    assert result.success
+    con = views_connection(dl.lake)
+    got = con.sql("select scorer, count(*), count(*) filter (where status = 'ok') from explanation_scores "
+                  "where layer = 1 group by scorer order by scorer").fetchall()
+    # every selected feature by each scorer; the rare feature (3 activating samples, all shown to the
+    # describer) is a recorded failure, not a missing row
+    assert got == [("detection", 8, 7), ("embedding", 8, 7), ("fuzzing", 8, 7)]
+    rows = _score_rows(dl)
+    for r in rows:
+        if r["feature_id"] == RARE_FEATURE:
+            assert r["status"] == "failed" and "held-out" in r["error"] and r["score"] is None
+            continue
+        assert r["status"] == "ok" and 0 <= r["score"] <= 1 and 0 <= r["balanced_accuracy"] <= 1, r
+        assert r["metric"] == ("auroc" if r["scorer"] == "embedding" else "balanced_accuracy")
+        if r["scorer"] == "fuzzing":  # held-out activating windows, half of them with decoy marks
+            assert r["n"] == 10 and r["n_activating"] == 5
+        else:  # ten activating held-out windows, one from each activation decile, and ten negatives
+            assert r["n"] == 20 and r["n_activating"] == 10
+    by = {(r["feature_id"], r["scorer"]): r for r in rows}
+    # the detection rows are the detection_scores table's figures
+    for fid, d in _rows(dl, "detection_scores").items():
+        assert by[(fid, "detection")]["score"] == d["balanced_accuracy"]
+    # 'rlhf' marks every firing token of feature 3 and no decoy: fuzzing is perfect there
+    assert by[(3, "fuzzing")]["score"] == 1.0
+    # the held-out windows of detection are one from each activation decile the describer's top-5 left a
+    # sample in (feature 3: every sample of decile 1 is among the top 5)
+    settings = ExampleSettings(holdout_sampling="deciles", n_holdout=10, n_holdout_negatives=10, n_validation=5,
+                               n_validation_negatives=5)
+    ex = load_examples(con, LAYER, settings)
+    win = [r for r in ex.windows.to_pylist() if r["feature_id"] == 3]
+    shown = {r["decile"] for r in win if r["part"] == "top"}
+    held = [r["decile"] for r in win if r["part"] == "holdout"]
+    assert shown == {1, 2} and sorted(held) == [2, *range(2, 11)]
+    assert {w.ref for w in ex.by_id[3].holdout} == set(by[(3, "detection")]["window_sample_ids"]) - {
+        w.ref for w in ex.by_id[3].holdout_negatives}
+    # describer windows drawn across the deciles too: the held-out ones then cover all ten
+    ex = load_examples(con, LAYER, dataclasses.replace(settings, sampling="deciles"))
+    win = [r for r in ex.windows.to_pylist() if r["feature_id"] == 3]
+    assert sorted(r["decile"] for r in win if r["part"] == "top") == [1, 2, 3, 4, 5]
+    assert sorted(r["decile"] for r in win if r["part"] == "holdout") == list(range(1, 11))
+    meta = _meta(result, "detection_scores")
+    assert "| fuzzing | balanced_accuracy | 7 | 1 |" in meta["scorers"]
+
+
+def test_best_of_n_keeps_the_best_candidate_and_stores_them_all(tmp_path: Path) -> None:
+    dl = build_describe_lake(tmp_path)
+    result, _ = _materialize(tmp_path, DescriberResource(), selection=[descriptions],
+                             config={"n_candidates": 3}, legacy=False)
+    assert result.success
+    cands = dl.lake.read("stats/description_candidates", layer=LAYER).to_pylist()
+    by_feature: dict[int, list[dict[str, Any]]] = {}
+    for c in cands:
+        by_feature.setdefault(c["feature_id"], []).append(c)
+    assert sorted(by_feature) == sorted(dl.feature_ids)
+    desc = _rows(dl, "descriptions")
+    recorded = dl.lake.read_meta("stats/descriptions", layer=LAYER)["examples"]
+    assert recorded["n_validation"] == 5 and recorded["holdout_sampling"] == "deciles"
+    ex = load_examples(views_connection(dl.lake), LAYER, ExampleSettings(**recorded))
+    for fid, cs in by_feature.items():
+        assert [c["candidate"] for c in cs] == list(range(1, len(cs) + 1)) and len(cs) == 3, fid
+        assert len({(tuple(c["top_sample_ids"]), tuple(c["negative_sample_ids"])) for c in cs}) == 3  # distinct
+        (best,) = [c for c in cs if c["is_best"]]
+        d = desc[fid]
+        assert d["description"] == best["description"] and d["candidate"] == best["candidate"]
+        assert d["cache_key"] == best["cache_key"] and d["n_candidates"] == 3
+        if fid == RARE_FEATURE:  # no validation windows: nothing to choose on, candidate 1 kept
+            assert best["candidate"] == 1 and all(c["validation_status"] is None for c in cs)
+            continue
+        assert all(c["validation_status"] == "ok" and c["validation_n"] > 0 for c in cs), fid
+        assert len({frozenset(c["validation_sample_ids"]) for c in cs}) == 1  # all on the same windows
+        fx = ex.by_id[fid]
+        assert set(cs[0]["validation_sample_ids"]) == {w.ref for w in fx.validation + fx.validation_negatives}
+        top = max(c["validation_balanced_accuracy"] for c in cs)
+        assert best["validation_balanced_accuracy"] == top == d["validation_balanced_accuracy"]
+        assert best["candidate"] == min(c["candidate"] for c in cs if c["validation_balanced_accuracy"] == top)
+        # the candidates saw only the describer's windows, and were chosen on windows none of them saw
+        shown = {r for c in cs for r in c["top_sample_ids"] + c["negative_sample_ids"]}
+        assert shown <= set(cs[0]["top_sample_ids"] + cs[0]["negative_sample_ids"])
+        assert not shown & set(best["validation_sample_ids"])
+    meta = _meta(result, "descriptions")
+    assert meta["candidates"] == 3 * 8 and meta["n_candidates"] == 3
+
+
+def test_near_miss_negatives_are_the_nearest_silent_texts_by_residual(tmp_path: Path) -> None:
+    import numpy as np
+    import pyarrow as pa
+
+    from dagster_project.lib.extraction import residual_schema
+
+    dl = build_describe_lake(tmp_path)
+    rng = np.random.default_rng(0)
+    vecs: dict[tuple[str, int], np.ndarray] = {}
+    for ds in sorted({d for d, _ in dl.n_tokens}):
+        ids = sorted(s for d, s in dl.n_tokens if d == ds)
+        mat = rng.normal(size=(len(ids), 8)).astype(np.float32)
+        vecs.update({(ds, s): mat[i] for i, s in enumerate(ids)})
+        dl.lake.write("residuals", pa.table({"sample_id": pa.array(ids, pa.int32()),
+                                             "resid_mean": pa.array(list(mat), pa.list_(pa.float32(), 8)),
+                                             "resid_max": pa.array(list(mat), pa.list_(pa.float32(), 8))},
+                                            schema=residual_schema(8)), layer=LAYER, dataset=ds)
+    con = views_connection(dl.lake)
+    ex = load_examples(con, LAYER, ExampleSettings(negatives="near_miss", n_negatives=1, n_holdout_negatives=0))
+
+    def cos(a: tuple[str, int], b: tuple[str, int]) -> float:
+        u, v = vecs[a], vecs[b]
+        return float(u @ v / np.linalg.norm(u) / np.linalg.norm(v))
+
+    for fx in ex.examples:
+        (neg,) = fx.negatives
+        anchor = (fx.top[0].dataset, fx.top[0].sample_id)
+        silent = [k for k in dl.n_tokens if (fx.feature_id, *k) not in dl.active]
+        same = [k for k in silent if dl.is_positive[k] == dl.is_positive[anchor]] or silent
+        best = max(same, key=lambda k: cos(anchor, k))
+        assert (neg.dataset, neg.sample_id) == best, fx.feature_id
+    row = next(r for r in ex.windows.to_pylist() if r["part"] == "negative")
+    assert row["similarity"] == pytest.approx(cos((row["anchor_dataset"], row["anchor_sample_id"]),
+                                                  (row["dataset"], row["sample_id"])), rel=1e-5)
+    # without residuals the option fails clearly
+    dl.lake.remove_partition("residuals", layer=LAYER, dataset="tr")
+    dl.lake.remove_partition("residuals", layer=LAYER, dataset="te")
+    dl.lake.remove_partition("residuals", layer=LAYER, dataset="oo")
+    with pytest.raises(ExamplesError, match="needs the lake's residuals table"):
+        load_examples(views_connection(dl.lake), LAYER, ExampleSettings(negatives="near_miss"))
+    with pytest.raises(ExamplesError, match="negatives must be one of matched, near_miss"):
+        ExampleSettings(negatives="nearest")

@@ -1,0 +1,123 @@
+"""Scorers of feature descriptions beyond the LLM-judged ones, and the ``explanation_scores`` rows.
+
+The scorers, each on the held-out windows of a feature (never a window the description was written from;
+``lib/describe_examples.py``):
+
+- ``detection`` (:func:`~dagster_project.lib.describers.run_detection`): from the description alone, which
+  of the shuffled held-out windows (activating ones from every activation decile, and negatives) fire.
+  Balanced accuracy.
+- ``fuzzing`` (:func:`~dagster_project.lib.describers.run_fuzzing`): held-out activating windows with their
+  firing tokens marked, or as many decoy tokens marked; which marks fit the description. Balanced accuracy.
+- ``embedding`` (:func:`embedding_scores`, here): no model call. The description and every held-out window
+  are embedded with the bundled MiniLM (all-MiniLM-L6-v2); the score is the AUROC of the cosine similarity
+  for activating against non-activating windows (0.5 = chance), and the balanced accuracy of calling a
+  window activating when its similarity is above the median of the feature's windows (a threshold that
+  uses no labels).
+
+This module is pure: it reads nothing and writes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from dagster_project.lib.autointerp import (
+    CallInfo,
+    DescriptionRecord,
+    FeatureExamples,
+    ScoreRecord,
+    detection_scores,
+)
+from dagster_project.lib.themes import MiniLMEmbedder, default_embedder, strip_tag
+
+SCORERS = ("detection", "fuzzing", "embedding")
+METRICS = {"detection": "balanced_accuracy", "fuzzing": "balanced_accuracy", "embedding": "auroc"}
+
+
+def auroc(pos: Sequence[float], neg: Sequence[float]) -> float:
+    """Mann-Whitney AUROC: the chance a random positive scores above a random negative (ties count half)."""
+    p = np.asarray(pos, dtype=float)[:, None]
+    n = np.asarray(neg, dtype=float)[None, :]
+    return float(((p > n).sum() + 0.5 * (p == n).sum()) / (p.size * n.size))
+
+
+def embedding_scores(
+    features: Sequence[FeatureExamples],
+    descriptions: Sequence[DescriptionRecord],
+    embedder: MiniLMEmbedder | None = None,
+    model: str = "all-minilm-l6-v2",
+) -> list[ScoreRecord]:
+    """The ``embedding`` scorer for every feature with an ``ok`` description and held-out windows of both
+    kinds (activating and not); texts are embedded in one batch."""
+    by_key = {(d.layer, d.feature_id): d for d in descriptions if d.status == "ok" and d.description}
+    jobs = [(fx, by_key[fx.key]) for fx in features if fx.key in by_key and fx.holdout and fx.holdout_negatives]
+    if not jobs:
+        return []
+    emb = embedder or default_embedder()
+    texts: list[str] = []
+    for fx, d in jobs:
+        texts.append(strip_tag(d.description or ""))
+        texts.extend(w.text().replace("▁", " ") for w in [*fx.holdout, *fx.holdout_negatives])
+    vecs = emb.embed(texts)
+    out: list[ScoreRecord] = []
+    pos = 0
+    for fx, _d in jobs:
+        windows = [*fx.holdout, *fx.holdout_negatives]
+        truth = [True] * len(fx.holdout) + [False] * len(fx.holdout_negatives)
+        desc_vec = vecs[pos]
+        sims = vecs[pos + 1 : pos + 1 + len(windows)] @ desc_vec
+        pos += 1 + len(windows)
+        score = auroc(sims[: len(fx.holdout)], sims[len(fx.holdout) :])
+        median = float(np.median(sims))
+        chosen = [i for i, s in enumerate(sims, 1) if s > median]
+        bal = detection_scores(chosen, truth).balanced_accuracy
+        out.append(
+            ScoreRecord(
+                layer=fx.layer, feature_id=fx.feature_id, scorer="embedding", status="ok", error=None,
+                score=score, metric="auroc", balanced_accuracy=bal, n=len(windows), n_activating=len(fx.holdout),
+                window_sample_ids=[w.ref for w in windows], window_is_activating=truth, chosen=chosen,
+                call=CallInfo(backend="offline", model=model, cost_usd=0.0),
+            )
+        )
+    return out
+
+
+def missing_score(layer: int, feature_id: int, scorer: str, error: str) -> ScoreRecord:
+    """A recorded failure: a selected feature the scorer could not score, and why."""
+    return ScoreRecord(
+        layer=layer, feature_id=feature_id, scorer=scorer, status="failed", error=error, score=None,
+        metric=METRICS[scorer], balanced_accuracy=None, n=0, n_activating=0, window_sample_ids=[],
+        window_is_activating=[], chosen=[], call=CallInfo(),
+    )
+
+
+def complete_scores(
+    features: Sequence[FeatureExamples],
+    descriptions: Sequence[DescriptionRecord],
+    scored: dict[str, Sequence[ScoreRecord]],
+) -> list[ScoreRecord]:
+    """One row per (selected feature, scorer) in feature order: the scorer's record, or a failure that says
+    why there is none (the description failed, no held-out windows of the kind the scorer needs)."""
+    desc = {(d.layer, d.feature_id): d for d in descriptions}
+    by_scorer = {scorer: {(r.layer, r.feature_id): r for r in records} for scorer, records in scored.items()}
+    out: list[ScoreRecord] = []
+    for fx in features:
+        d = desc.get(fx.key)
+        for scorer, got in by_scorer.items():
+            if fx.key in got:
+                out.append(got[fx.key])
+                continue
+            if d is None or d.status != "ok" or not d.description:
+                why = "no description: " + ((d.error or "failed") if d is not None else "not described")
+            elif scorer == "fuzzing" and not fx.holdout:
+                why = "no held-out activating windows"
+            elif scorer == "embedding" and not (fx.holdout and fx.holdout_negatives):
+                why = "needs held-out activating and non-activating windows"
+            elif scorer == "detection" and not (fx.holdout or fx.holdout_negatives):
+                why = "no held-out windows"
+            else:
+                why = "not scored"
+            out.append(missing_score(fx.layer, fx.feature_id, scorer, why[:2000]))
+    return out
