@@ -78,9 +78,19 @@ class SAESpec(BaseModel):
 class DescriberSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    backend: Literal["offline", "anthropic", "claude-cli"] = "offline"
+    backend: Literal["offline", "anthropic", "claude-cli", "openai"] = "offline"
     model: str = "term-contrast+minilm"
     concurrency: int = Field(8, ge=1)
+    # openai: any OpenAI-compatible chat-completions server (vLLM, llama.cpp's llama-server, Ollama, OpenAI)
+    base_url: str | None = Field(
+        None, description="the server's API root, e.g. http://localhost:8000/v1 (vLLM), http://localhost:8080/v1 "
+        "(llama.cpp), http://localhost:11434/v1 (Ollama); openai backend: else OPENAI_BASE_URL; anthropic: a proxy")
+    api_key_env: str = Field(
+        "OPENAI_API_KEY", description="openai backend: the environment variable holding the key, read through "
+        "dg.EnvVar when it is set; when it is not, no key is sent (local servers need none)")
+    price_usd_per_mtok: tuple[float, float] | None = Field(
+        (0.0, 0.0), description="openai backend: USD per million (input, output) tokens; [0, 0] (the default) for "
+        "a local model, null to record the cost as unknown")
 
 
 class Profile(BaseModel):
