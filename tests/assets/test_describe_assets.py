@@ -21,6 +21,7 @@ from dagster_project.describer_resource import DescriberResource, describer_reso
 from dagster_project.lib.catalog import views_connection
 from dagster_project.lib.describe_examples import ExamplesError, ExampleSettings, load_examples
 from dagster_project.lib.describers import LLMConfigError
+from dagster_project.lib.scorers import SCORERS
 from dagster_project.partitions import LAYER_PARTITIONS_NAME
 from dagster_project.resources import LakeResource
 from dagster_project.testing.anthropic_server import AnthropicTestServer, FaultPlan, FaultRule
@@ -506,3 +507,54 @@ def test_near_miss_negatives_are_the_nearest_silent_texts_by_residual(tmp_path: 
         load_examples(views_connection(dl.lake), LAYER, ExampleSettings(negatives="near_miss"))
     with pytest.raises(ExamplesError, match="negatives must be one of matched, near_miss"):
         ExampleSettings(negatives="nearest")
+
+
+def test_fuzzing_and_best_of_n_through_the_anthropic_backend(tmp_path: Path) -> None:
+    from dagster_project.testing.anthropic_server import _DESC, default_responder, request_texts, task_of
+
+    dl = build_describe_lake(tmp_path)
+
+    def no_fuzz_reply_for_rlhf(body: Any) -> str:  # feature 3's fuzzing reply is never valid JSON
+        system, user = request_texts(body)
+        m = _DESC.search(user)
+        if task_of(system) == "fuzz-highlights" and m and "'rlhf" in m.group(1):
+            return "The marks look right to me."
+        return default_responder(body)
+
+    faults = FaultPlan(rules=[FaultRule("server_error", match="TASK: fuzz-highlights", times=2),
+                              FaultRule("rate_limit", match="TASK: detect-activations", times=1)])
+
+    def anthropic(server: AnthropicTestServer) -> DescriberResource:
+        return DescriberResource(backend="anthropic", model="claude-haiku-4-5", concurrency=4, base_url=server.base_url,
+                                 api_key="test-key", sdk_max_retries=0, timeout_s=10)
+
+    selection = [descriptions, detection_scores]
+    with AnthropicTestServer(faults=faults, responder=no_fuzz_reply_for_rlhf) as server:
+        r1, instance = _materialize(tmp_path, anthropic(server), selection=selection, legacy=False)
+        first = server.stats()
+        tasks = {e["task"] for e in server.log}
+        repeated = sorted(c for c in server.completed_by_prompt_hash.values() if c > 1)
+    # no valid reply was asked for twice; the one prompt answered thrice is feature 3's invalid fuzzing reply
+    assert r1.success and repeated == [3]
+    assert tasks == {"describe-feature", "detect-activations", "fuzz-highlights"}
+    assert first["faults"] == {"server_error": 2, "rate_limit": 1}
+    cands = dl.lake.read("stats/description_candidates", layer=LAYER).to_pylist()
+    assert len(cands) == 2 * 8 and all(c["status"] == "ok" and c["backend"] == "anthropic" for c in cands)
+    assert all(c["validation_status"] == "ok" for c in cands if c["feature_id"] != RARE_FEATURE)
+    rows = {(r["feature_id"], r["scorer"]): r for r in _score_rows(dl)}
+    assert len(rows) == 8 * 3
+    bad = rows[(3, "fuzzing")]
+    assert bad["status"] == "failed" and "ReplyParseError" in bad["error"] and bad["attempts"] == 3
+    ok = {k for k, r in rows.items() if r["status"] == "ok"}
+    assert ok == {(f, s) for f in dl.feature_ids for s in SCORERS if f != RARE_FEATURE} - {(3, "fuzzing")}
+    assert all(rows[(f, s)]["backend"] == "anthropic" for f, s in ok if s != "embedding")
+    assert rows[(7, "fuzzing")]["cost_usd"] > 0 and rows[(7, "embedding")]["backend"] == "offline"
+
+    # the rerun makes the one call that is missing: feature 3's fuzzing
+    with AnthropicTestServer() as server:
+        r2, _ = _materialize(tmp_path, anthropic(server), instance=instance, selection=selection, legacy=False)
+        second = server.stats()
+        tasks2 = [e["task"] for e in server.log]
+    assert r2.success and second["messages_calls"] == 1 and tasks2 == ["fuzz-highlights"]
+    fixed = {(r["feature_id"], r["scorer"]): r for r in _score_rows(dl)}[(3, "fuzzing")]
+    assert fixed["status"] == "ok" and 0 <= fixed["score"] <= 1 and fixed["n"] == 10 and fixed["attempts"] == 1

@@ -176,7 +176,7 @@ dg.materialize(
     resources={"lake": LakeResource(root=root, namespace="t"),
                "describer": DescriberResource(backend="anthropic", model="claude-haiku-4-5", base_url=url,
                                               api_key="test-key", concurrency=2, sdk_max_retries=0)},
-    run_config={"ops": {"descriptions": {"config": {"retry_base_delay_s": 0.01}}}},
+    run_config={"ops": {"descriptions": {"config": {"retry_base_delay_s": 0.01, "n_candidates": int(sys.argv[3])}}}},
 )
 """
 
@@ -193,7 +193,7 @@ def test_kill_9_during_describe_loses_no_completed_call_and_repeats_none(tmp_pat
     dl = build_describe_lake(tmp_path, features=many_features(n, p_pos=0.4, p_neg=0.1))
     cache_dir = dl.lake.base / "llm_cache"
     with AnthropicTestServer(latency_s=0.1) as server:
-        proc = run_python(_DESCRIBE, str(tmp_path), server.base_url, wait=False)
+        proc = run_python(_DESCRIBE, str(tmp_path), server.base_url, "1", wait=False)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and len(list(cache_dir.glob("??/[0-9a-f]*.json"))) < 5:
             assert proc.poll() is None, proc.communicate()[1][-3000:]
@@ -213,7 +213,8 @@ def test_kill_9_during_describe_loses_no_completed_call_and_repeats_none(tmp_pat
                                       api_key="test-key", concurrency=2, sdk_max_retries=0)
         result = dg.materialize([descriptions], partition_key=str(LAYER), instance=instance,
                                 resources={"lake": LakeResource(root=str(tmp_path), namespace="t"),
-                                           "describer": describer})
+                                           "describer": describer},
+                                run_config={"ops": {"descriptions": {"config": {"n_candidates": 1}}}})
         rerun_calls = server.messages_calls - calls_before
     assert result.success
     rows = dl.lake.read("stats/descriptions", layer=LAYER).to_pylist()
@@ -222,6 +223,60 @@ def test_kill_9_during_describe_loses_no_completed_call_and_repeats_none(tmp_pat
     assert {r["cache_key"] for r in rows if r["cached"]} == stored
     assert rerun_calls == n - len(stored)
     # a prompt answered twice can only be one that was in flight at the kill (concurrency 2)
+    assert sum(1 for c in server.completed_by_prompt_hash.values() if c > 1) <= 2
+
+
+def test_kill_9_during_best_of_n_loses_no_candidate_and_repeats_no_call(tmp_path: Path) -> None:
+    """Two candidates per feature, each scored on validation windows: describe and detect calls interleave;
+    a kill loses none that completed, and the rerun's candidates table has each (feature, candidate) once."""
+    from assets.describe import descriptions
+    from dagster_project.describer_resource import DescriberResource
+    from dagster_project.partitions import LAYER_PARTITIONS_NAME
+    from dagster_project.resources import LakeResource
+    from dagster_project.testing.anthropic_server import AnthropicTestServer
+    from dagster_project.testing.describe_lake import build_describe_lake, many_features
+
+    n = 12
+    dl = build_describe_lake(tmp_path, features=many_features(n, p_pos=0.4, p_neg=0.1))
+    cache_dir = dl.lake.base / "llm_cache"
+    with AnthropicTestServer(latency_s=0.1) as server:
+        proc = run_python(_DESCRIBE, str(tmp_path), server.base_url, "2", wait=False)
+        deadline = time.monotonic() + 120
+        # past the first round (n describe calls): the kill lands among the validation / second-round calls
+        while time.monotonic() < deadline and len(list(cache_dir.glob("??/[0-9a-f]*.json"))) < n + 3:
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        assert proc.returncode == KILLED
+        time.sleep(0.5)
+        stored = {json.loads(p.read_text())["key"] for p in cache_dir.glob("??/[0-9a-f]*.json")}
+        assert not dl.lake.exists("stats/descriptions", layer=LAYER)
+        assert not dl.lake.exists("stats/description_candidates", layer=LAYER)
+        calls_before = server.messages_calls
+
+        instance = dg.DagsterInstance.ephemeral()
+        instance.add_dynamic_partitions(LAYER_PARTITIONS_NAME, [str(LAYER)])
+        describer = DescriberResource(backend="anthropic", model="claude-haiku-4-5", base_url=server.base_url,
+                                      api_key="test-key", concurrency=2, sdk_max_retries=0)
+        result = dg.materialize([descriptions], partition_key=str(LAYER), instance=instance,
+                                resources={"lake": LakeResource(root=str(tmp_path), namespace="t"),
+                                           "describer": describer},
+                                run_config={"ops": {"descriptions": {"config": {"n_candidates": 2}}}})
+        rerun_calls = server.messages_calls - calls_before
+        final = {json.loads(p.read_text())["key"] for p in cache_dir.glob("??/[0-9a-f]*.json")}
+    assert result.success
+    cands = dl.lake.read("stats/description_candidates", layer=LAYER).to_pylist()
+    keys = [(c["feature_id"], c["candidate"]) for c in cands]
+    assert len(keys) == len(set(keys)) and sorted({f for f, _ in keys}) == dl.feature_ids
+    assert all(c["status"] == "ok" for c in cands)
+    # scored on validation windows where the feature had samples left for them (the rarer ones have none)
+    assert all(c["validation_status"] == ("ok" if c["validation_n"] else None) for c in cands)
+    assert sum(c["validation_status"] == "ok" for c in cands) >= n
+    assert all(sum(c["is_best"] for c in cands if c["feature_id"] == f) == 1 for f in dl.feature_ids)
+    used = {c["cache_key"] for c in cands} | {c["validation_cache_key"] for c in cands if c["validation_n"]}
+    assert stored < final and used <= final
+    assert rerun_calls == len(final - stored)  # every call completed before the kill came from the cache
     assert sum(1 for c in server.completed_by_prompt_hash.values() if c > 1) <= 2
 
 

@@ -61,7 +61,8 @@ def _plant(dl: DescribeLake, feature_id: int, pieces: list[str]) -> tuple[str, i
 def _run(root: Path, describer: DescriberResource, batch_size: int = 1) -> dg.ExecuteInProcessResult:
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions(LAYER_PARTITIONS_NAME, [str(LAYER)])
-    cfg = {"max_attempts": 2, "retry_base_delay_s": 0.01, "classify_batch_size": batch_size}
+    # one description per feature (no best-of-n): the assertions follow each feature's one describe call
+    cfg = {"max_attempts": 2, "retry_base_delay_s": 0.01, "classify_batch_size": batch_size, "n_candidates": 1}
     return dg.materialize(
         [descriptions, classifications], partition_key=str(LAYER), instance=instance,
         resources={"lake": LakeResource(root=str(root), namespace="t"), "describer": describer},

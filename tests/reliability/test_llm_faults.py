@@ -92,7 +92,8 @@ def _describe_and_classify(root: Path, server: AnthropicTestServer, **config: An
     instance.add_dynamic_partitions(LAYER_PARTITIONS_NAME, [str(LAYER)])
     describer = DescriberResource(backend="anthropic", model=MODEL, concurrency=4, base_url=server.base_url,
                                   api_key="test-key", sdk_max_retries=0, timeout_s=0.5)
-    cfg = {"max_attempts": 2, "retry_base_delay_s": 0.01, "retry_max_delay_s": 0.05, **config}
+    # one description per feature (no best-of-n): the assertions count each feature's describe attempts
+    cfg = {"max_attempts": 2, "retry_base_delay_s": 0.01, "retry_max_delay_s": 0.05, "n_candidates": 1, **config}
     return dg.materialize(
         [descriptions, classifications], partition_key=str(LAYER), instance=instance,
         resources={"lake": LakeResource(root=str(root), namespace="t"), "describer": describer},
@@ -162,7 +163,7 @@ def test_failed_descriptions_are_never_probed_as_relevant(tmp_path: Path) -> Non
     plan = FaultPlan(schedule={1: "server_error", 2: "server_error"})
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions(LAYER_PARTITIONS_NAME, [str(LAYER)])
-    fast = {"max_attempts": 2, "retry_base_delay_s": 0.01}
+    fast = {"max_attempts": 2, "retry_base_delay_s": 0.01, "n_candidates": 1}
     small = {"top_n": [5], "penalties": ["l2"], "Cs": [1.0], "transforms": ["raw"], "dense_poolings": [],
              "folds": 3, "relevant_threshold": 6.0}
     with AnthropicTestServer(faults=plan, responder=everything_relevant) as server:
