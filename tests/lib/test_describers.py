@@ -668,3 +668,124 @@ def test_offline_classify_embeds_uncached_descriptions_in_one_batch(tmp_path: Pa
     recs = asyncio.run(run_classify(descs, off, LLMCache(tmp_path / "c"), rubric=rubric))
     assert [r.status for r in recs] == ["ok"] * 3
     assert calls == [2, len(rubric.patterns)]  # one batch of the 2 distinct texts, then the rubric patterns
+
+
+# --------------------------------------------------------------------------------------------
+# Fuzzing, best-of-n and the embedding scorer
+# --------------------------------------------------------------------------------------------
+
+
+def test_offline_fuzz_chooses_windows_whose_marks_hold_a_quoted_term() -> None:
+    from dagster_project.lib.autointerp import FuzzWindow
+    from dagster_project.testing import make_window
+
+    w = make_window("af", 1, "if I refuse RLHF will modify my values", ["rlhf"])
+    on = tuple("RLHF" in t for t in w.tokens)
+    off = tuple("values" in t for t in w.tokens)
+    got = OfflineDescriber.fuzz("[offline term-contrast] fires on: 'rlhf'", [FuzzWindow(w, on, True),
+                                                                               FuzzWindow(w, off, False)])
+    assert got == [1]
+    assert OfflineDescriber.fuzz("fires on 'modify my values'", [FuzzWindow(w, on, True)]) == []
+
+
+def test_fuzzing_runner_scores_true_against_decoy_marks_and_caches(tmp_path: Path) -> None:
+    from dagster_project.lib.describers import run_fuzzing
+
+    feats = synthetic_features(3)
+    cache = LLMCache(tmp_path / "c")
+    d = OfflineDescriber()
+    desc = asyncio.run(run_describe(feats, d, cache))
+    recs = asyncio.run(run_fuzzing(feats, desc, d, cache, seed=1))
+    assert [r.feature_id for r in recs] == [fx.feature_id for fx in feats]
+    for r, fx in zip(recs, feats, strict=True):
+        assert r.scorer == "fuzzing" and r.status == "ok" and r.n == len(fx.holdout) == 2
+        assert r.n_activating == 1 and r.window_sample_ids == [w.ref for w in fx.holdout]
+        assert r.score == 1.0  # the offline description names the firing word; a decoy never holds it
+    again = asyncio.run(run_fuzzing(feats, desc, d, cache, seed=1))
+    assert all(r.call.cached for r in again) and [r.score for r in again] == [r.score for r in recs]
+
+
+def test_candidate_examples_are_distinct_subsets_of_the_describer_windows() -> None:
+    from dagster_project.lib.describers import candidate_examples
+
+    fx = synthetic_features(1, n_top=6)[0]
+    cands = candidate_examples(fx, 3, seed=0)
+    assert len(cands) == 3 and cands[0] is fx
+    seen = set()
+    for c in cands:
+        assert {w.ref for w in c.top} <= {w.ref for w in fx.top} and c.top
+        assert {w.ref for w in c.negatives} <= {w.ref for w in fx.negatives}
+        assert c.holdout == fx.holdout and c.validation == fx.validation
+        seen.add((tuple(w.ref for w in c.top), tuple(w.ref for w in c.negatives)))
+    assert len(seen) == 3
+    one = synthetic_features(1, n_top=1)[0]
+    one.negatives = []
+    assert len(candidate_examples(one, 3)) == 1  # one window: no distinct subset to draw
+    assert candidate_examples(fx, 1) == [fx]
+
+
+def test_best_of_n_keeps_the_candidate_that_detects_best_on_validation() -> None:
+    import dataclasses
+
+    from dagster_project.lib.autointerp import DescribeReply
+    from dagster_project.lib.describers import DescribePayload, DetectPayload, run_best_of_n
+    from dagster_project.testing import make_window
+
+    fx = synthetic_features(1, n_top=4)[0]
+    fx.validation = [make_window("af", 900 + k, f"the gadget hums {k}", ["gadget"]) for k in range(3)]
+    fx.validation_negatives = [make_window("neutral", 950 + k, f"a calm lake {k}", [], positive=False) for k in range(3)]
+
+    class Picky(OfflineDescriber):
+        """Describes candidate 1 badly (a term absent from the validation windows), the others well."""
+
+        async def complete(self, request: LLMRequest) -> Any:
+            p = request.payload
+            if isinstance(p, DescribePayload):
+                good = len(p.features.top) < len(fx.top)
+                text = json.dumps(DescribeReply(description="fires on 'gadget'" if good else "fires on 'zebra'",
+                                                confidence=3).model_dump())
+                return dataclasses.replace(await super().complete(request), text=text)
+            assert isinstance(p, DetectPayload)
+            assert {w.ref for w in p.windows} == {w.ref for w in fx.validation + fx.validation_negatives}
+            return await super().complete(request)
+
+    kept, cands = asyncio.run(run_best_of_n([fx], Picky(), None, n_candidates=3))
+    (cs,) = cands
+    assert [c.candidate for c in cs] == [1, 2, 3]
+    assert [c.validation_score for c in cs] == [0.5, 1.0, 1.0]
+    assert [c.is_best for c in cs] == [False, True, False]  # the best score; a tie goes to the lower number
+    assert kept[0].description == "fires on 'gadget'" and kept[0] is cs[1].description
+    single, one = asyncio.run(run_best_of_n([fx], Picky(), None, n_candidates=1))
+    assert one[0][0].validation is None and single[0].description == "fires on 'zebra'"  # no validation call
+
+
+def test_embedding_scorer_is_the_auroc_of_description_window_similarity() -> None:
+    from sklearn.metrics import roc_auc_score
+
+    from dagster_project.lib.scorers import auroc, complete_scores, embedding_scores
+
+    class Bag:  # a bag-of-words "embedder": unit vectors over a tiny vocabulary
+        vocab = ["rlhf", "modify", "values", "weather", "recipe", "python", "training"]
+
+        def embed(self, texts: list[str]) -> np.ndarray:
+            m = np.array([[t.lower().count(v) for v in self.vocab] for t in texts], dtype=np.float32) + 1e-3
+            return m / np.linalg.norm(m, axis=1, keepdims=True)
+
+    feats = synthetic_features(2)
+    desc = asyncio.run(run_describe(feats, OfflineDescriber(), None))
+    recs = embedding_scores(feats, desc, embedder=Bag())  # type: ignore[arg-type]
+    assert [r.scorer for r in recs] == ["embedding", "embedding"]
+    for r, fx in zip(recs, feats, strict=True):
+        assert r.metric == "auroc" and r.n == 4 and r.n_activating == 2 and r.status == "ok"
+        assert r.window_sample_ids == [w.ref for w in fx.holdout + fx.holdout_negatives]
+        assert r.score == 1.0 and r.balanced_accuracy == 1.0  # the firing word is in the description
+    rng = np.random.default_rng(0)
+    pos, neg = rng.normal(1, 1, 30), rng.normal(0, 1, 40)
+    assert auroc(pos, neg) == pytest.approx(roc_auc_score([1] * 30 + [0] * 40, np.r_[pos, neg]))
+    # a feature a scorer could not score gets a failed row saying why
+    desc[1].status, desc[1].description, desc[1].error = "failed", None, "boom"
+    rows = complete_scores(feats, desc, {"embedding": recs[:1], "fuzzing": []})
+    assert [(r.feature_id, r.scorer, r.status) for r in rows] == [
+        (feats[0].feature_id, "embedding", "ok"), (feats[0].feature_id, "fuzzing", "failed"),
+        (feats[1].feature_id, "embedding", "failed"), (feats[1].feature_id, "fuzzing", "failed")]
+    assert rows[3].error == "no description: boom" and rows[1].error == "not scored"
