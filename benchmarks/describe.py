@@ -1,6 +1,8 @@
-"""Describe throughput: features per minute against the local Anthropic-protocol server at 3 s a call.
+"""Describe throughput: features per minute against a local Anthropic- or OpenAI-protocol server at 3 s a call.
 
-Three ways, in one run, each with a fresh server (in its own process) and a fresh call cache:
+``--backend anthropic`` (the default) or ``--backend openai`` (the OpenAI-compatible backend, as for vLLM,
+llama.cpp's server or Ollama, against ``dagster_project/testing/openai_server.py``; no batches way). Three
+ways, in one run, each with a fresh server (in its own process) and a fresh call cache:
 
 - ``sequential``: one call at a time (concurrency 1, the seed's way) on a few features;
 - ``concurrent``: ``--concurrency`` calls in flight (default 32) on many features;
@@ -14,6 +16,7 @@ server-side completions per prompt). Prints a markdown table.
 
     .venv/bin/python benchmarks/describe.py
     .venv/bin/python benchmarks/describe.py --latency 3 --sequential 10 --features 256 --concurrency 32
+    .venv/bin/python benchmarks/describe.py --backend openai
 
 ``--offline ROOT NAMESPACE LAYER`` instead times the four describe assets with the offline backend on an
 existing lake (its ``stats/selected_features`` must exist), through Dagster.
@@ -35,15 +38,23 @@ from dagster_project.lib.catalog import views_connection
 from dagster_project.lib.describe_examples import load_examples
 from dagster_project.lib.describers import AnthropicDescriber, RetryPolicy, run_describe
 from dagster_project.lib.llm_cache import LLMCache
+from dagster_project.lib.openai_backend import OpenAICompatDescriber
 from dagster_project.testing.anthropic_server import AnthropicTestServer
 from dagster_project.testing.describe_lake import DATASETS, build_describe_lake, many_features
+from dagster_project.testing.openai_server import OpenAITestServer
 
 KEY = "bench-key"
 MODEL = "claude-sonnet-4-6"
+OPENAI_MODEL = "Qwen/Qwen2.5-7B-Instruct"
 
 
-def _serve(conn: Any, latency: float) -> None:
-    with AnthropicTestServer(latency_s=latency, api_key=KEY, batch_polls_until_end=1) as server:
+def _serve(conn: Any, latency: float, backend: str = "anthropic") -> None:
+    server: AnthropicTestServer
+    if backend == "openai":
+        server = OpenAITestServer(latency_s=latency, api_key=KEY, served_models=[OPENAI_MODEL])
+    else:
+        server = AnthropicTestServer(latency_s=latency, api_key=KEY, batch_polls_until_end=1)
+    with server:
         conn.send(server.base_url)
         conn.recv()
         conn.send(server.stats())
@@ -53,10 +64,10 @@ class ServerProcess:
     """The local server in its own process, so its work does not share the client's GIL (the real API is
     remote). ``stats()`` stops it and returns its counters."""
 
-    def __init__(self, latency: float) -> None:
+    def __init__(self, latency: float, backend: str = "anthropic") -> None:
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_serve, args=(child, latency), daemon=True)
+        self._proc = ctx.Process(target=_serve, args=(child, latency, backend), daemon=True)
         self._proc.start()
         self.base_url: str = self._conn.recv()
 
@@ -73,8 +84,9 @@ class ServerProcess:
 
 
 def warm_up() -> None:
-    """Import the SDK before any clock starts (its first import takes about a second)."""
+    """Import the SDKs before any clock starts (a first import takes about a second)."""
     import anthropic  # noqa: F401
+    import openai  # noqa: F401
 
 
 def make_features(root: Path, n: int) -> tuple[list[FeatureExamples], float]:
@@ -86,14 +98,22 @@ def make_features(root: Path, n: int) -> tuple[list[FeatureExamples], float]:
 
 
 def run_way(
-    name: str, features: list[FeatureExamples], concurrency: int, latency: float, batches: bool, tmp: Path
+    name: str, features: list[FeatureExamples], concurrency: int, latency: float, batches: bool, tmp: Path,
+    backend: str = "anthropic",
 ) -> dict[str, Any]:
-    server = ServerProcess(latency)
+    server = ServerProcess(latency, backend)
     try:
-        describer = AnthropicDescriber(
-            api_key=KEY, model=MODEL, base_url=server.base_url, max_concurrency=concurrency,
-            sdk_max_retries=0, timeout_s=latency + 60, batch_poll_interval_s=1.0,
-        )
+        describer: AnthropicDescriber | OpenAICompatDescriber
+        if backend == "openai":
+            describer = OpenAICompatDescriber(
+                api_key=KEY, model=OPENAI_MODEL, base_url=server.base_url, max_concurrency=concurrency,
+                sdk_max_retries=0, timeout_s=latency + 60,
+            )
+        else:
+            describer = AnthropicDescriber(
+                api_key=KEY, model=MODEL, base_url=server.base_url, max_concurrency=concurrency,
+                sdk_max_retries=0, timeout_s=latency + 60, batch_poll_interval_s=1.0,
+            )
         cache = LLMCache(tmp / f"cache-{name}")
 
         async def go() -> list[Any]:
@@ -130,6 +150,7 @@ def run_way(
         "max_in_flight": stats["max_in_flight"],
         "in_order": [r.feature_id for r in records] == asked,
         "cost_usd": sum(r.call.cost_usd or 0.0 for r in records),
+        "tokens": sum(r.call.input_tokens + r.call.cache_read_input_tokens + r.call.output_tokens for r in records),
     }
 
 
@@ -165,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--features", type=int, default=256, help="features of the concurrent and batch ways")
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--no-batches", action="store_true")
+    ap.add_argument("--backend", choices=["anthropic", "openai"], default="anthropic",
+                    help="which backend and protocol (openai: the OpenAI-compatible backend; no batches way)")
     ap.add_argument("--offline", nargs=3, metavar=("ROOT", "NAMESPACE", "LAYER"))
     args = ap.parse_args(argv)
     if args.offline:
@@ -174,19 +197,21 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="featurelake-bench-describe-") as d:
         tmp = Path(d)
         features, sql_s = make_features(tmp / "lake", max(args.features, args.sequential))
-        print(f"{len(features)} features; example SQL {sql_s:.2f}s; server latency {args.latency:g}s per request\n")
-        rows = [run_way("sequential", features[: args.sequential], 1, args.latency, False, tmp)]
-        rows.append(run_way("concurrent", features[: args.features], args.concurrency, args.latency, False, tmp))
-        if not args.no_batches:
-            rows.append(run_way("batches", features[: args.features], args.concurrency, args.latency, True, tmp))
+        print(f"{len(features)} features; example SQL {sql_s:.2f}s; server latency {args.latency:g}s per request; "
+              f"backend {args.backend}\n")
+        b = args.backend
+        rows = [run_way("sequential", features[: args.sequential], 1, args.latency, False, tmp, b)]
+        rows.append(run_way("concurrent", features[: args.features], args.concurrency, args.latency, False, tmp, b))
+        if not args.no_batches and b == "anthropic":
+            rows.append(run_way("batches", features[: args.features], args.concurrency, args.latency, True, tmp, b))
     base = rows[0]["per_minute"]
     print("| way | features | concurrency | seconds | features/min | vs sequential | ok | lost | duplicated "
-          "| calls | max in flight | est. cost $ |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| calls | max in flight | tokens | est. cost $ |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['way']} | {r['features']} | {r['concurrency']} | {r['seconds']:.1f} | {r['per_minute']:.0f} "
               f"| {r['per_minute'] / base:.1f}x | {r['ok']} | {r['lost']} | {r['duplicated']} | {r['calls']} "
-              f"| {r['max_in_flight']} | {r['cost_usd']:.3f} |")
+              f"| {r['max_in_flight']} | {r['tokens']} | {r['cost_usd']:.3f} |")
     bad = [r["way"] for r in rows if r["lost"] or r["duplicated"] or r["ok"] != r["features"] or not r["in_order"]
            or r["max_completions_per_prompt"] != 1]
     if bad:
