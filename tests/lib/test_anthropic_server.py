@@ -180,3 +180,32 @@ def test_stats_snapshot_is_json() -> None:
         json.dumps(server.stats())
     with pytest.raises(RuntimeError):
         _ = server.base_url
+
+
+def test_fuzzing_and_best_of_n_prompts_run_through_the_sdk_against_the_server() -> None:
+    from dagster_project.lib.describers import AnthropicDescriber, run_best_of_n, run_fuzzing
+
+    feats = synthetic_features(3)
+    for fx in feats:  # validation windows for best-of-n (a copy of the held-out ones here; windows.sql keeps them apart)
+        fx.validation, fx.validation_negatives = list(fx.holdout), list(fx.holdout_negatives)
+
+    async def go(server: AnthropicTestServer) -> Any:
+        d = AnthropicDescriber(api_key="test-key", model="claude-haiku-4-5", base_url=server.base_url,
+                               sdk_max_retries=0)
+        try:
+            kept, cands = await run_best_of_n(feats, d, None, n_candidates=2)
+            fuzz = await run_fuzzing(feats, kept, d, None)
+        finally:
+            await d.aclose()
+        return kept, cands, fuzz
+
+    with AnthropicTestServer() as server:
+        kept, cands, fuzz = asyncio.run(go(server))
+        tasks = sorted({e["task"] for e in server.log})
+    assert tasks == ["describe-feature", "detect-activations", "fuzz-highlights"]
+    assert all(len(cs) == 2 and sum(c.is_best for c in cs) == 1 for cs in cands)
+    assert all(c.validation is not None and c.validation.status == "ok" for cs in cands for c in cs)
+    assert all(k.status == "ok" and k.call.backend == "anthropic" for k in kept)
+    assert [r.status for r in fuzz] == ["ok"] * 3 and all(r.n == 2 and r.call.cost_usd > 0 for r in fuzz)
+    # the responder names the marked tokens it saw, so a true mark fits and a decoy does not
+    assert all(r.score == 1.0 for r in fuzz)
