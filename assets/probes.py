@@ -245,7 +245,7 @@ def evaluation(context: dg.AssetExecutionContext, config: ProbeConfig, lake: Lak
 @dg.asset(
     partitions_def=layer_partitions,
     group_name="report",
-    deps=[evaluation],
+    deps=[evaluation, "detection_scores"],  # the describe stage's explanation_scores go in the report too
     kinds={"html"},
 )
 def probe_report(context: dg.AssetExecutionContext, config: ProbeConfig, lake: LakeResource) -> dg.MaterializeResult:

@@ -1509,6 +1509,13 @@ def feature_page_name(feature_id: int) -> str:
     return f"feature_{int(feature_id)}.html"
 
 
+def _explanation_score_rows(lake: Lake, layer: int) -> list[dict[str, Any]]:
+    """The layer's ``stats/explanation_scores`` rows (written by the describe stage's scorers), if any."""
+    if not lake.exists("stats/explanation_scores", layer=layer):
+        return []
+    return lake.read("stats/explanation_scores", layer=layer).select(["feature_id", "scorer", "score", "status"]).to_pylist()
+
+
 def report_dir(lake: Lake, layer: int) -> LakePath:
     return lake.base / REPORT_DIR / f"layer={int(layer)}"
 
@@ -1535,6 +1542,12 @@ def write_report(
     then ``index.html`` is uploaded last in one PUT.
     """
     base = report_dir(lake, layer)
+    scorer_rows = _explanation_score_rows(lake, layer)
+    if scorer_rows:
+        from dagster_project.lib.scorers import scorer_figure
+
+        figures = {**figures, "explanation_scores": scorer_figure(
+            scorer_rows, f"Description scores by scorer, layer {int(layer)} (held-out windows)")}
     with staged_dir(base / REPORT_FILES) as files_dir:
         files_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = files_dir.parent / f".tmp-{REPORT_FILES}-{uuid.uuid4().hex[:8]}"
@@ -1594,6 +1607,18 @@ def write_report(
     if ctl.height:
         body.append("<h2>Control sets: false positives at the chosen threshold (check half)</h2>")
         body.append(_html_table(list(ctl.iter_rows(named=True)), ctl.columns))
+    if scorer_rows:
+        from dagster_project.lib.scorers import scorer_summary
+
+        body.append("<h2>How well the descriptions explain their features</h2>")
+        body.append("<p>Each selected feature's description scored on held-out windows it was not written from: "
+                    "<b>detection</b> (which windows fire, activating ones from every activation decile), "
+                    "<b>fuzzing</b> (whether marked tokens are the firing ones or decoys) and <b>embedding</b> "
+                    "(MiniLM similarity of description and window, AUROC; no model call). 0.5 is chance. "
+                    "The <code>explanation_scores</code> view has every row; the figure "
+                    "<code>explanation_scores</code> below plots them.</p>")
+        summary = scorer_summary(scorer_rows)
+        body.append(_html_table(summary, ["scorer", "metric", "ok", "failed", "mean", "std", "q25", "median", "q75"]))
     body.append("<h2>Figures</h2>")
     for name in figures:
         src = html.escape(f"{REPORT_FILES}/figures/{name}.png", quote=True)

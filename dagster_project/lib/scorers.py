@@ -121,3 +121,51 @@ def complete_scores(
                 why = "not scored"
             out.append(missing_score(fx.layer, fx.feature_id, scorer, why[:2000]))
     return out
+
+
+def scorer_summary(rows: Sequence[dict]) -> list[dict]:
+    """Per scorer: its metric, how many features it scored (ok) or failed, and the mean, standard deviation
+    and quartiles of the scores."""
+    out = []
+    for scorer in [s for s in SCORERS if any(r["scorer"] == s for r in rows)]:
+        sub = [r for r in rows if r["scorer"] == scorer]
+        vals = np.asarray([r["score"] for r in sub if r["status"] == "ok" and r["score"] is not None], dtype=float)
+        q = np.quantile(vals, [0.25, 0.5, 0.75]) if vals.size else [None] * 3
+        out.append({
+            "scorer": scorer, "metric": METRICS[scorer], "ok": int(vals.size), "failed": len(sub) - int(vals.size),
+            "mean": float(vals.mean()) if vals.size else None, "std": float(vals.std()) if vals.size else None,
+            "q25": None if q[0] is None else float(q[0]), "median": None if q[1] is None else float(q[1]),
+            "q75": None if q[2] is None else float(q[2]),
+        })
+    return out
+
+
+def scorer_figure(rows: Sequence[dict], title: str) -> bytes:
+    """Box plots of every scorer's scores (one box per scorer, the points over it; 0.5 marks chance for
+    both balanced accuracy and AUROC), as a PNG (matplotlib Agg, no pyplot state)."""
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    names = [s for s in SCORERS if any(r["scorer"] == s for r in rows)]
+    data = [[r["score"] for r in rows if r["scorer"] == s and r["status"] == "ok" and r["score"] is not None]
+            for s in names]
+    fig = Figure(figsize=(6.0, 3.4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    keep = [i for i, d in enumerate(data) if d]
+    if keep:
+        ax.boxplot([data[i] for i in keep], positions=[i + 1 for i in keep], widths=0.5, showfliers=False)
+    rng = np.random.default_rng(0)
+    for i, d in enumerate(data):
+        ax.scatter(i + 1 + rng.uniform(-0.12, 0.12, len(d)), d, s=8, alpha=0.5, color="#4c72b0")
+    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+    ax.set_xticks(range(1, len(names) + 1))
+    ax.set_xticklabels([f"{s}\n({METRICS[s].replace('_', ' ')}, n={len(d)})" for s, d in zip(names, data, strict=True)])
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_ylabel("score")
+    ax.set_title(title)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    return buf.getvalue()
