@@ -220,6 +220,8 @@ class DescribeConfig(dg.Config):
     n_validation_negatives: int = Field(5, ge=0, description="zero-activation validation windows for best-of-n")
     scorers: list[str] = Field(["detection", "fuzzing", "embedding"],
                                description="explanation_scores scorers (detection always runs)")
+    embedding_max_windows: int | None = Field(8, ge=2, description="held-out windows the embedding scorer "
+                                              "embeds per feature, half of each kind (None: all)")
     window_tokens: int = Field(12, ge=0, description="tokens each side of a window's peak")
     max_features: int | None = Field(None, ge=1, description="describe the first N selected features; None: all")
     prompt_version: str = Field(DEFAULT_PROMPT_VERSION, description="prompt templates (dagster_project/prompts)")
@@ -780,7 +782,7 @@ def detection_scores(
         )
     if "embedding" in scorers:
         try:
-            scored["embedding"] = embedding_scores(features, recs)
+            scored["embedding"] = embedding_scores(features, recs, max_windows=config.embedding_max_windows)
         except EmbeddingModelError as e:
             raise dg.Failure(f"EmbeddingModelError: {e}") from e
     score_rows = _score_rows(complete_scores(ex.examples, recs, scored), recs)

@@ -20,6 +20,7 @@ This module is pure: it reads nothing and writes nothing.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -43,40 +44,63 @@ def auroc(pos: Sequence[float], neg: Sequence[float]) -> float:
     return float(((p > n).sum() + 0.5 * (p == n).sum()) / (p.size * n.size))
 
 
+def _spread(items: Sequence[Any], k: int) -> list[Any]:
+    """``k`` of ``items`` at evenly spaced positions (all of them when ``k >= len``), first and last kept."""
+    if k >= len(items):
+        return list(items)
+    idx = sorted({int(round(i)) for i in np.linspace(0, len(items) - 1, k)})
+    return [items[i] for i in idx]
+
+
+def embedding_windows(fx: FeatureExamples, max_windows: int | None) -> tuple[list[Any], list[Any]]:
+    """The held-out (activating, non-activating) windows the embedding scorer embeds: all of them, or at
+    most ``max_windows``, half of each kind; activating ones at evenly spaced positions of the held-out
+    order (with decile sampling: spread over the deciles)."""
+    if max_windows is None:
+        return list(fx.holdout), list(fx.holdout_negatives)
+    k_pos = min(len(fx.holdout), max(1, max_windows // 2))
+    k_neg = min(len(fx.holdout_negatives), max(1, max_windows - k_pos))
+    return _spread(fx.holdout, k_pos), _spread(fx.holdout_negatives, k_neg)
+
+
 def embedding_scores(
     features: Sequence[FeatureExamples],
     descriptions: Sequence[DescriptionRecord],
     embedder: MiniLMEmbedder | None = None,
     model: str = "all-minilm-l6-v2",
+    max_windows: int | None = None,
 ) -> list[ScoreRecord]:
     """The ``embedding`` scorer for every feature with an ``ok`` description and held-out windows of both
-    kinds (activating and not); texts are embedded in one batch."""
+    kinds (activating and not), on at most ``max_windows`` of them (:func:`embedding_windows`; None: all);
+    texts are embedded in one batch. MiniLM runs at tens of short texts a second on a 2-core CPU, so the
+    cap is what keeps this scorer affordable there."""
     by_key = {(d.layer, d.feature_id): d for d in descriptions if d.status == "ok" and d.description}
-    jobs = [(fx, by_key[fx.key]) for fx in features if fx.key in by_key and fx.holdout and fx.holdout_negatives]
+    jobs = [(fx, by_key[fx.key], *embedding_windows(fx, max_windows)) for fx in features
+            if fx.key in by_key and fx.holdout and fx.holdout_negatives]
     if not jobs:
         return []
     emb = embedder or default_embedder()
     texts: list[str] = []
-    for fx, d in jobs:
+    for _fx, d, act, non in jobs:
         texts.append(strip_tag(d.description or ""))
-        texts.extend(w.text().replace("▁", " ") for w in [*fx.holdout, *fx.holdout_negatives])
+        texts.extend(w.text().replace("▁", " ") for w in [*act, *non])
     vecs = emb.embed(texts)
     out: list[ScoreRecord] = []
     pos = 0
-    for fx, _d in jobs:
-        windows = [*fx.holdout, *fx.holdout_negatives]
-        truth = [True] * len(fx.holdout) + [False] * len(fx.holdout_negatives)
+    for fx, _d, act, non in jobs:
+        windows = [*act, *non]
+        truth = [True] * len(act) + [False] * len(non)
         desc_vec = vecs[pos]
         sims = vecs[pos + 1 : pos + 1 + len(windows)] @ desc_vec
         pos += 1 + len(windows)
-        score = auroc(sims[: len(fx.holdout)], sims[len(fx.holdout) :])
+        score = auroc(sims[: len(act)], sims[len(act) :])
         median = float(np.median(sims))
         chosen = [i for i, s in enumerate(sims, 1) if s > median]
         bal = detection_scores(chosen, truth).balanced_accuracy
         out.append(
             ScoreRecord(
                 layer=fx.layer, feature_id=fx.feature_id, scorer="embedding", status="ok", error=None,
-                score=score, metric="auroc", balanced_accuracy=bal, n=len(windows), n_activating=len(fx.holdout),
+                score=score, metric="auroc", balanced_accuracy=bal, n=len(windows), n_activating=len(act),
                 window_sample_ids=[w.ref for w in windows], window_is_activating=truth, chosen=chosen,
                 call=CallInfo(backend="offline", model=model, cost_usd=0.0),
             )

@@ -398,9 +398,13 @@ def test_defaults_score_every_selected_feature_by_three_scorers(tmp_path: Path) 
         assert r["metric"] == ("auroc" if r["scorer"] == "embedding" else "balanced_accuracy")
         if r["scorer"] == "fuzzing":  # held-out activating windows, half of them with decoy marks
             assert r["n"] == 10 and r["n_activating"] == 5
-        else:  # ten activating held-out windows, one from each activation decile, and ten negatives
+        elif r["scorer"] == "detection":  # ten activating held-out windows over the deciles, ten negatives
             assert r["n"] == 20 and r["n_activating"] == 10
+        else:  # embedding_max_windows (8): four of each kind, spread over the held-out order
+            assert r["n"] == 8 and r["n_activating"] == 4
     by = {(r["feature_id"], r["scorer"]): r for r in rows}
+    for fid in set(dl.feature_ids) - {RARE_FEATURE}:
+        assert set(by[(fid, "embedding")]["window_sample_ids"]) < set(by[(fid, "detection")]["window_sample_ids"])
     # the detection rows are the detection_scores table's figures
     for fid, d in _rows(dl, "detection_scores").items():
         assert by[(fid, "detection")]["score"] == d["balanced_accuracy"]

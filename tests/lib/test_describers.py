@@ -762,7 +762,7 @@ def test_best_of_n_keeps_the_candidate_that_detects_best_on_validation() -> None
 def test_embedding_scorer_is_the_auroc_of_description_window_similarity() -> None:
     from sklearn.metrics import roc_auc_score
 
-    from dagster_project.lib.scorers import auroc, complete_scores, embedding_scores
+    from dagster_project.lib.scorers import _spread, auroc, complete_scores, embedding_scores
 
     class Bag:  # a bag-of-words "embedder": unit vectors over a tiny vocabulary
         vocab = ["rlhf", "modify", "values", "weather", "recipe", "python", "training"]
@@ -779,6 +779,9 @@ def test_embedding_scorer_is_the_auroc_of_description_window_similarity() -> Non
         assert r.metric == "auroc" and r.n == 4 and r.n_activating == 2 and r.status == "ok"
         assert r.window_sample_ids == [w.ref for w in fx.holdout + fx.holdout_negatives]
         assert r.score == 1.0 and r.balanced_accuracy == 1.0  # the firing word is in the description
+    capped = embedding_scores(feats, desc, embedder=Bag(), max_windows=2)  # type: ignore[arg-type]
+    assert [(r.n, r.n_activating) for r in capped] == [(2, 1), (2, 1)]
+    assert capped[0].window_sample_ids == [feats[0].holdout[0].ref, feats[0].holdout_negatives[0].ref]
     rng = np.random.default_rng(0)
     pos, neg = rng.normal(1, 1, 30), rng.normal(0, 1, 40)
     assert auroc(pos, neg) == pytest.approx(roc_auc_score([1] * 30 + [0] * 40, np.r_[pos, neg]))
@@ -789,3 +792,4 @@ def test_embedding_scorer_is_the_auroc_of_description_window_similarity() -> Non
         (feats[0].feature_id, "embedding", "ok"), (feats[0].feature_id, "fuzzing", "failed"),
         (feats[1].feature_id, "embedding", "failed"), (feats[1].feature_id, "fuzzing", "failed")]
     assert rows[3].error == "no description: boom" and rows[1].error == "not scored"
+    assert _spread(list(range(10)), 5) == [0, 2, 4, 7, 9] and _spread([1, 2], 5) == [1, 2]
