@@ -2,7 +2,8 @@
 
 Every table folder of the lake becomes a view of the same name, read straight from its Parquet files with
 hive partitioning (``layer`` an integer, ``dataset`` a string). Statistic tables live under ``stats/`` and
-get views named for their folder (``feature_stats``, ``activation_profile``, ...). A table stored in a
+get views named for their folder (``feature_stats``, ``activation_profile``, the describe stage's
+``descriptions``, ``description_candidates`` and ``explanation_scores``, ...). A table stored in a
 coded form is shown decoded (``VIEW_SELECT``: ``token_residuals``' float16 vectors times their scale).
 
 A remote lake (``s3://...``) is read through its fsspec filesystem registered on the DuckDB connection
