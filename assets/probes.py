@@ -152,6 +152,7 @@ def probes(context: dg.AssetExecutionContext, config: ProbeConfig, lake: LakeRes
         "held_out_groups": dg.MetadataValue.json(trained.held_out_groups),
         "control_datasets": dg.MetadataValue.json(trained.control_datasets),
         "near_duplicate_clusters": trained.n_near_dup_clusters,
+        "train_seconds": dg.MetadataValue.json(trained.seconds),
         "degenerate_probes": int(sum(bool(x) for x in table.column("degenerate").to_pylist())),
         "lodo_rows": lodo.num_rows,
         "best_cv": dg.MetadataValue.md(

@@ -36,6 +36,7 @@ import logging
 import math
 import re
 import shutil
+import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -473,6 +474,8 @@ class TrainedProbes:
     control_datasets: list[str] = field(default_factory=list)
     control_negatives: list[str] = field(default_factory=list)
     n_near_dup_clusters: int = 0
+    # wall seconds per family: building its designs, cross-validating, holding out groups, fitting
+    seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def results(self) -> list[ProbeResult]:
@@ -544,14 +547,19 @@ def train_probes(
     def sae_control(frame: pl.DataFrame) -> Any:
         return data.sparse_for(frame, active, grid.value)[0] if frame.height else None
 
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
     sae = search_probes(grid, X, active, y, selectivity, classes, plan, (sae_control(cal), sae_control(chk)))
+    seconds["sae_pooled"] = time.perf_counter() - t0
     tspecs = token_specs(grid, sets) if data.has_token_views else []
     if tspecs:
+        t0 = time.perf_counter()
         tfids = np.array(sorted(set().union(*(s_.feature_ids for s_ in tspecs))), dtype=np.int64)
         tok = [data.token_sparse_for(f, tfids) if f.height else None for f in (tr_samples, cal, chk)]
         assert tok[0] is not None
         designs_t = Designs(tok[0], tok[1], tok[2], tfids, rank_X=select_columns(X, active, tfids))
         sae = sorted([*sae, *search_token_probes(grid, tspecs, designs_t, y, plan)], key=rank_key)
+        seconds["sae_token"] = time.perf_counter() - t0
 
     dense: list[ProbeResult] = []
     skipped: str | None = None
@@ -561,16 +569,20 @@ def train_probes(
     elif not all(data.has_residuals(d) for d in needed):
         skipped = f"no residual vectors for every training and control sample at layer {layer}"
     else:
+        t0 = time.perf_counter()
         designs = {p: data.dense_for(tr_samples, p)[0] for p in grid.dense_poolings}
         ctrl = {p: (data.dense_for(cal, p)[0] if cal.height else None, data.dense_for(chk, p)[0] if chk.height
                     else None) for p in grid.dense_poolings}
         dense = search_dense_baselines(grid, designs, y, plan, ctrl)
+        seconds["dense_pooled"] = time.perf_counter() - t0
     dspecs = token_dense_specs(grid)
     if dspecs and all(data.has_token_residuals(d) for d in needed):
+        t0 = time.perf_counter()
         tok = [data.token_dense_for(f) if f.height else None for f in (tr_samples, cal, chk)]
         assert tok[0] is not None
         dense = sorted([*dense, *search_token_probes(grid, dspecs, Designs(tok[0], tok[1], tok[2]), y, plan)],
                        key=rank_key)
+        seconds["dense_token"] = time.perf_counter() - t0
     elif dspecs:
         logger.info("layer %d: token-level dense baselines skipped: no per-token residuals", layer)
     if skipped:
@@ -593,6 +605,7 @@ def train_probes(
         control_datasets=controls,
         control_negatives=sorted(set(joining["dataset"].to_list())),
         n_near_dup_clusters=int(np.unique(clusters).size),
+        seconds={k: round(v, 2) for k, v in seconds.items()},
     )
 
 

@@ -69,6 +69,7 @@ def test_materialize_probes_evaluation_and_report(tmp_path: Path) -> None:
     assert pm["used_classifications"] is False
     assert pm["best_sae"].startswith("sae__") and pm["best_dense"] == "dense__resid_mean__l2__C1"
     assert "| probe_id |" in pm["preview"] and Path(pm["path"]).is_file()
+    assert {"sae_pooled", "dense_pooled"} <= set(pm["train_seconds"]) and all(v >= 0 for v in pm["train_seconds"].values())
 
     em = _meta(result, "evaluation")
     assert em["dagster/row_count"] == 2 * n_probes
