@@ -87,19 +87,52 @@ def _emit(text: str) -> None:
 # ------------------------------------------------------------------------------------------ pipeline
 
 
+def partition_range(wanted: Sequence[str], registered: Sequence[str]) -> tuple[str, str] | None:
+    """``(first, last)`` of ``wanted`` in the order of ``registered`` (a dynamic partition's keys, in the
+    order they were added: not sorted, so layer 12 added after 9 comes after it), when they sit side by
+    side there, so that a partition range names exactly them; else ``None``."""
+    if not wanted or not all(k in registered for k in wanted):
+        return None
+    pos = sorted({registered.index(k) for k in wanted})
+    if pos != list(range(pos[0], pos[0] + len(pos))):
+        return None
+    return registered[pos[0]], registered[pos[-1]]
+
+
 def sae_steps(layers: Sequence[int], registered: Sequence[str]) -> list[tuple[str, list[Any], dict[str, str]]]:
     """The SAE step(s) for ``layers``: one run over all of them (one forward pass collects every layer's
-    training vectors) when they sit side by side among the ``registered`` layer partitions, so that a
-    partition range names exactly them; else one run a layer."""
+    training vectors) when they form a partition range of the ``registered`` layers; else one run a layer."""
     import dagster as dg
 
     keys = [str(x) for x in layers]
-    pos = sorted(registered.index(k) for k in keys) if all(k in registered for k in keys) else []
-    if len(keys) > 1 and pos == list(range(pos[0], pos[0] + len(pos))):
-        tags = {"dagster/asset_partition_range_start": registered[pos[0]],
-                "dagster/asset_partition_range_end": registered[pos[-1]]}
+    span = partition_range(keys, registered)
+    if len(keys) > 1 and span is not None:
+        tags = {"dagster/asset_partition_range_start": span[0], "dagster/asset_partition_range_end": span[1]}
         return [(f"sae layers {', '.join(keys)}", [dg.AssetKey("sae")], tags)]
     return [(f"sae layer {k}", [dg.AssetKey("sae")], {"dagster/partition": k}) for k in keys]
+
+
+def activation_steps(layers: Sequence[int], datasets: Sequence[str],
+                     registered: Sequence[str]) -> list[tuple[str, list[Any], dict[str, str]]]:
+    """The activations steps: per dataset one run over all ``layers`` (one forward pass) when they form a
+    partition range of the ``registered`` layers (the multi-partition orders a dataset's keys by the
+    layer partition's order), else one run per (dataset, layer)."""
+    import dagster as dg
+
+    from dagster_project.partitions import multi_key
+
+    keys = [str(x) for x in layers]
+    span = partition_range(keys, registered)
+    steps = []
+    for d in datasets:
+        if len(keys) == 1 or span is None:
+            steps += [(f"activations {d} layers [{k}]", [dg.AssetKey("activations")],
+                       {"dagster/partition": str(multi_key(k, d))}) for k in keys]
+            continue
+        tags = {"dagster/asset_partition_range_start": str(multi_key(span[0], d)),
+                "dagster/asset_partition_range_end": str(multi_key(span[1], d))}
+        steps.append((f"activations {d} layers {[int(k) for k in keys]}", [dg.AssetKey("activations")], tags))
+    return steps
 
 
 class StepFailed(RuntimeError):
@@ -123,7 +156,7 @@ def materialize_steps(layers: Sequence[int] | None = None, datasets: Sequence[st
 
     from dagster_project.definitions import build_defs
     from dagster_project.lib.datasets import parse_registry
-    from dagster_project.partitions import LAYER_PARTITIONS_NAME, multi_key
+    from dagster_project.partitions import LAYER_PARTITIONS_NAME
 
     instance = instance or _instance()
     from dagster_project.runs import recover_orphaned_runs
@@ -145,12 +178,7 @@ def materialize_steps(layers: Sequence[int] | None = None, datasets: Sequence[st
     if "sae" in stages:
         steps += sae_steps(layers, instance.get_dynamic_partitions(LAYER_PARTITIONS_NAME))
     if "activations" in stages:
-        for d in datasets:
-            keys = sorted(multi_key(x, d) for x in layers)
-            tags = ({"dagster/partition": str(keys[0])} if len(keys) == 1 else
-                    {"dagster/asset_partition_range_start": str(keys[0]),
-                     "dagster/asset_partition_range_end": str(keys[-1])})
-            steps.append((f"activations {d} layers {layers}", [dg.AssetKey("activations")], tags))
+        steps += activation_steps(layers, datasets, instance.get_dynamic_partitions(LAYER_PARTITIONS_NAME))
     if "downstream" in stages:
         per_layer = [k for k in graph.materializable_asset_keys
                      if graph.get(k).partitions_def is not None

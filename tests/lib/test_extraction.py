@@ -238,6 +238,30 @@ def test_sae_steps_share_one_run_only_when_the_layers_form_a_partition_range() -
     assert [name for name, _, _ in sae_steps([12, 3], ["3", "12"])] == ["sae layers 12, 3"]
 
 
+def test_activation_steps_name_a_range_in_the_layer_partitions_order() -> None:
+    """Layers 6, 9, 12 registered in that order: the range of a dataset runs from its key of layer 6 to
+    that of layer 12 (the keys sorted as strings would put 12 first and give an empty range)."""
+    import dagster as dg
+
+    from dagster_project.cli import activation_steps
+    from dagster_project.partitions import dataset_partitions, layer_dataset_partitions
+
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("layer", ["6", "9", "12"])
+    registered = instance.get_dynamic_partitions("layer")
+    d = dataset_partitions.get_partition_keys()[0]
+    [(name, _, tags)] = activation_steps([6, 9, 12], [d], registered)
+    assert name == f"activations {d} layers [6, 9, 12]"
+    keys = layer_dataset_partitions.get_partition_keys(dynamic_partitions_store=instance)
+    start = keys.index(tags["dagster/asset_partition_range_start"])
+    end = keys.index(tags["dagster/asset_partition_range_end"])
+    got = {(k.keys_by_dimension["dataset"], k.keys_by_dimension["layer"]) for k in keys[start:end + 1]}
+    assert got == {(d, "6"), (d, "9"), (d, "12")}
+    # layers that are not side by side among the registered ones: a run per layer
+    apart = activation_steps([6, 12], [d], registered)
+    assert [t for _, _, t in apart] == [{"dagster/partition": f"{d}|6"}, {"dagster/partition": f"{d}|12"}]
+
+
 def test_layer_beyond_model_is_a_clear_error(tiny_lm: LoadedModel, tiny_saes: Path) -> None:
     sae = load_gemmascope_dir(tiny_saes / "layer_0")
     items = tokenize(tiny_lm.tokenizer, TEXTS[:1], [0], 64)
