@@ -538,8 +538,10 @@ def test_fuzzing_and_best_of_n_through_the_anthropic_backend(tmp_path: Path) -> 
         first = server.stats()
         tasks = {e["task"] for e in server.log}
         repeated = sorted(c for c in server.completed_by_prompt_hash.values() if c > 1)
-    # no valid reply was asked for twice; the one prompt answered thrice is feature 3's invalid fuzzing reply
-    assert r1.success and repeated == [3]
+    # no valid reply was asked for twice; the one prompt answered more than once is feature 3's invalid fuzzing
+    # reply: three attempts, of which one may have drawn one of the two injected server errors instead (which
+    # fuzzing calls get them depends on the order four concurrent calls reach the server)
+    assert r1.success and len(repeated) == 1 and repeated[0] in (2, 3)
     assert tasks == {"describe-feature", "detect-activations", "fuzz-highlights"}
     assert first["faults"] == {"server_error": 2, "rate_limit": 1}
     cands = dl.lake.read("stats/description_candidates", layer=LAYER).to_pylist()
