@@ -105,7 +105,7 @@ def _cells(row: dict[str, Any], metrics: Any, lodo: Any, controls: set[str]) -> 
         if e["auroc"] is not None:
             row[f"auroc:{d}"] = e["auroc"]
             row[f"ci:{d}"] = (e["auroc_ci_low"], e["auroc_ci_high"])
-        if e["eval_role"] == "control" or d in controls:
+        if e["eval_role"] == "control" or d in controls or e["n_pos"] == 0:  # flagged share of negatives
             row[f"fpr:{d}"] = e["fpr_at_1pct_fpr"]
         elif e["n_neg"] == 0:
             row[f"det:{d}"] = e["detection_rate"]
@@ -136,6 +136,77 @@ def from_lake(name: str, lake: Lake, layer: int) -> list[dict[str, Any]]:
         rows.append(_cells(row, m.filter(pl.col("probe") == r["probe_id"]).iter_rows(named=True),
                            lo.filter(pl.col("kind") == r["kind"]).iter_rows(named=True), controls))
     return rows
+
+
+def ensemble_rows(lake: Lake) -> list[dict[str, Any]]:
+    """The multi-layer ensembles' rows (``probe_ensemble_metrics``: score mean over the layers' recommended
+    probes), in the shape of :func:`from_lake`'s (no held-out groups: an ensemble is not selected)."""
+    con = views_connection(lake)
+    controls = set(ev.LayerData(con, lake_layers(con)[0]).controls())
+    m = con.sql("select * from probe_metrics where feature_set = 'layer_ensemble'").pl()
+    rows = []
+    for (kind, probe), g in m.group_by(["kind", "probe"], maintain_order=True):
+        first = g.row(0, named=True)
+        row: dict[str, Any] = {"variant": "ensemble " + "+".join(str(x) for x in first["layers"]), "kind": kind,
+                               "probe": probe, "selection": "none", "threshold_source": first["threshold_source"]}
+        rows.append(_cells(row, g.iter_rows(named=True), [], controls))
+    return rows
+
+
+def lake_layers(con: Any) -> list[int]:
+    return [int(r[0]) for r in con.sql("select distinct layer from probes order by layer").fetchall()]
+
+
+def coarse_family(r: dict[str, Any]) -> str:
+    """A probe's family for the benchmark's table, coarser than the report's ``generalisation.family_of``
+    (which splits by feature set): kind, then pooled by penalty (the L1 path vs L2) / k-sparse
+    (``transfer{k}``) / token-level by aggregation."""
+    agg = r.get("aggregation") or "pooled"
+    if agg != "pooled":
+        return f"{r['kind']} token {agg}"
+    if r["kind"] == "sae" and str(r["feature_set"]).startswith("transfer"):
+        return "sae k-sparse"
+    return f"{r['kind']} pooled {r['penalty']}"
+
+
+def families_from_lake(lake: Lake) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Per layer and family (kind x aggregation / feature-set rule), the member with the best selection
+    score: held-out-group worst / mean AUROC, training CV, mean (min) AUROC over the test sets, the flagged
+    share of the control check halves and of the negative-only OOD sets. And the k-sparse curve: per layer
+    and k, the ``transfer{k}`` probe's held-out and test AUROC."""
+    con = views_connection(lake)
+    pr = con.sql("select * from probes where not degenerate").pl()
+    m = con.sql("select * from probe_metrics where layer is not null").pl()
+    per = m.group_by(["layer", "probe"]).agg(
+        pl.col("auroc").filter(pl.col("eval_role") == "test").mean().alias("test_mean"),
+        pl.col("auroc").filter(pl.col("eval_role") == "test").min().alias("test_min"),
+        pl.col("fpr_at_1pct_fpr").filter(pl.col("eval_role") == "control").mean().alias("control_flagged"),
+        pl.col("fpr_at_1pct_fpr").filter((pl.col("eval_role") == "ood") & (pl.col("n_pos") == 0)).mean()
+        .alias("ood_neg_flagged"),
+        pl.col("detection_rate").filter((pl.col("eval_role") == "ood") & (pl.col("n_neg") == 0)).mean()
+        .alias("ood_pos_detected"),
+    ).rename({"probe": "probe_id"})
+    pr = pr.join(per, on=["layer", "probe_id"], how="left")
+    pr = pr.with_columns(pl.Series("family", [coarse_family(r) for r in pr.iter_rows(named=True)]))
+    best = (pr.sort(["selection_score", "cv_auroc"], descending=True, nulls_last=True)
+            .group_by(["layer", "family"], maintain_order=True).first().sort(["family", "layer"]))
+    fam = [{k: r[k] for k in ("family", "layer", "probe_id", "n_nonzero", "lodo_worst_auroc", "lodo_mean_auroc",
+                              "cv_auroc", "test_mean", "test_min", "control_flagged", "ood_neg_flagged",
+                              "ood_pos_detected", "is_best")} for r in best.iter_rows(named=True)]
+    ks = pr.filter(pl.col("feature_set").str.starts_with("transfer") & (pl.col("aggregation") == "pooled"))
+    ks = ks.with_columns(pl.col("feature_set").str.strip_prefix("transfer").cast(pl.Int64).alias("k"))
+    curve = [{k: r[k] for k in ("layer", "k", "probe_id", "lodo_worst_auroc", "lodo_mean_auroc", "cv_auroc",
+                                "test_mean", "test_min", "control_flagged")}
+             for r in ks.sort(["layer", "k"]).iter_rows(named=True)]
+    return fam, curve
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "(none)"
+    keys = list(rows[0])
+    return "\n".join(["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys),
+                      *("| " + " | ".join(_fmt(r[k]) for k in keys) + " |" for r in rows)])
 
 
 def _fmt(v: Any) -> str:
@@ -178,7 +249,10 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--layer", type=int, default=9)
+    ap.add_argument("--layer", type=int, nargs="+", default=[9], help="one or more layers")
+    ap.add_argument("--families", action="store_true",
+                    help="with the pipeline variant: the per-family / aggregation table of every layer, the "
+                         "k-sparse curve and the multi-layer ensembles, from what the pipeline wrote")
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS),
                     help=f"of {[*VARIANTS, 'pipeline']}; 'pipeline' reads what the probes/evaluation assets wrote")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/out/generalisation.md"))
@@ -186,17 +260,25 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     lake = Lake(default_lake_root(), load_profile().name)
     rows: list[dict[str, Any]] = []
+    extra = ""
     for name in args.variants:
         t0 = time.perf_counter()
-        if name == "pipeline":
-            rows += from_lake(name, lake, args.layer)
-        else:
-            rows += run_variant(name, lake, args.layer, VARIANTS[name])
+        for layer in args.layer:
+            if name == "pipeline":
+                rows += [{**r, "variant": f"{name} layer {layer}"} for r in from_lake(name, lake, layer)]
+            else:
+                rows += [{**r, "variant": f"{name} layer {layer}"} if len(args.layer) > 1 else r
+                         for r in run_variant(name, lake, layer, VARIANTS[name])]
+        if name == "pipeline" and args.families:
+            rows += ensemble_rows(lake)
+            fam, curve = families_from_lake(lake)
+            extra = ("\n\nPer layer and family (the member with the best selection score):\n\n" + _table(fam)
+                     + "\n\nThe k-sparse curve (`transfer{k}`):\n\n" + _table(curve))
         sys.stderr.write(f"{name}: {time.perf_counter() - t0:.0f} s\n")
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(markdown(rows) + "\n")
+        args.out.write_text(markdown(rows) + extra + "\n")
         args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1, default=str))
-    sys.stdout.write(markdown(rows) + "\n")
+    sys.stdout.write(markdown(rows) + extra + "\n")
     return 0
 
 
