@@ -3,7 +3,8 @@
 Each layer's ``probe_scores`` hold its recommended SAE probe's and dense baseline's score of every sample
 of every extracted dataset. The ensemble of one kind z-scores each layer's scores by their mean and spread
 over that layer's training texts (so no layer dominates by scale), averages the z-scores of the layers that
-scored a sample, sets its threshold on the control sets' calibration half (even ``sample_id``; else the
+scored a sample, sets its threshold on the control sets' calibration half (even ``sample_id``; where the
+members trained on that half, a quarter of the unseen ids, ``sample_id % 4 == 1``, checked on ``% 4 == 3``; else the
 training negatives, in sample), and is evaluated like any probe on every set it was not trained on (a
 control set on its check half). Rows go to ``probe_ensemble_metrics``, which the catalog also folds into
 the ``probe_metrics`` view (``layer`` NULL, ``layers`` the layers averaged).
@@ -58,7 +59,9 @@ def layer_ensemble(con: duckdb.DuckDBPyConnection, n_boot: int = 1000, seed: int
     views = {r[0] for r in con.sql("select table_name from information_schema.tables").fetchall()}
     if not {"probes", "probe_scores", "samples"} <= views:
         return ENSEMBLE_SCHEMA.empty_table()
-    best = _frame(con, "select layer, kind, probe_id, train_datasets from probes where is_best")
+    cols = {r[0] for r in con.sql("describe probes").fetchall()}
+    src = "threshold_source" if "threshold_source" in cols else "null::varchar as threshold_source"
+    best = _frame(con, f"select layer, kind, probe_id, train_datasets, {src} from probes where is_best")
     scores = _frame(con, "select s.layer, s.kind, s.probe, s.dataset, s.sample_id, s.score from probe_scores s "
                          "join probes p on p.layer = s.layer and p.probe_id = s.probe and p.is_best")
     samples = _frame(con, "select dataset, sample_id, label, is_positive, role from samples")
@@ -74,10 +77,15 @@ def layer_ensemble(con: duckdb.DuckDBPyConnection, n_boot: int = 1000, seed: int
         train = samples.filter(pl.col("dataset").is_in(train_sets)).select("dataset", "sample_id")
         ens = ensemble_scores(sc, train).filter(pl.col("n_layers") == len(layers)).join(
             samples, on=["dataset", "sample_id"], how="inner")
-        cal = ens.filter((pl.col("role") == "control") & (pl.col("sample_id") % 2 == 0)
-                         & ~pl.col("dataset").is_in(train_sets))
+        # Members that trained on the calibration half (controls as negatives: their thresholds are
+        # ``control_oof``) score it in sample, too low for a threshold: the ensemble then calibrates on one
+        # half of the unseen check half (sample_id % 4 == 1) and is checked on the other (% 4 == 3).
+        seen = bool((b["threshold_source"] == "control_oof").any())
+        cal_ids, chk_ids = ((pl.col("sample_id") % 4 == 1), (pl.col("sample_id") % 4 == 3)) if seen else \
+            ((pl.col("sample_id") % 2 == 0), (pl.col("sample_id") % 2 == 1))
+        cal = ens.filter((pl.col("role") == "control") & cal_ids & ~pl.col("dataset").is_in(train_sets))
         if cal.height:
-            t, source = threshold_at_fpr(cal["score"].to_numpy(), fpr), "control"
+            t, source = threshold_at_fpr(cal["score"].to_numpy(), fpr), "control_check_split" if seen else "control"
         else:
             neg = ens.filter(pl.col("dataset").is_in(train_sets) & ~pl.col("is_positive"))
             t, source = threshold_at_fpr(neg["score"].to_numpy(), fpr), "in_sample"
@@ -86,7 +94,7 @@ def layer_ensemble(con: duckdb.DuckDBPyConnection, n_boot: int = 1000, seed: int
             part = ens.filter(pl.col("dataset") == d)
             role = str(part["role"][0])
             if role == "control":
-                part = part.filter(pl.col("sample_id") % 2 == 1)
+                part = part.filter(chk_ids)
             if not part.height:
                 continue
             m = evaluate_scores(part["is_positive"].cast(pl.Int8).to_numpy(), part["score"].to_numpy(),

@@ -69,3 +69,30 @@ def test_layer_ensemble_rows_over_views() -> None:
     assert rows["te"]["auroc"] == pytest.approx(auroc(te["is_positive"].cast(pl.Int8).to_numpy(), te["score"].to_numpy()))
     cal = ens.filter((pl.col("dataset") == "ctl") & (pl.col("sample_id") % 2 == 0))
     assert rows["te"]["fpr1_threshold"] == pytest.approx(threshold_at_fpr(cal["score"].to_numpy(), 0.01))
+
+
+def test_ensemble_of_probes_that_trained_on_the_calibration_half_calibrates_on_unseen_controls() -> None:
+    """Controls as negatives: the members scored the even control ids in sample (here: far below the odd
+    ones), so a threshold there would flag most unseen controls. The ensemble calibrates on ids % 4 == 1
+    and is checked on ids % 4 == 3."""
+    con = duckdb.connect()
+    n = 80
+    rng = np.random.default_rng(1)
+    samples = [{"dataset": "tr", "sample_id": i, "label": "af" if i % 2 == 0 else "ok", "is_positive": i % 2 == 0,
+                "role": "train"} for i in range(n)]
+    samples += [{"dataset": "ctl", "sample_id": i, "label": "ok", "is_positive": False, "role": "control"}
+                for i in range(n)]
+    scores = []
+    for layer in (6, 9):
+        for r in samples:
+            mu = 2.0 if r["is_positive"] else (-3.0 if r["role"] == "control" and r["sample_id"] % 2 == 0 else 0.0)
+            scores.append({"layer": layer, "kind": "sae", "probe": f"p{layer}", "dataset": r["dataset"],
+                           "sample_id": r["sample_id"], "score": float(rng.normal(mu, 0.5))})
+    probes = pl.DataFrame({"layer": [6, 9], "kind": ["sae", "sae"], "probe_id": ["p6", "p9"], "is_best": [True, True],
+                           "train_datasets": [["tr"], ["tr"]], "threshold_source": ["control_oof", "control_oof"]})
+    for name, df in (("samples", pl.DataFrame(samples)), ("probe_scores", pl.DataFrame(scores)), ("probes", probes)):
+        con.register(f"_{name}", df.to_arrow())
+        con.execute(f"create view {name} as select * from _{name}")
+    [row] = [r for r in layer_ensemble(con, n_boot=20).to_pylist() if r["eval_dataset"] == "ctl"]
+    assert row["threshold_source"] == "control_check_split" and row["n"] == n // 4
+    assert row["fpr_at_1pct_fpr"] <= 0.1  # calibrated on the in-sample even half it would flag nearly all
