@@ -274,6 +274,28 @@ def _retry_after_from_headers(headers: Any) -> float | None:
     return None
 
 
+def map_transport_error(sdk: Any, err: BaseException, timeout_s: float) -> BaseException:
+    """An SDK error that is not about credentials or routing, as the runner's :class:`LLMCallError`: HTTP
+    status errors (408, 409, 429 and 5xx retryable; ``retry-after`` read on 429 / 503 / 529), timeouts,
+    connection errors and malformed bodies. ``sdk`` is the ``anthropic`` or ``openai`` module (both SDKs
+    name these exceptions alike); anything else is returned as it is."""
+    if isinstance(err, sdk.APIStatusError):
+        status = err.status_code
+        retryable = status in (408, 409, 429) or status >= 500
+        return LLMCallError(
+            f"HTTP {status} {type(err).__name__}: {str(err)[:300]}",
+            retryable=retryable,
+            retry_after=_retry_after_from_headers(err.response.headers) if status in (429, 503, 529) else None,
+        )
+    if isinstance(err, sdk.APITimeoutError):
+        return LLMCallError(f"timeout after {timeout_s}s", retryable=True)
+    if isinstance(err, sdk.APIConnectionError):
+        return LLMCallError(f"connection error: {err}", retryable=True)
+    if isinstance(err, sdk.APIResponseValidationError | json.JSONDecodeError):
+        return LLMCallError(f"malformed response body: {str(err)[:300]}", retryable=True)
+    return err
+
+
 class AnthropicDescriber(Describer):
     """Claude through the official async SDK.
 
@@ -362,23 +384,7 @@ class AnthropicDescriber(Describer):
             return LLMConfigError(
                 f"Anthropic API: not found (unknown model {self.model!r}?): {str(err)[:300]}"
             )
-        if isinstance(err, anthropic.APIStatusError):
-            status = err.status_code
-            retryable = status in (408, 409, 429) or status >= 500
-            return LLMCallError(
-                f"HTTP {status} {type(err).__name__}: {str(err)[:300]}",
-                retryable=retryable,
-                retry_after=_retry_after_from_headers(err.response.headers)
-                if status in (429, 529, 503)
-                else None,
-            )
-        if isinstance(err, anthropic.APITimeoutError):
-            return LLMCallError(f"timeout after {self.timeout_s}s", retryable=True)
-        if isinstance(err, anthropic.APIConnectionError):
-            return LLMCallError(f"connection error: {err}", retryable=True)
-        if isinstance(err, anthropic.APIResponseValidationError | json.JSONDecodeError):
-            return LLMCallError(f"malformed response body: {str(err)[:300]}", retryable=True)
-        return err
+        return map_transport_error(anthropic, err, self.timeout_s)
 
     def _to_response(self, msg: Any, *, batch: bool = False) -> LLMResponse:
         usage = getattr(msg, "usage", None)

@@ -33,7 +33,6 @@ repr. There is no batch API here (``supports_message_batches`` is False): the ru
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -47,7 +46,7 @@ from dagster_project.lib.describers import (
     LLMResponse,
     RefusalError,
     _PerLoop,
-    _retry_after_from_headers,
+    map_transport_error,
 )
 
 log = logging.getLogger(__name__)
@@ -193,23 +192,7 @@ class OpenAICompatDescriber(Describer):
                 f"the OpenAI-compatible server at {where} answered 404 for {where}/chat/completions with model "
                 f"{self.model!r}: an unknown model, or a base_url without its /v1? ({str(err)[:300]})"
             )
-        if isinstance(err, openai.APIStatusError):
-            status = err.status_code
-            retryable = status in (408, 409, 429) or status >= 500
-            return LLMCallError(
-                f"HTTP {status} {type(err).__name__}: {str(err)[:300]}",
-                retryable=retryable,
-                retry_after=_retry_after_from_headers(err.response.headers)
-                if status in (429, 503, 529)
-                else None,
-            )
-        if isinstance(err, openai.APITimeoutError):
-            return LLMCallError(f"timeout after {self.timeout_s}s", retryable=True)
-        if isinstance(err, openai.APIConnectionError):
-            return LLMCallError(f"connection error: {err}", retryable=True)
-        if isinstance(err, openai.APIResponseValidationError | json.JSONDecodeError):
-            return LLMCallError(f"malformed response body: {str(err)[:300]}", retryable=True)
-        return err
+        return map_transport_error(openai, err, self.timeout_s)
 
     def _to_response(self, completion: Any) -> LLMResponse:
         usage = getattr(completion, "usage", None)
