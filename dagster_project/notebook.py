@@ -20,7 +20,7 @@ import polars as pl
 
 from dagster_project.lib.catalog import read_only_connection
 from dagster_project.lib.lake import Lake
-from dagster_project.sql import relation
+from dagster_project.lib.sql import relation
 
 
 def lake(profile: str | None = None, root: str | None = None) -> Lake:

@@ -23,7 +23,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from dagster_project import sql
+from dagster_project.lib import sql
 from dagster_project.lib.autointerp import FeatureExamples, Window
 
 PARTS = ("top", "negative", "holdout", "holdout_negative", "validation", "validation_negative")

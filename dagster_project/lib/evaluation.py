@@ -87,7 +87,7 @@ from dagster_project.lib.probes import (
 )
 from dagster_project.lib.selection import group_weights, lodo_splits, near_duplicate_clusters
 from dagster_project.lib.token_probes import TokenMatrix, token_matrix_from_rows
-from dagster_project.sql import relation
+from dagster_project.lib.sql import relation
 
 logger = logging.getLogger(__name__)
 

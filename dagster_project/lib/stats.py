@@ -23,7 +23,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from dagster_project.sql import SQLError, relation
+from dagster_project.lib.sql import SQLError, relation
 
 CHECKS = ("feature_stats_nan", "feature_id_range", "selectivity_range", "train_classes")
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from dagster_project.lib import stats
-from dagster_project.sql import _PLACEHOLDER, SQL_DIR, relation
+from dagster_project.lib.sql import _PLACEHOLDER, SQL_DIR, relation
 from tests.lib.fixtures_stats import LakeFixture, build_lake, connect
 
 SQL_FILES = sorted(SQL_DIR.rglob("*.sql"))
@@ -20,7 +20,7 @@ SQL_FILES = sorted(SQL_DIR.rglob("*.sql"))
 def test_sql_file_is_one_statement_with_header(path: Any) -> None:
     text = path.read_text()
     assert text.lstrip().startswith("--"), f"{path} must start with a header comment"
-    # placeholders ({{ident}}) are filled by dagster_project.sql.render; any stand-in parses
+    # placeholders ({{ident}}) are filled by dagster_project.lib.sql.render; any stand-in parses
     parsed = _PLACEHOLDER.sub(lambda m: "'x'" if m.group(1).endswith(("_path", "_glob")) else "x", text)
     assert len(duckdb.extract_statements(parsed)) == 1, f"{path} must hold exactly one statement"
 

@@ -13,7 +13,7 @@ import pytest
 from scipy.stats import false_discovery_control, mannwhitneyu, norm, spearmanr
 
 from dagster_project.lib import plots_stats, stats
-from dagster_project.sql import SQLError
+from dagster_project.lib.sql import SQLError
 from tests.lib.fixtures_stats import LAYERS, MIN_ACT, N_FEATURES, SAE_WIDTH, LakeFixture, build_lake, connect
 
 RTOL = 1e-9

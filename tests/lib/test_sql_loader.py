@@ -1,4 +1,4 @@
-"""The SQL file loader (dagster_project/sql.py): placeholders, $params, and what it refuses."""
+"""The SQL file loader (dagster_project/lib/sql.py): placeholders, $params, and what it refuses."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from dagster_project import sql
-from dagster_project.sql import SQLError, bind, load_sql, relation, render, run
+from dagster_project.lib import sql
+from dagster_project.lib.sql import SQLError, bind, load_sql, relation, render, run
 
 FILES = {
     "q/by_layer": "-- by_layer: rows of {{table}} at one layer.\n-- Params: $layer\n"
