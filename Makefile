@@ -30,12 +30,14 @@ demo: $(STAMP)  ## set up, then materialize every asset for the default profile
 setup-test: $(STAMP)  ## Chromium for the browser test, installed as on a fresh machine
 	command -v chromium >/dev/null || ($(SUDO) apt-get update && $(SUDO) apt-get install -y chromium)
 
-test: setup-test  ## set up, then run the whole test suite
+test: setup-test  ## set up, then run the whole test suite (ruff, mypy, pytest)
 	$(BIN)/ruff check dagster_project assets tests benchmarks
+	$(BIN)/mypy dagster_project assets
 	$(BIN)/pytest -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check dagster_project assets tests benchmarks
+	$(BIN)/mypy dagster_project assets
 
 bench: $(STAMP)  ## CPU benchmarks of every stage and one summary table (benchmarks/out/summary.md)
 	$(BIN)/python benchmarks/run_all.py
