@@ -23,7 +23,6 @@ after a crash, makes only the calls not yet made. The API key lives in the descr
 """
 
 import asyncio
-import base64
 import io
 import time
 from collections import Counter
@@ -57,6 +56,7 @@ from dagster_project.lib.describers import (
 )
 from dagster_project.lib.lake import Lake, LakeError
 from dagster_project.lib.llm_cache import LLMCache
+from dagster_project.lib.markdown import md_rows, png_md
 from dagster_project.lib.scorers import SCORERS, complete_scores, embedding_scores
 from dagster_project.lib.themes import EmbeddingModelError, cluster_descriptions
 from dagster_project.partitions import layer_partitions
@@ -343,29 +343,6 @@ def _call_row(info: CallInfo) -> dict[str, Any]:
     }
 
 
-def _md_cell(value: Any, limit: int = 160) -> str:
-    text = " ".join(str(value if value is not None else "").split())
-    if len(text) > limit:
-        text = text[: limit - 3] + "..."
-    return text.replace("|", "\\|")
-
-
-def md_rows(rows: Sequence[dict[str, Any]], columns: Sequence[str], limit: int = 10) -> str:
-    """A small markdown table of ``rows`` (cells flattened, pipes escaped)."""
-    if not rows:
-        return "_(no rows)_"
-    out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for r in rows[:limit]:
-        cells = []
-        for c in columns:
-            v = r.get(c)
-            cells.append(f"{v:.3f}" if isinstance(v, float) else _md_cell(v))
-        out.append("| " + " | ".join(cells) + " |")
-    if len(rows) > limit:
-        out.append(f"\n_{len(rows) - limit} more rows_")
-    return "\n".join(out)
-
-
 def call_metadata(records: Sequence[Any], cache: LLMCache) -> dict[str, Any]:
     """Counts, cache hits/misses, tokens and cost of a runner's records (cost of this run's calls only)."""
     ok = sum(1 for r in records if r.status == "ok")
@@ -417,10 +394,6 @@ def score_histogram_png(scores: Sequence[int], title: str) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     return buf.getvalue()
-
-
-def png_md(png: bytes, alt: str) -> str:
-    return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"
 
 
 def read_descriptions(lake: Lake, layer: int) -> tuple[list[DescriptionRecord], dict[str, Any]]:

@@ -26,8 +26,6 @@ from dagster_project.lib.evaluation import (
     layer_choice,
     load_saved_probes,
     lodo_table,
-    markdown_images,
-    markdown_table,
     probe_scores,
     report_figures,
     save_probes,
@@ -38,6 +36,7 @@ from dagster_project.lib.evaluation import (
 )
 from dagster_project.lib.generalisation import family_table, held_out_table, recommendation
 from dagster_project.lib.lake import Lake, LakeError
+from dagster_project.lib.markdown import markdown_images, markdown_table
 from dagster_project.partitions import layer_partitions
 from dagster_project.provenance import check_layer
 from dagster_project.resources import LakeResource

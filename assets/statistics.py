@@ -11,7 +11,6 @@ they are computed together from every dataset that has activations at the layer.
 after adding a dataset.
 """
 
-import base64
 import math
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -25,6 +24,7 @@ from dagster_project.config import StatsConfig
 from dagster_project.lib import plots_stats, stats
 from dagster_project.lib.catalog import table_globs, views_connection
 from dagster_project.lib.lake import Lake, LakeError, LakePath, write_bytes
+from dagster_project.lib.markdown import md_table, png_md
 from dagster_project.partitions import layer_partitions
 from dagster_project.provenance import check_layer, partitions
 from dagster_project.resources import LakeResource, SAEResource
@@ -82,32 +82,6 @@ def recorded(lake: Lake, name: str, layer: int) -> dict[str, Any]:
 
 def write_stat(lake: Lake, name: str, table: pa.Table, layer: int, meta: dict[str, Any]) -> LakePath:
     return lake.write(f"stats/{name}", table.drop_columns(["layer"]), layer=layer, meta=meta)
-
-
-def md_table(table: pa.Table, columns: Sequence[str] | None = None, limit: int | None = None) -> str:
-    """A markdown table: floats to 3 decimals, integers as integers, NULL as empty."""
-    if columns is not None:
-        table = table.select(list(columns))
-    if limit is not None:
-        table = table.slice(0, limit)
-    if table.num_rows == 0:
-        return "_(no rows)_"
-
-    def cell(v: Any) -> str:
-        if v is None:
-            return ""
-        if isinstance(v, float):
-            return f"{v:.3f}"
-        return str(v).replace("|", "\\|")
-
-    names = table.column_names
-    lines = ["| " + " | ".join(names) + " |", "|" + "|".join("---" for _ in names) + "|"]
-    lines += ["| " + " | ".join(cell(r[n]) for n in names) + " |" for r in table.to_pylist()]
-    return "\n".join(lines)
-
-
-def png_md(png: bytes, alt: str = "") -> str:
-    return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"
 
 
 def save_png(lake: Lake, layer: int, name: str, png: bytes) -> LakePath:

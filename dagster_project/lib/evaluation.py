@@ -28,12 +28,10 @@ rate.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import html
 import json
 import logging
-import math
 import re
 import shutil
 import time
@@ -60,6 +58,7 @@ from dagster_project.lib.lake import (
     staged_dir,
     write_bytes,
 )
+from dagster_project.lib.markdown import fmt_cell
 from dagster_project.lib.metrics import evaluate_scores
 from dagster_project.lib.probes import (
     Designs,
@@ -86,8 +85,8 @@ from dagster_project.lib.probes import (
     token_specs,
 )
 from dagster_project.lib.selection import group_weights, lodo_splits, near_duplicate_clusters
-from dagster_project.lib.token_probes import TokenMatrix, token_matrix_from_rows
 from dagster_project.lib.sql import relation
+from dagster_project.lib.token_probes import TokenMatrix, token_matrix_from_rows
 
 logger = logging.getLogger(__name__)
 
@@ -1084,31 +1083,6 @@ def cross_distribution(
 # ---------------------------------------------------------------------------------------------
 
 
-def _fmt(v: Any, digits: int = 3) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, float):
-        return "–" if math.isnan(v) else f"{v:.{digits}f}"
-    if isinstance(v, list | tuple):
-        return ", ".join(str(x) for x in v)
-    return str(v)
-
-
-def markdown_table(
-    df: pl.DataFrame | pa.Table, columns: Sequence[str] | None = None, max_rows: int = 20, digits: int = 3
-) -> str:
-    """A markdown table of the first ``max_rows`` rows (``|`` escaped), with a note of the rest."""
-    frame = df if isinstance(df, pl.DataFrame) else pl.from_arrow(df)
-    assert isinstance(frame, pl.DataFrame)
-    cols = list(columns) if columns is not None else frame.columns
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in frame.head(max_rows).select(cols).iter_rows(named=True):
-        lines.append("| " + " | ".join(_fmt(r[c], digits).replace("|", "\\|") for c in cols) + " |")
-    if frame.height > max_rows:
-        lines.append(f"\n_{frame.height - max_rows} more rows_")
-    return "\n".join(lines)
-
-
 def _auroc_cell(r: Mapping[str, Any] | None) -> str:
     if r is None:
         return "–"
@@ -1284,13 +1258,6 @@ def layer_choice(con: duckdb.DuckDBPyConnection) -> pl.DataFrame:
     return _pl(relation(con, "probes/layer_choice"))
 
 
-def markdown_images(figs: Mapping[str, bytes]) -> str:
-    """The figures as markdown images with base64 data URIs (Dagster renders them in the UI)."""
-    return "\n\n".join(
-        f"**{name}**\n\n![{name}](data:image/png;base64,{base64.b64encode(png).decode()})" for name, png in figs.items()
-    )
-
-
 # ---------------------------------------------------------------------------------------------
 # Feature pages and the HTML report
 # ---------------------------------------------------------------------------------------------
@@ -1434,7 +1401,7 @@ img { max-width: 100%; border: 1px solid #eee; margin: 0.5em 0; }
 
 
 def _e(v: Any) -> str:
-    return html.escape(_fmt(v), quote=True)
+    return html.escape(fmt_cell(v), quote=True)
 
 
 def _html_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], links: Mapping[str, str] | None = None) -> str:
