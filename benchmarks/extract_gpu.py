@@ -365,13 +365,13 @@ def main() -> None:
     def extras(bt_best: int, packed: bool) -> None:
         """The shares of the pieces at the best budget: padding, the compiled pool, per-token rows, the
         forward pass alone (padded and packed), and the GEMM shapes."""
-        from dagster_project.lib import extraction
+        from dagster_project.lib.extraction import pooling
 
         if packed:  # the same path with padded batches, for the packing's share
             project(f"this path, batch_tokens {bt_best}, padded batches (pack=False)", bt_best, pack=False)
-        extraction.COMPILE_POOL = False  # the SAE encode and pooling as separate eager kernels
+        pooling.COMPILE_POOL = False  # the SAE encode and pooling as separate eager kernels
         project(f"this path, batch_tokens {bt_best}, encode+pool not compiled (COMPILE_POOL=False)", bt_best)
-        extraction.COMPILE_POOL = True
+        pooling.COMPILE_POOL = True
         project(f"this path, batch_tokens {bt_best}, without per-token rows", bt_best, with_tokens=False)
         if Path("/dev/shm").is_dir():  # the disk's share
             project(f"this path, batch_tokens {bt_best}, lake in /dev/shm (memory, no disk)", bt_best,

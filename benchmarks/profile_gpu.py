@@ -105,11 +105,12 @@ class Gaps:
 
 
 def main() -> None:
-    from dagster_project.lib import extraction
     from dagster_project.lib import lake as lake_mod
     from dagster_project.lib.extraction import (
+        batching,
         extract,
         extract_to_lake,
+        forward,
         initial_budget,
         plan_batches,
         pool_device,
@@ -142,8 +143,8 @@ def main() -> None:
     tokens = sum(t.n_real for t in items)
     results: dict[str, float] = {}
 
-    gaps = Gaps(extraction.batch_hidden)
-    extraction.batch_hidden = gaps  # extract looks the name up at each batch
+    gaps = Gaps(forward.batch_hidden)
+    forward.batch_hidden = gaps  # extract looks the name up at each batch
     batch_hidden = gaps
 
     def timed(label: str, fn) -> None:  # noqa: ANN001
@@ -210,10 +211,10 @@ def main() -> None:
                 timed(label, lambda: to_lake(Lake(tmp, "bench")))
                 writers()
             lake_mod.SYNC_BYTES = sync_bytes
-            fraction, extraction.LAST_BATCH_FRACTION = extraction.LAST_BATCH_FRACTION, 1.0
+            fraction, batching.LAST_BATCH_FRACTION = batching.LAST_BATCH_FRACTION, 1.0
             timed("5l ... the last batch not cut down", lambda: to_lake(Lake(tmp, "bench")))
             writers()
-            extraction.LAST_BATCH_FRACTION = fraction
+            batching.LAST_BATCH_FRACTION = fraction
         if not args.no_trace:
             from torch.profiler import ProfilerActivity, profile
 

@@ -90,6 +90,14 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Copy a host tensor to ``device`` without making the host wait for the device's queued work (a plain
+    ``.to("cuda")`` synchronises the stream: the next batch could not be queued while one runs)."""
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 # CPU flags (Linux /proc/cpuinfo names) of a native bf16 matmul: AMX tiles, or AVX-512 BF16 dot products.
 # Without them torch emulates bf16 and runs slower than float32 (5.8x on an AVX2-only CPU, BENCHMARKS.md).
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
@@ -158,7 +166,7 @@ def converted_gguf_dir(model_id: str) -> Path:
     gguf_path = Path(importlib.import_module(pkg).assemble())
     log.info("converting %s (%s) to a safetensors folder at %s (one time)", model_id, gguf_path, out)
     tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-    model = AutoModelForCausalLM.from_pretrained(
+    model: Any = AutoModelForCausalLM.from_pretrained(
         str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
     )
     model.hf_quantizer = None
@@ -231,7 +239,7 @@ def compile_elementwise(model: Any) -> list[str]:
     return sorted(done)
 
 
-def _patch_forward(cls: type, dynamic: bool = True) -> bool:
+def _patch_forward(cls: type[torch.nn.Module], dynamic: bool = True) -> bool:
     if getattr(cls.forward, "_featurelake_compiled", False):
         return False
     compiled = torch.compile(cls.forward, dynamic=dynamic)

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from dagster_project.lib.extraction import to_device
+from dagster_project.lib.model import to_device
 
 PACKED = "featurelake_packed"
 # model types checked to run packed (positions from ``position_ids``, attention through transformers'

@@ -65,6 +65,7 @@ class NativeEncoder(torch.nn.Module):
         if self.threshold is not None:
             acts = pre * (pre > self.threshold)
         else:
+            assert self.k is not None  # __init__ takes exactly one of threshold and k
             vals, idx = pre.topk(self.k, dim=-1, sorted=False)
             acts = torch.zeros_like(pre).scatter_(-1, idx, vals.relu())
         return acts.reshape(*shape[:-1], -1)

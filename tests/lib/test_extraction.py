@@ -455,7 +455,7 @@ def test_out_of_device_memory_halves_the_batch_and_loses_nothing(
     """A batch that does not fit (simulated: the forward raises torch's OutOfMemoryError above 40 padded
     tokens) is re-planned at half the budget until it fits; every sample comes out once, with the values of
     a run that used small batches from the start; a single text that cannot fit is a clear error."""
-    import dagster_project.lib.extraction as ex
+    import dagster_project.lib.extraction.forward as ex  # where batch_hidden reads forward_layers
 
     saes = {layer: load_gemmascope_dir(tiny_saes / f"layer_{layer}") for layer in (0, 2)}
     items = _random_items(10, 4096, seed=3)
