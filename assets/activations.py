@@ -7,11 +7,13 @@ import dagster as dg
 
 from dagster_project.config import ExtractionConfig, load_profile
 from dagster_project.lib.datasets import parse_registry
-from dagster_project.lib.extraction import LAYER_TABLES, extract_to_lake, tokenize
+from dagster_project.lib.extraction import extract_to_lake, tokenize
 from dagster_project.lib.lake import Lake
+from dagster_project.lib.tables import ACTIVATION_TABLES
 from dagster_project.partitions import layer_dataset_partitions, split_keys
 from dagster_project.provenance import activation_record
 from dagster_project.resources import LakeResource, ModelResource, SAEResource
+from dagster_project.table_metadata import column_schema_metadata
 
 
 def provenance(model: ModelResource, sae_id: str, hook: str) -> dict[str, object]:
@@ -76,7 +78,7 @@ def activations(context: dg.AssetExecutionContext, config: ExtractionConfig, lak
     # leftovers of a killed run, only in the partitions this run writes: another extraction running beside
     # this one (one per GPU) keeps its writes in flight
     lk.clean_temp([lk.partition_dir(t, layer, d) for d, layers in by_dataset.items() for layer in layers
-                   for t in LAYER_TABLES]
+                   for t in ACTIVATION_TABLES]
                   + [lk.partition_dir("tokens", None, d) for d in by_dataset])
     summary: dict[str, float] = {}
     for dataset, layers in by_dataset.items():
@@ -94,5 +96,6 @@ def activations(context: dg.AssetExecutionContext, config: ExtractionConfig, lak
             "partitions": dg.MetadataValue.json({d: v for d, v in by_dataset.items()}),
             "model_id": model.model_id,
             "sae_source": sae.source,
+            **column_schema_metadata("activations"),
         }
     )

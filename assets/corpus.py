@@ -6,6 +6,7 @@ import dagster as dg
 from dagster_project.lib.datasets import get_spec, load_dataset, parse_registry
 from dagster_project.partitions import dataset_partitions
 from dagster_project.resources import LakeResource
+from dagster_project.table_metadata import column_schema_metadata
 
 
 @dg.asset(
@@ -40,5 +41,6 @@ def samples(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.Materia
             "label_counts": dg.MetadataValue.json(ds.label_counts),
             "path": dg.MetadataValue.path(str(path)),
             "preview": dg.MetadataValue.md(preview.to_markdown(index=False)),
+            **column_schema_metadata("samples"),
         }
     )

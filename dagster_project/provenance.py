@@ -23,27 +23,29 @@ from typing import Any
 
 from dagster_project.config import PROFILES, Profile, load_profile
 from dagster_project.lib.lake import Lake, LakeError
+from dagster_project.lib.provenance_record import RECORD_KEYS, ProvenanceRecord
+from dagster_project.lib.tables import ACTIVATION_TABLES
 
-PROVENANCE_KEYS = ("model_id", "sae_id", "hook", "dtype", "sae_dtype", "max_tokens", "config_hash")
-# Every table of a (layer, dataset) partition. An optional one (``token_residuals``, written only where the
-# run or profile asks) that is absent is simply not checked: only the files present must carry the record.
-ACTIVATION_TABLES = ("activations", "token_activations", "residuals", "token_residuals")
+# ACTIVATION_TABLES: every table of a (layer, dataset) partition. An optional one (``token_residuals``, written
+# only where the run or profile asks) that is absent is simply not checked: only the files present must carry
+# the record.
 
 
 def activation_record(model: Any, sae_id: str, hook: str, config_hash: str) -> dict[str, Any]:
-    """The record of a partition extracted with ``model`` (a ``ModelResource``) and the SAE ``sae_id``; its
-    dtype is the one the model runs in (a profile's ``auto`` resolved, never the word)."""
+    """The record (:class:`ProvenanceRecord`, as a dict) of a partition extracted with ``model`` (a
+    ``ModelResource``) and the SAE ``sae_id``; its dtype is the one the model runs in (a profile's ``auto``
+    resolved, never the word)."""
     from dagster_project.lib.model import resolve_dtype
 
-    return {
-        "model_id": model.model_id,
-        "sae_id": sae_id,
-        "hook": hook,
-        "dtype": resolve_dtype(model.dtype, getattr(model, "device", "auto")),
-        "sae_dtype": model.sae_dtype,
-        "max_tokens": model.max_tokens,
-        "config_hash": config_hash,
-    }
+    return ProvenanceRecord(
+        model_id=model.model_id,
+        sae_id=sae_id,
+        hook=hook,
+        dtype=resolve_dtype(model.dtype, getattr(model, "device", "auto")),
+        sae_dtype=model.sae_dtype,
+        max_tokens=model.max_tokens,
+        config_hash=config_hash,
+    ).to_dict()
 
 
 def current_record(lake: Lake, layer: int, profile: Profile | None = None) -> dict[str, Any] | None:
@@ -61,13 +63,13 @@ def current_record(lake: Lake, layer: int, profile: Profile | None = None) -> di
     res = resources_for(profile, lake.root)
     model, sae = res["model"], res["sae"]
     try:
-        sae_id = sae.load(int(layer), lake).sae_id  # type: ignore[attr-defined]
+        sae_id = sae.load(int(layer), lake).sae_id
     except SAEError as e:
         raise LakeError(
             f"cannot check the activations of layer {layer} against profile {profile.name!r}: its SAE does not "
             f"load ({e})"
         ) from e
-    return activation_record(model, sae_id, sae.hook, profile.config_hash())  # type: ignore[attr-defined]
+    return activation_record(model, sae_id, sae.hook, profile.config_hash())
 
 
 # Record fields that are profile settings of the same name: a lake that differs from the profile only in
@@ -78,7 +80,7 @@ SETTINGS = {"dtype": "model.dtype", "sae_dtype": "model.sae_dtype", "max_tokens"
 def settings_hint(record: dict[str, Any], expected: dict[str, Any], profile: Profile) -> str:
     """The sentence that says which profile settings read a partition of ``record`` as it is; ``""`` when
     no setting does (another model or SAE, or a config hash that other fields decide too)."""
-    differ = {k for k in PROVENANCE_KEYS if record.get(k) != expected.get(k)}
+    differ = set(ProvenanceRecord.from_dict(record).differences(ProvenanceRecord.from_dict(expected)))
     settable = differ & SETTINGS.keys()
     if not settable or differ - settable - {"config_hash"}:
         return ""
@@ -104,9 +106,9 @@ def partitions(lake: Lake, layer: int, tables: Sequence[str] = ACTIVATION_TABLES
         folder = lake.table_dir(table) / f"layer={int(layer)}"
         if not folder.is_dir():
             continue
-        for d in sorted(folder.iterdir(), key=lambda p: p.name):
-            if d.name.startswith("dataset=") and lake.exists(table, layer, d.name.split("=", 1)[1]):
-                out.append((table, d.name.split("=", 1)[1]))
+        for name in sorted(str(d.name) for d in folder.iterdir()):
+            if name.startswith("dataset=") and lake.exists(table, layer, name.split("=", 1)[1]):
+                out.append((table, name.split("=", 1)[1]))
     return out
 
 
@@ -132,10 +134,10 @@ def check_layer(
             meta = lake.read_meta(table, layer, dataset)
         except LakeError as e:  # unreadable: say which command rewrites it
             raise LakeError(f"{e}: featurelake backfill --layer {layer} --dataset {dataset}") from e
-        rec = {k: meta.get(k) for k in PROVENANCE_KEYS}
-        if expected is not None and any(rec[k] != expected.get(k) for k in PROVENANCE_KEYS):
+        rec = ProvenanceRecord.from_dict(meta).to_dict()
+        if expected is not None and ProvenanceRecord.from_dict(rec).differences(ProvenanceRecord.from_dict(expected)):
             hint = settings_hint(rec, expected, profile) if profile is not None else ""
-            lake.check_provenance(table, layer, dataset, expected, PROVENANCE_KEYS, hint)  # raises, naming the fields
+            lake.check_provenance(table, layer, dataset, expected, RECORD_KEYS, hint)  # raises, naming the fields
         seen.setdefault(json.dumps(rec, sort_keys=True, default=str), (table, dataset))
         record = rec
     if len(seen) > 1:

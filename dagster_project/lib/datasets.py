@@ -40,26 +40,14 @@ from typing import Any, Literal
 import pyarrow as pa
 import yaml
 
+from dagster_project.lib.tables import SAMPLES_SCHEMA
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_REGISTRY = REPO_ROOT / "registries" / "demo.yaml"
 SLUG = re.compile(r"^[a-z0-9][a-z0-9_]{0,63}$")
 ROLES = ("train", "test", "ood", "control")
 FORMATS = ("json_list", "json_samples", "jsonl", "demo")
 Role = Literal["train", "test", "ood", "control"]
-
-SAMPLES_SCHEMA = pa.schema(
-    [
-        ("sample_id", pa.int32()),
-        ("source_id", pa.string()),
-        ("text", pa.string()),
-        ("label", pa.string()),
-        ("is_positive", pa.bool_()),
-        ("role", pa.string()),
-        ("n_chars", pa.int32()),
-        ("group", pa.string()),
-    ]
-)
-
 
 class DatasetError(ValueError):
     """Bad registry entry or bad input row; the message names the file, row and field."""

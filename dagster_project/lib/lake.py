@@ -50,6 +50,7 @@ from fsspec import AbstractFileSystem
 from upath import UPath
 
 from dagster_project.lib.datasets import check_slug
+from dagster_project.lib.tables import TABLES as REGISTRY
 
 META_KEY = b"featurelake"
 PART = "part-0.parquet"
@@ -86,14 +87,10 @@ def replace_dir(tmp: Path, final: Path) -> None:
 # Buffered bytes before a remote writer sends a part of its multipart upload (S3's minimum is 5 MiB).
 REMOTE_BLOCK_SIZE = 8 << 20
 
-# Tables and which partition keys they carry, in path order.
+# Tables whose partition keys are fixed (in path order, from the registry, ``lib/tables.py``): the corpus and
+# activation tables. A ``stats/...`` table is partitioned by whichever keys a write gives (``_part_dirs``).
 TABLES: dict[str, tuple[str, ...]] = {
-    "samples": ("dataset",),
-    "tokens": ("dataset",),
-    "activations": ("layer", "dataset"),
-    "token_activations": ("layer", "dataset"),
-    "residuals": ("layer", "dataset"),
-    "token_residuals": ("layer", "dataset"),
+    name: spec.partition_keys for name, spec in REGISTRY.items() if not name.startswith("stats/")
 }
 
 
@@ -511,8 +508,10 @@ class Lake:
         if self.remote:
             return sum(self._abort_uploads(f) for f in folders) if folders is not None else self._abort_uploads()
         n = 0
-        found = ([p for f in folders if Path(f).is_dir() for p in Path(f).glob(".tmp-*")] if folders is not None
-                 else list(self.base.rglob(".tmp-*")) if self.base.exists() else [])
+        local = [Path(str(f)) for f in folders] if folders is not None else None  # a local lake: Paths
+        base = Path(str(self.base))
+        found = ([p for f in local if f.is_dir() for p in f.glob(".tmp-*")] if local is not None
+                 else list(base.rglob(".tmp-*")) if base.exists() else [])
         for p in found:
             if p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)

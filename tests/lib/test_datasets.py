@@ -17,6 +17,7 @@ import yaml
 
 from dagster_project.lib import datasets as ds
 from dagster_project.lib.datasets import DatasetError, get_spec, load_dataset, parse_registry
+from dagster_project.lib.tables import SAMPLES_SCHEMA
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHARED_REGISTRY = REPO_ROOT / "registries" / "shared_af.yaml"
@@ -178,7 +179,7 @@ def test_shared_dataset_loads_with_exact_rows(name: str, shared_specs: dict[str,
     loaded = load_dataset(spec, shared_specs)
     texts, labels, n_dup, n_excl = _expected(name)
     t = loaded.table
-    assert t.schema == ds.SAMPLES_SCHEMA
+    assert t.schema == SAMPLES_SCHEMA
     assert t.num_rows == len(texts), f"{name}: {t.num_rows} rows, expected {len(texts)}"
     assert loaded.n_read == len(_raw_rows(file, SHARED[name][1]))
     assert (loaded.n_duplicates, loaded.n_excluded_overlap) == (n_dup, n_excl), name

@@ -1,0 +1,49 @@
+"""Dagster's view of the lake's tables: ``dagster/column_schema`` metadata from the table registry.
+
+The registry (``lib/tables.py``) is pure Arrow; this module turns an entry, or the Arrow schema of a table
+just written (for a table whose SQL decides its columns), into a :class:`dagster.TableSchema`, so the UI
+lists each asset's columns with their Arrow types and nullability. The hive partition keys (``layer``,
+``dataset``) live only in the path; they are listed last, as the catalog's views show them.
+"""
+
+from __future__ import annotations
+
+import dagster as dg
+import pyarrow as pa
+
+from dagster_project.lib.tables import table_spec
+
+COLUMN_SCHEMA_KEY = "dagster/column_schema"
+# The type of each partition key in the catalog's views (``lib/catalog.py``, ``HIVE_TYPES``).
+PARTITION_COLUMN_TYPES = {"layer": "int64", "dataset": "string"}
+
+
+def arrow_table_schema(schema: pa.Schema, partition_keys: tuple[str, ...] = ()) -> dg.TableSchema:
+    """The columns of ``schema`` (name, Arrow type, nullability), then the partition keys."""
+    columns = [
+        dg.TableColumn(f.name, type=str(f.type), constraints=dg.TableColumnConstraints(nullable=f.nullable))
+        for f in schema
+    ]
+    columns += [
+        dg.TableColumn(k, type=PARTITION_COLUMN_TYPES[k], description="partition key: in the path, not the file",
+                       constraints=dg.TableColumnConstraints(nullable=False))
+        for k in partition_keys
+    ]
+    return dg.TableSchema(columns=columns)
+
+
+def column_schema(name: str, d_model: int | None = None, written: pa.Schema | None = None) -> dg.TableSchema:
+    """The registered columns of the lake table ``name`` (``d_model`` for a width-dependent one; ``written``,
+    the schema of the table as written, for one whose columns its SQL statement decides)."""
+    spec = table_spec(name)
+    schema = spec.arrow_schema(d_model) if spec.sql is None else written
+    if schema is None:
+        raise ValueError(f"table {name!r}: its columns are those of sql/{spec.sql}; give the written schema")
+    return arrow_table_schema(schema, spec.partition_keys)
+
+
+def column_schema_metadata(
+    name: str, d_model: int | None = None, written: pa.Schema | None = None
+) -> dict[str, dg.MetadataValue]:
+    """``{"dagster/column_schema": ...}`` of the lake table ``name``, for an asset's materialization."""
+    return {COLUMN_SCHEMA_KEY: dg.MetadataValue.table_schema(column_schema(name, d_model, written))}
