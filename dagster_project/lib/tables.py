@@ -110,19 +110,25 @@ CALL_FIELDS: list[tuple[str, pa.DataType]] = [
     ("attempts", pa.int32()),
     ("cache_key", pa.string()),
 ]
+# A description as written by a call, and the windows it was written from (descriptions and candidates).
+_DESCRIBED: list[tuple[str, pa.DataType]] = [
+    ("status", pa.string()),
+    ("description", pa.string()),
+    ("confidence", pa.int32()),
+    ("error", pa.string()),
+    *CALL_FIELDS,
+    ("top_sample_ids", _IDS),
+    ("negative_sample_ids", _IDS),
+]
+# The windows a scorer judged (detection_scores, explanation_scores).
+_WINDOWS: list[tuple[str, pa.DataType]] = [("window_sample_ids", _IDS), ("window_is_activating", pa.list_(pa.bool_()))]
 DESCRIPTIONS_SCHEMA = pa.schema(
     [
         ("feature_id", pa.int32()),
         ("feature_rank", pa.int32()),
         ("direction", pa.string()),
         ("selectivity", pa.float64()),
-        ("status", pa.string()),
-        ("description", pa.string()),
-        ("confidence", pa.int32()),
-        ("error", pa.string()),
-        *CALL_FIELDS,
-        ("top_sample_ids", _IDS),
-        ("negative_sample_ids", _IDS),
+        *_DESCRIBED,
         ("holdout_sample_ids", _IDS),
         ("holdout_negative_sample_ids", _IDS),
         ("top_max_act", pa.float64()),
@@ -136,13 +142,7 @@ CANDIDATES_SCHEMA = pa.schema(
         ("feature_id", pa.int32()),
         ("candidate", pa.int32()),
         ("is_best", pa.bool_()),
-        ("status", pa.string()),
-        ("description", pa.string()),
-        ("confidence", pa.int32()),
-        ("error", pa.string()),
-        *CALL_FIELDS,
-        ("top_sample_ids", _IDS),
-        ("negative_sample_ids", _IDS),
+        *_DESCRIBED,
         ("validation_status", pa.string()),
         ("validation_error", pa.string()),
         ("validation_balanced_accuracy", pa.float64()),
@@ -165,8 +165,7 @@ EXPLANATION_SCORES_SCHEMA = pa.schema(
         ("error", pa.string()),
         ("description", pa.string()),
         ("description_cache_key", pa.string()),
-        ("window_sample_ids", _IDS),
-        ("window_is_activating", pa.list_(pa.bool_())),
+        *_WINDOWS,
         ("chosen", pa.list_(pa.int32())),
         *CALL_FIELDS,
     ]
@@ -202,8 +201,7 @@ DETECTION_SCHEMA = pa.schema(
         ("n_windows", pa.int32()),
         ("n_activating", pa.int32()),
         ("chosen", pa.list_(pa.int32())),
-        ("window_sample_ids", _IDS),
-        ("window_is_activating", pa.list_(pa.bool_())),
+        *_WINDOWS,
         *CALL_FIELDS,
     ]
 )
@@ -220,6 +218,11 @@ THEMES_SCHEMA = pa.schema(
 
 # ------------------------------------------------------------------------------------------ probe stage
 
+# An AUROC with its bootstrap 95% interval, and the counts a metric was computed on.
+_AUROC: list[tuple[str, pa.DataType]] = [
+    ("auroc", pa.float64()), ("auroc_ci_low", pa.float64()), ("auroc_ci_high", pa.float64())
+]
+_COUNTS: list[tuple[str, pa.DataType]] = [("n", pa.int32()), ("n_pos", pa.int32()), ("n_neg", pa.int32())]
 PROBES_SCHEMA = pa.schema(
     [
         ("probe_id", pa.string()),
@@ -264,12 +267,8 @@ LODO_SCHEMA = pa.schema(
         ("held_out_group", pa.string()),
         ("n_train", pa.int32()),
         ("n_dropped_near_dup", pa.int32()),
-        ("n", pa.int32()),
-        ("n_pos", pa.int32()),
-        ("n_neg", pa.int32()),
-        ("auroc", pa.float64()),
-        ("auroc_ci_low", pa.float64()),
-        ("auroc_ci_high", pa.float64()),
+        *_COUNTS,
+        *_AUROC,
         ("auroc_vs", pa.string()),
         ("detection_rate", pa.float64()),
         ("fpr", pa.float64()),
@@ -294,9 +293,7 @@ PROBE_METRICS_SCHEMA = pa.schema(
         ("cv_auroc", pa.float64()),
         ("eval_dataset", pa.string()),
         ("eval_role", pa.string()),
-        ("auroc", pa.float64()),
-        ("auroc_ci_low", pa.float64()),
-        ("auroc_ci_high", pa.float64()),
+        *_AUROC,
         ("accuracy", pa.float64()),
         ("tpr_at_1pct_fpr", pa.float64()),
         ("fpr_at_1pct_fpr", pa.float64()),
@@ -307,9 +304,7 @@ PROBE_METRICS_SCHEMA = pa.schema(
         ("train_threshold", pa.float64()),
         ("fpr1_threshold", pa.float64()),
         ("threshold_source", pa.string()),
-        ("n", pa.int32()),
-        ("n_pos", pa.int32()),
-        ("n_neg", pa.int32()),
+        *_COUNTS,
         ("n_nonzero", pa.int32()),
         ("train_datasets", pa.list_(pa.string())),
         ("by_label", pa.string()),
@@ -332,17 +327,13 @@ PROBE_CROSS_SCHEMA = pa.schema(
         ("eval_dataset", pa.string()),
         ("eval_role", pa.string()),
         ("in_distribution", pa.bool_()),
-        ("auroc", pa.float64()),
-        ("auroc_ci_low", pa.float64()),
-        ("auroc_ci_high", pa.float64()),
+        *_AUROC,
         ("cv_std", pa.float64()),
         ("accuracy", pa.float64()),
         ("tpr_at_1pct_fpr", pa.float64()),
         ("detection_rate", pa.float64()),
         ("mean_score", pa.float64()),
-        ("n", pa.int32()),
-        ("n_pos", pa.int32()),
-        ("n_neg", pa.int32()),
+        *_COUNTS,
         ("n_nonzero", pa.int32()),
     ]
 )
