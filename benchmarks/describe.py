@@ -37,8 +37,8 @@ from dagster_project.lib.autointerp import FeatureExamples
 from dagster_project.lib.catalog import views_connection
 from dagster_project.lib.describe_examples import load_examples
 from dagster_project.lib.describers import AnthropicDescriber, RetryPolicy, run_describe
+from dagster_project.lib.describers.openai_backend import OpenAICompatDescriber
 from dagster_project.lib.llm_cache import LLMCache
-from dagster_project.lib.openai_backend import OpenAICompatDescriber
 from dagster_project.testing.anthropic_server import AnthropicTestServer
 from dagster_project.testing.describe_lake import DATASETS, build_describe_lake, many_features
 from dagster_project.testing.openai_server import OpenAITestServer

@@ -29,8 +29,8 @@ from dagster_project.lib.describers import (
     run_describe,
     run_detection,
 )
+from dagster_project.lib.describers.openai_backend import OpenAICompatDescriber, redact_url
 from dagster_project.lib.llm_cache import LLMCache
-from dagster_project.lib.openai_backend import OpenAICompatDescriber, redact_url
 from dagster_project.testing import synthetic_features
 from dagster_project.testing.openai_server import FAULT_KINDS, FaultPlan, FaultRule, OpenAITestServer
 

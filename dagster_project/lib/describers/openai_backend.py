@@ -4,7 +4,7 @@ vLLM (``vllm serve M``: ``http://localhost:8000/v1``), llama.cpp's ``llama-serve
 (``http://localhost:8080/v1``), Ollama (``http://localhost:11434/v1``) and OpenAI itself all answer
 ``POST {base_url}/chat/completions``. :class:`OpenAICompatDescriber` talks to them through the official
 ``openai`` SDK (``AsyncOpenAI``) with the same contract as the Anthropic backend, so the runners
-(:func:`~dagster_project.lib.describers.run_describe`, ``run_classify``, ``run_detection``) give it the
+(:func:`~dagster_project.lib.describers.describe.run_describe`, ``run_classify``, ``run_detection``) give it the
 same concurrency limit, call cache, retries with ``retry-after`` and failure recording:
 
 - the fixed instructions go in a ``system`` message, the data in a ``user`` message; the reply is
@@ -19,12 +19,12 @@ same concurrency limit, call cache, retries with ``retry-after`` and failure rec
   unknown;
 - the SDK's own retries (``sdk_max_retries``, 2 by default as in the Anthropic backend) handle short blips
   and honour ``retry-after``; errors it gives up on become
-  :class:`~dagster_project.lib.describers.LLMCallError` with the server's ``retry-after`` for the runner's
+  :class:`~dagster_project.lib.describers.types.LLMCallError` with the server's ``retry-after`` for the runner's
   loop. A rejected key (401/403) or an unknown model or route (404) is an
-  :class:`~dagster_project.lib.describers.LLMConfigError`, which aborts the run instead of failing every
+  :class:`~dagster_project.lib.describers.types.LLMConfigError`, which aborts the run instead of failing every
   feature;
 - a refusal (``message.refusal``, or ``finish_reason == "content_filter"``) and an empty reply raise
-  :class:`~dagster_project.lib.describers.RefusalError` / ``EmptyReplyError`` with the call's usage.
+  :class:`~dagster_project.lib.describers.types.RefusalError` / ``EmptyReplyError`` with the call's usage.
 
 The API key is optional: many local servers need none, and then no ``Authorization`` header is sent at
 all. When given, it is held privately, handed to the SDK, and never logged, cached or put in a record or
@@ -37,16 +37,15 @@ import logging
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from dagster_project.lib.describers import (
-    Describer,
+from dagster_project.lib.describers.sdk import SDKDescriber, map_transport_error
+from dagster_project.lib.describers.types import (
     EmptyReplyError,
     LLMCallError,
     LLMConfigError,
     LLMRequest,
     LLMResponse,
+    PerLoop,
     RefusalError,
-    _PerLoop,
-    map_transport_error,
 )
 
 log = logging.getLogger(__name__)
@@ -70,7 +69,7 @@ def redact_url(url: str | None) -> str | None:
     return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
 
 
-class OpenAICompatDescriber(Describer):
+class OpenAICompatDescriber(SDKDescriber):
     """A model behind an OpenAI-compatible chat-completions endpoint (see the module docstring)."""
 
     backend = "openai"
@@ -120,7 +119,7 @@ class OpenAICompatDescriber(Describer):
         self.sdk_max_retries = sdk_max_retries
         self.price_usd_per_mtok = price_usd_per_mtok
         self.__api_key = api_key or None
-        self._per_loop = _PerLoop()
+        self._per_loop = PerLoop()
 
     def __repr__(self) -> str:
         key = "<hidden>" if self.__api_key else "None"
@@ -144,11 +143,6 @@ class OpenAICompatDescriber(Describer):
                 timeout=self.timeout_s,
             ),
         )
-
-    def _semaphore(self) -> Any:
-        import asyncio
-
-        return self._per_loop.get("semaphore", lambda: asyncio.Semaphore(self.max_concurrency))
 
     def _params(self, request: LLMRequest) -> dict[str, Any]:
         import openai
@@ -231,16 +225,5 @@ class OpenAICompatDescriber(Describer):
     async def complete(self, request: LLMRequest) -> LLMResponse:
         client = self._client()
         async with self._semaphore():
-            try:
-                completion = await client.chat.completions.create(**self._params(request))
-            except Exception as e:
-                mapped = self._map_error(e)
-                if mapped is e:
-                    raise
-                raise mapped from e
+            completion = await self._mapped(lambda: client.chat.completions.create(**self._params(request)))
         return self._to_response(completion)
-
-    async def aclose(self) -> None:
-        client = self._per_loop.pop_all().get("client")
-        if client is not None:
-            await client.close()
