@@ -31,5 +31,6 @@ def test_width_dependent_and_sql_tables() -> None:
 def test_metadata_entry() -> None:
     md = column_schema_metadata("samples")
     assert list(md) == [COLUMN_SCHEMA_KEY]
-    assert isinstance(md[COLUMN_SCHEMA_KEY], dg.TableSchemaMetadataValue)
-    assert [c.name for c in md[COLUMN_SCHEMA_KEY].value.columns][-1] == "dataset"
+    value = md[COLUMN_SCHEMA_KEY]
+    assert isinstance(value, dg.TableSchemaMetadataValue)
+    assert [c.name for c in value.schema.columns][-1] == "dataset"
