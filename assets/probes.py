@@ -14,11 +14,17 @@ from dagster_project.config import ProbeConfig
 from dagster_project.lib.catalog import views_connection
 from dagster_project.lib.ensemble import ENSEMBLE_TABLE, by_layer, layer_ensemble
 from dagster_project.lib.evaluation import (
-    PROVENANCE_KEYS,
+    CROSS_TABLE,
+    LODO_TABLE,
+    METRICS_TABLE,
+    PROBES_TABLE,
+    SCORES_TABLE,
     EvaluationError,
     LayerData,
     activation_provenance,
     best_probes,
+    best_provenance,
+    check_probes_match,
     cross_distribution,
     evaluate_probes,
     feature_infos,
@@ -27,6 +33,7 @@ from dagster_project.lib.evaluation import (
     load_saved_probes,
     lodo_table,
     probe_scores,
+    registry_control_negatives,
     report_figures,
     save_probes,
     saved_dir,
@@ -41,12 +48,6 @@ from dagster_project.partitions import layer_partitions
 from dagster_project.provenance import check_layer
 from dagster_project.resources import LakeResource
 
-PROBES_TABLE = "stats/probes"
-METRICS_TABLE = "stats/probe_metrics"
-SCORES_TABLE = "stats/probe_scores"
-CROSS_TABLE = "stats/probe_cross_distribution"
-LODO_TABLE = "stats/lodo_metrics"
-
 _PREVIEW_PROBES = ["probe_id", "kind", "n_features", "n_nonzero", "rank", "selection_score", "lodo_mean_auroc",
                    "cv_auroc", "cv_rank", "degenerate"]
 _PREVIEW_METRICS = ["probe", "eval_dataset", "eval_role", "auroc", "auroc_ci_low", "auroc_ci_high", "accuracy",
@@ -57,34 +58,6 @@ def _read(lake: Lake, table: str, layer: int, producer: str) -> pa.Table:
     if not lake.exists(table, layer=layer):
         raise dg.Failure(f"{lake.file(table, layer=layer)} does not exist: materialize {producer} for layer {layer}")
     return lake.read(table, layer=layer)
-
-
-def _best_provenance(probes_table: pa.Table) -> dict[str, Any]:
-    """The provenance saved with the layer's best probe (model, SAE, hook, config hash, profile, ...)."""
-    loaded = best_probes(load_saved_probes(probes_table.filter(pc.field("is_best"))))
-    p = loaded.get("sae") or next(iter(loaded.values()), None)
-    return dict(p.probe.provenance) if p is not None else {}
-
-
-def registry_control_negatives() -> tuple[str, ...]:
-    """Control sets the registry marks ``train_as_negatives`` (their calibration half also trains)."""
-    from dagster_project.lib.datasets import parse_registry
-
-    return tuple(sorted(n for n, s in parse_registry().items() if s.role == "control" and s.train_as_negatives))
-
-
-def _check_probes_match(layer: int, loaded: list[Any], current: dict[str, Any]) -> None:
-    """The saved probes were trained on activations like the layer's current ones (else rerun ``probes``)."""
-    stale = [p.probe_id for p in loaded
-             if current and any(p.probe.provenance.get(k) != current.get(k) for k in PROVENANCE_KEYS)]
-    if stale:
-        prov = next(p.probe.provenance for p in loaded if p.probe_id == stale[0])
-        diff = "; ".join(f"{k}: probe has {prov.get(k)!r}, lake has {current.get(k)!r}"
-                         for k in PROVENANCE_KEYS if prov.get(k) != current.get(k))
-        raise EvaluationError(
-            f"{len(stale)} saved probes of layer {layer} were trained on activations of another model/SAE/config "
-            f"than the layer's activations now ({diff}): materialize probes for layer {layer} again"
-        )
 
 
 @dg.asset(
@@ -195,7 +168,7 @@ def evaluation(context: dg.AssetExecutionContext, config: ProbeConfig, lake: Lak
     probes_table = _read(lk, PROBES_TABLE, layer, "probes")
     try:
         loaded = load_saved_probes(probes_table)
-        _check_probes_match(layer, loaded, check_layer(lk, layer))
+        check_probes_match(layer, loaded, check_layer(lk, layer))
         con = views_connection(lk)
         data = LayerData(con, layer)
         ev = evaluate_probes(data, loaded, settings)
@@ -206,7 +179,7 @@ def evaluation(context: dg.AssetExecutionContext, config: ProbeConfig, lake: Lak
         raise dg.Failure(str(e)) from e
     for msg in ev.skipped:
         context.log.warning(f"layer {layer}: skipped {msg}")
-    meta = {**_best_provenance(probes_table), "layer": layer, "settings": settings.to_json()}
+    meta = {**best_provenance(probes_table), "layer": layer, "settings": settings.to_json()}
     paths = {
         "metrics": lk.write(METRICS_TABLE, ev.metrics, layer=layer, meta=meta),
         "scores": lk.write(SCORES_TABLE, scores, layer=layer, meta=meta),
@@ -272,7 +245,7 @@ def probe_report(context: dg.AssetExecutionContext, config: ProbeConfig, lake: L
         features = feature_infos(con, layer, sae.probe, settings) if sae is not None else []
     except (EvaluationError, LakeError) as e:
         raise dg.Failure(str(e)) from e
-    provenance = dict(sae.probe.provenance) if sae is not None else _best_provenance(probes_table)
+    provenance = dict(sae.probe.provenance) if sae is not None else best_provenance(probes_table)
     index = write_report(
         lk, layer, provenance=provenance, probes_table=probes_table, metrics=metrics, cross=cross,
         figures=figs, features=features, best_probe_name=sae.probe_id if sae is not None else None,

@@ -148,9 +148,8 @@ def score_texts(profile: Profile, lake: Lake, model: Any, sae: Any, probe_id: st
     elif dense:
         res = pa.concat_tables(resid)
         res = res.append_column("dataset", pa.array(["score"] * res.num_rows))
-        pooling = probe.spec.value.removeprefix("resid_")
-        X, _, _keys = dense_design(res, samples, pooling)  # type: ignore[arg-type]
-        scores = probe.decision_function(X)
+        Xd, _, _keys = dense_design(res, samples, probe.spec.pooling)
+        scores = probe.decision_function(Xd)
     else:
         rows = pa.concat_tables(pooled)
         rows = rows.append_column("dataset", pa.array(["score"] * rows.num_rows))

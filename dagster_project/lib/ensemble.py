@@ -21,7 +21,7 @@ import duckdb
 import polars as pl
 import pyarrow as pa
 
-from dagster_project.lib.evaluation import PROBE_METRICS_SCHEMA
+from dagster_project.lib.evaluation.schemas import PROBE_METRICS_SCHEMA
 from dagster_project.lib.metrics import evaluate_scores, threshold_at_fpr
 
 ENSEMBLE_TABLE = "stats/probe_ensemble_metrics"

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeAlias
 
 import polars as pl
 import pyarrow as pa
 
-Frame = pa.Table | pl.DataFrame
+Frame: TypeAlias = pa.Table | pl.DataFrame
 
 
 def frame(t: Frame | None) -> pl.DataFrame:
@@ -103,7 +103,8 @@ def control_table(metrics: Frame) -> pl.DataFrame:
     return c.select(cols).sort(["eval_dataset", "kind"])
 
 
-def _f(v: Any, pct: bool = False) -> str:
+def fmt_metric(v: Any, pct: bool = False) -> str:
+    """A metric as ``0.912`` (or ``91.2%`` with ``pct``); ``n/a`` for None or NaN."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "n/a"
     return f"{100 * float(v):.1f}%" if pct else f"{float(v):.3f}"
@@ -122,24 +123,24 @@ def recommendation(probes: Frame, metrics: Frame, lodo: Frame | None = None) -> 
     n_groups = len(set(held["held_out_group"].to_list())) if held.height else 0
     if selection == "lodo":
         why = (f"it has the best worst-case AUROC over the {n_groups} held-out training groups "
-               f"({_f(lead.get('lodo_worst_auroc'))}; mean {_f(lead.get('lodo_mean_auroc'))}); its training CV AUROC "
-               f"({_f(lead['cv_auroc'])}) was not used to choose it, since CV on the training mixture says little "
+               f"({fmt_metric(lead.get('lodo_worst_auroc'))}; mean {fmt_metric(lead.get('lodo_mean_auroc'))}); its training CV AUROC "
+               f"({fmt_metric(lead['cv_auroc'])}) was not used to choose it, since CV on the training mixture says little "
                "about other sources")
     else:
-        why = (f"it has the best training cross-validation AUROC ({_f(lead['cv_auroc'])}); the training sets hold "
+        why = (f"it has the best training cross-validation AUROC ({fmt_metric(lead['cv_auroc'])}); the training sets hold "
                "fewer than two groups that can be held out, so this choice says nothing about other sources")
     kind = "SAE probe" if lead["kind"] == "sae" else "dense baseline"
     text = f"The tool recommends the {kind} `{lead['probe_id']}` ({lead['n_nonzero']} non-zero weights): {why}."
     if other is not None:
         if selection == "lodo":
-            text += (f" The best dense baseline `{other['probe_id']}` scores {_f(other.get('lodo_worst_auroc'))} "
-                     f"worst-case / {_f(other.get('lodo_mean_auroc'))} mean on the same held-out groups.")
+            text += (f" The best dense baseline `{other['probe_id']}` scores {fmt_metric(other.get('lodo_worst_auroc'))} "
+                     f"worst-case / {fmt_metric(other.get('lodo_mean_auroc'))} mean on the same held-out groups.")
         else:
-            text += f" The best dense baseline `{other['probe_id']}` has training CV {_f(other['cv_auroc'])}."
+            text += f" The best dense baseline `{other['probe_id']}` has training CV {fmt_metric(other['cv_auroc'])}."
     ctl = control_table(m)
     if ctl.height and "fpr_at_1pct_fpr" in ctl.columns:
         mine = ctl.filter(pl.col("probe") == lead["probe_id"])
         if mine.height:
             text += (f" At the threshold set on the control sets it flags "
-                     f"{_f(_mean(mine['fpr_at_1pct_fpr'].to_list()), pct=True)} of held-out control texts.")
+                     f"{fmt_metric(_mean(mine['fpr_at_1pct_fpr'].to_list()), pct=True)} of held-out control texts.")
     return text

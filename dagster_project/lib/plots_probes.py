@@ -226,10 +226,10 @@ def plot_ksparse_curve(
     fig = Figure(figsize=(6.5, 4.2))
     ax = fig.add_subplot()
     for i, (name, pts) in enumerate(series.items()):
-        pts = sorted((int(k), float(a)) for k, a in pts if a is not None and not math.isnan(float(a)))
-        if not pts:
+        xy = sorted((int(k), float(a)) for k, a in pts if a is not None and not math.isnan(float(a)))
+        if not xy:
             continue
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=4, lw=1.3, label=name,
+        ax.plot([p[0] for p in xy], [p[1] for p in xy], marker="o", ms=4, lw=1.3, label=name,
                 color=_GROUP_COLOURS[i % len(_GROUP_COLOURS)])
     ax.set_xscale("log")
     ax.set_xlabel("k (features, chosen by selectivity in every training group)")

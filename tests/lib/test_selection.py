@@ -9,6 +9,7 @@ import scipy.sparse as sp
 from dagster_project.lib import probes as pr
 from dagster_project.lib import selection as sel
 from dagster_project.lib.metrics import threshold_at_fpr
+from dagster_project.lib.probes import search
 
 BASE = "the model considered the request carefully and decided to {} because the rules said so today"
 
@@ -78,7 +79,7 @@ def test_held_out_group_loop_never_trains_on_the_held_out_group() -> None:
     X = sp.csr_matrix(rng.random((len(y), 6)) + y[:, None] * np.array([1.0, 0, 0, 0, 0, 0]))
     marked = sp.csr_matrix(np.hstack([X.toarray(), np.arange(len(y))[:, None] + 1.0]))  # column 6: row id + 1
     seen: list[set[int]] = []
-    real_fit = pr.fit_probe
+    real_fit = search.fit_probe
 
     def spy(spec, Xf, yf, seed=0, **kw):  # noqa: ANN001, ANN202
         ids = np.asarray(sp.csr_matrix(Xf)[:, -1].toarray()).ravel() if 6 in spec.feature_ids else None
@@ -86,15 +87,15 @@ def test_held_out_group_loop_never_trains_on_the_held_out_group() -> None:
             seen.append({int(i) - 1 for i in ids})
         return real_fit(spec, Xf, yf, seed=seed, **kw)
 
-    pr.fit_probe = spy  # type: ignore[assignment]
+    search.fit_probe = spy  # type: ignore[assignment]
     try:
         plan = pr.SelectionPlan(mode="lodo", splits=splits, clusters=clusters)
         cfg = pr.ProbeGridConfig(folds=3)
         designs = pr.Designs(marked, feature_ids=np.arange(7))
         spec = pr.ProbeSpec("p", "fixed", tuple(range(7)), penalty="l2", C=1.0)
-        result = pr._run(spec, designs, y, cfg, "grid", plan)
+        result = search._run(spec, designs, y, cfg, "grid", plan)
     finally:
-        pr.fit_probe = real_fit  # type: ignore[assignment]
+        search.fit_probe = real_fit  # type: ignore[assignment]
     assert [r["held_out_group"] for r in result.lodo] == ["a", "b", "c"]
     held_fits = seen[-3:]  # the last three fits are the held-out ones, in split order
     for s, rows in zip(splits, held_fits, strict=True):
@@ -116,10 +117,10 @@ def test_all_zero_weights_are_degenerate_and_never_best() -> None:
     rng = np.random.default_rng(0)
     y = np.array([0, 1] * 30, dtype=np.int8)
     X = sp.csr_matrix(rng.random((60, 5)) + y[:, None] * 0.5)
-    strong = pr._run(pr.ProbeSpec("strong", "s", tuple(range(5)), penalty="l2", C=1.0), pr.Designs(X, feature_ids=np.arange(5)), y,
+    strong = search._run(pr.ProbeSpec("strong", "s", tuple(range(5)), penalty="l2", C=1.0), pr.Designs(X, feature_ids=np.arange(5)), y,
                      pr.ProbeGridConfig(folds=3), "grid")
     # an L1 probe regularised so hard that every weight is zero
-    zero = pr._run(pr.ProbeSpec("zero", "s", tuple(range(5)), penalty="l1", C=1e-6), pr.Designs(X, feature_ids=np.arange(5)), y,
+    zero = search._run(pr.ProbeSpec("zero", "s", tuple(range(5)), penalty="l1", C=1e-6), pr.Designs(X, feature_ids=np.arange(5)), y,
                    pr.ProbeGridConfig(folds=3), "grid")
     assert zero.probe.n_nonzero == 0 and zero.degenerate
     assert not strong.degenerate
@@ -134,7 +135,7 @@ def test_control_threshold_gives_the_control_fpr_asked_for() -> None:
     cal = sp.csr_matrix(rng.random((200, 4)) * 1.5)
     for fpr in (0.01, 0.05, 0.2):
         plan = pr.SelectionPlan(control_fpr=fpr)
-        r = pr._run(pr.ProbeSpec("p", "s", tuple(range(4)), penalty="l2", C=1.0), pr.Designs(X, cal, None, np.arange(4)),
+        r = search._run(pr.ProbeSpec("p", "s", tuple(range(4)), penalty="l2", C=1.0), pr.Designs(X, cal, None, np.arange(4)),
                     y, pr.ProbeGridConfig(folds=3), "grid", plan)
         scores = r.probe.decision_function(cal)
         assert r.probe.threshold_source == "control"
