@@ -4,7 +4,7 @@ applied to any other, saved and loaded with the probe."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 import numpy as np
 import scipy.sparse as sp
@@ -34,28 +34,29 @@ def _sparse_or_dense(X: Pooled) -> Pooled:
     return sp.csr_matrix(X, dtype=np.float64) if sp.issparse(X) else np.asarray(X, dtype=np.float64)
 
 
-class RawTransform:
-    """Identity."""
+class _Stateless:
+    """A transform with nothing to learn: ``fit`` returns it as it is, its state is empty."""
 
-    name = "raw"
-
-    def fit(self, X: Pooled) -> RawTransform:
+    def fit(self, X: Pooled) -> Self:
         return self
-
-    def apply(self, X: Pooled) -> Pooled:
-        return _sparse_or_dense(X)
 
     def state(self) -> tuple[dict[str, Any], dict[str, NDArray[Any]]]:
         return {}, {}
 
 
-class BinaryTransform:
+class RawTransform(_Stateless):
+    """Identity."""
+
+    name = "raw"
+
+    def apply(self, X: Pooled) -> Pooled:
+        return _sparse_or_dense(X)
+
+
+class BinaryTransform(_Stateless):
     """1 where the feature fired (> 0), else 0. Keeps sparsity."""
 
     name = "binary"
-
-    def fit(self, X: Pooled) -> BinaryTransform:
-        return self
 
     def apply(self, X: Pooled) -> Pooled:
         if sp.issparse(X):
@@ -65,17 +66,11 @@ class BinaryTransform:
             return out
         return (np.asarray(X) > 0).astype(np.float64)
 
-    def state(self) -> tuple[dict[str, Any], dict[str, NDArray[Any]]]:
-        return {}, {}
 
-
-class Log1pTransform:
+class Log1pTransform(_Stateless):
     """``sign(x) * log1p(|x|)``: ``log1p`` for the non-negative pooled activations. Keeps sparsity."""
 
     name = "log1p"
-
-    def fit(self, X: Pooled) -> Log1pTransform:
-        return self
 
     def apply(self, X: Pooled) -> Pooled:
         if sp.issparse(X):
@@ -85,11 +80,8 @@ class Log1pTransform:
         arr = np.asarray(X, dtype=np.float64)
         return np.sign(arr) * np.log1p(np.abs(arr))
 
-    def state(self) -> tuple[dict[str, Any], dict[str, NDArray[Any]]]:
-        return {}, {}
 
-
-class ZScoreTransform:
+class ZScoreTransform(_Stateless):
     """Per-sample z-score across the chosen features: ``(x - row mean) / row std``.
 
     Stateless (each sample is normalised by itself). The output is dense, of size samples x chosen
@@ -98,9 +90,6 @@ class ZScoreTransform:
 
     name = "zscore"
 
-    def fit(self, X: Pooled) -> ZScoreTransform:
-        return self
-
     def apply(self, X: Pooled) -> Pooled:
         arr = sp.csr_matrix(X).toarray() if sp.issparse(X) else np.array(X, dtype=np.float64)
         arr = arr.astype(np.float64, copy=False)
@@ -108,9 +97,6 @@ class ZScoreTransform:
         sd = arr.std(axis=1, keepdims=True)
         safe = np.where(sd > 0, sd, 1.0)
         return np.where(sd > 0, (arr - mu) / safe, 0.0)
-
-    def state(self) -> tuple[dict[str, Any], dict[str, NDArray[Any]]]:
-        return {}, {}
 
 
 class QuantileTransform:
