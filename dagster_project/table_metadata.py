@@ -1,7 +1,7 @@
 """Dagster's view of the lake's tables: ``dagster/column_schema`` metadata from the table registry.
 
-The registry (``lib/tables.py``) is pure Arrow; this module turns an entry, or the Arrow schema of a table
-just written (for a table whose SQL decides its columns), into a :class:`dagster.TableSchema`, so the UI
+The registry (``lib/tables.py``) is pure Arrow; this module turns an entry (or any Arrow schema) into a
+:class:`dagster.TableSchema`, so the UI
 lists each asset's columns with their Arrow types and nullability. The hive partition keys (``layer``,
 ``dataset``) live only in the path; they are listed last, as the catalog's views show them.
 """
@@ -32,18 +32,12 @@ def arrow_table_schema(schema: pa.Schema, partition_keys: tuple[str, ...] = ()) 
     return dg.TableSchema(columns=columns)
 
 
-def column_schema(name: str, d_model: int | None = None, written: pa.Schema | None = None) -> dg.TableSchema:
-    """The registered columns of the lake table ``name`` (``d_model`` for a width-dependent one; ``written``,
-    the schema of the table as written, for one whose columns its SQL statement decides)."""
+def column_schema(name: str, d_model: int | None = None) -> dg.TableSchema:
+    """The registered columns of the lake table ``name`` (``d_model`` for a width-dependent one)."""
     spec = table_spec(name)
-    schema = spec.arrow_schema(d_model) if spec.sql is None else written
-    if schema is None:
-        raise ValueError(f"table {name!r}: its columns are those of sql/{spec.sql}; give the written schema")
-    return arrow_table_schema(schema, spec.partition_keys)
+    return arrow_table_schema(spec.arrow_schema(d_model), spec.partition_keys)
 
 
-def column_schema_metadata(
-    name: str, d_model: int | None = None, written: pa.Schema | None = None
-) -> dict[str, dg.MetadataValue]:
+def column_schema_metadata(name: str, d_model: int | None = None) -> dict[str, dg.MetadataValue]:
     """``{"dagster/column_schema": ...}`` of the lake table ``name``, for an asset's materialization."""
-    return {COLUMN_SCHEMA_KEY: dg.MetadataValue.table_schema(column_schema(name, d_model, written))}
+    return {COLUMN_SCHEMA_KEY: dg.MetadataValue.table_schema(column_schema(name, d_model))}

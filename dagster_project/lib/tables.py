@@ -4,7 +4,7 @@ Each :class:`TableSpec` is one table of ``lake/README.md``: its name (the path u
 ``stats/<name>`` for the statistics, describe and probe stages), the hive partition keys in path order (they
 live only in the path, never in the file), and its Arrow schema (field order, types and nullability exactly
 as written). A schema whose width is the model's (``residuals``, ``token_residuals``) is a function of
-``d_model``; a table whose columns a SQL statement decides (``sql/stats/*.sql``) names that statement instead.
+``d_model``; a table a SQL statement computes (``sql/stats/*.sql``) also names that statement.
 Rows a stage builds in Python may be dataclasses whose fields are the schema's names
 (:class:`SampleRow`, ...); :func:`table_from_rows` turns them (or plain mappings) into a table of the
 registered schema.
@@ -77,12 +77,8 @@ def residual_schema(d_model: int) -> pa.Schema:
 
 
 def token_residual_schema(d_model: int) -> pa.Schema:
-    """``token_residuals``: one row per real token (``token_pos`` as in ``tokens`` and ``token_activations``),
-    the layer's output as ``resid_scale * resid``. float16 halves float32's bytes, and DuckDB (2.0) reads a
-    Parquet Float16 column as FLOAT; but Gemma's residual stream has a few "massive" values beyond float16's
-    range (65,504), so each row carries a power-of-two scale, 1.0 unless the row's largest |value| would
-    overflow. The catalog's view applies the scale (``lib/catalog.py``);
-    :func:`dagster_project.lib.lake.read_token_residuals` returns the float32 vectors."""
+    """``token_residuals``: per real token, the layer's output as ``resid_scale * resid`` (float16 and a
+    power-of-two scale that keeps Gemma's few values beyond float16's range; see ``lake/README.md``)."""
     return pa.schema(
         [
             ("sample_id", pa.int32()),
@@ -91,6 +87,113 @@ def token_residual_schema(d_model: int) -> pa.Schema:
             ("resid_scale", pa.float32()),
         ]
     )
+
+
+# ------------------------------------------------------------------------------------------ statistics
+# The columns of each ``sql/stats`` statement's result as written (its ``layer`` column dropped: it lives in
+# the path), given activations of POOLED_SCHEMA; tests/lib/test_tables.py runs the SQL to hold them.
+
+FEATURE_STATS_SCHEMA = pa.schema(
+    [
+        ("feature_id", pa.int32()),
+        ("n_pos", pa.int64()),
+        ("n_neg", pa.int64()),
+        ("pos_mean", pa.float64()),
+        ("neg_mean", pa.float64()),
+        ("pos_freq", pa.float64()),
+        ("neg_freq", pa.float64()),
+        ("max_act", pa.float32()),
+        ("selectivity", pa.float64()),
+        ("pos_mean_mean_act", pa.float64()),
+        ("neg_mean_mean_act", pa.float64()),
+        ("selectivity_mean_act", pa.float64()),
+        ("is_active", pa.bool_()),
+        ("p_value", pa.float64()),
+        ("q_value", pa.float64()),
+    ]
+)
+ACTIVATION_PROFILE_SCHEMA = pa.schema(
+    [
+        ("dataset", pa.string()),
+        ("n_samples", pa.int64()),
+        ("n_tokens", pa.int64()),
+        ("active_per_sample_mean", pa.float64()),
+        ("active_per_sample_median", pa.float64()),
+        ("active_per_sample_p90", pa.float64()),
+        ("n_samples_no_active", pa.int64()),
+        ("n_active_rows", pa.int64()),
+        ("max_act_mean", pa.float64()),
+        ("max_act_p50", pa.float32()),
+        ("max_act_p99", pa.float32()),
+        ("n_features_active", pa.int64()),
+        ("n_dead_features", pa.int64()),
+    ]
+)
+SELECTED_FEATURES_SCHEMA = pa.schema(
+    [
+        ("feature_id", pa.int32()),
+        ("rank", pa.int64()),
+        ("direction", pa.string()),
+        ("selectivity", pa.float64()),
+        ("abs_selectivity", pa.float64()),
+        ("freq", pa.float64()),
+        ("pos_mean", pa.float64()),
+        ("neg_mean", pa.float64()),
+        ("pos_freq", pa.float64()),
+        ("neg_freq", pa.float64()),
+        ("max_act", pa.float32()),
+        ("selectivity_mean_act", pa.float64()),
+        ("p_value", pa.float64()),
+        ("q_value", pa.float64()),
+        ("reason", pa.string()),
+    ]
+)
+CROSS_DISTRIBUTION_SCHEMA = pa.schema(
+    [
+        ("dataset_a", pa.string()),
+        ("dataset_b", pa.string()),
+        ("n_active_a", pa.int64()),
+        ("n_active_b", pa.int64()),
+        ("n_both", pa.int64()),
+        ("n_either", pa.int64()),
+        ("jaccard", pa.float64()),
+        ("frac_a_in_b", pa.float64()),
+    ]
+)
+DATASET_SELECTIVITY_SCHEMA = pa.schema(
+    [
+        ("dataset", pa.string()),
+        ("role", pa.string()),
+        ("feature_id", pa.int32()),
+        ("n_pos", pa.int64()),
+        ("n_neg", pa.int64()),
+        ("pos_mean", pa.float64()),
+        ("neg_mean", pa.float64()),
+        ("pos_freq", pa.float64()),
+        ("neg_freq", pa.float64()),
+        ("max_act", pa.float32()),
+        ("selectivity", pa.float64()),
+        ("is_active", pa.bool_()),
+    ]
+)
+RANK_CORRELATION_SCHEMA = pa.schema(
+    [("dataset_a", pa.string()), ("dataset_b", pa.string()), ("n_features", pa.int64()),
+     ("spearman", pa.float64()), ("pearson", pa.float64())]
+)
+SELECTED_TRANSFER_SCHEMA = pa.schema(
+    [
+        ("dataset", pa.string()),
+        ("role", pa.string()),
+        ("direction", pa.string()),
+        ("n_samples", pa.int64()),
+        ("n_selected", pa.int64()),
+        ("n_firing", pa.int64()),
+        ("frac_firing", pa.float64()),
+        ("mean_act", pa.float64()),
+        ("train_mean_act", pa.float64()),
+        ("mean_act_ratio", pa.float64()),
+    ]
+)
 
 
 # ------------------------------------------------------------------------------------------ describe stage
@@ -311,13 +414,8 @@ PROBE_METRICS_SCHEMA = pa.schema(
     ]
 )
 PROBE_SCORES_SCHEMA = pa.schema(
-    [
-        ("probe", pa.string()),
-        ("kind", pa.string()),
-        ("dataset", pa.string()),
-        ("sample_id", pa.int32()),
-        ("score", pa.float64()),
-    ]
+    [("probe", pa.string()), ("kind", pa.string()), ("dataset", pa.string()), ("sample_id", pa.int32()),
+     ("score", pa.float64())]
 )
 PROBE_CROSS_SCHEMA = pa.schema(
     [
@@ -351,9 +449,9 @@ ENSEMBLE_SCHEMA = pa.schema([PROBE_METRICS_SCHEMA.field(n) for n in _ENSEMBLE_SH
 
 @dataclass(frozen=True)
 class TableSpec:
-    """One lake table: ``name`` (its path under the namespace), ``partition_keys`` (hive keys in path order)
-    and exactly one of ``schema`` (fixed), ``width_schema`` (a function of ``d_model``) or ``sql`` (the
-    statement under ``sql/`` whose result is written as it comes)."""
+    """One lake table: ``name`` (its path under the namespace), ``partition_keys`` (hive keys in path order),
+    exactly one of ``schema`` (fixed) and ``width_schema`` (a function of ``d_model``), and ``sql``, the
+    statement under ``sql/`` that computes it, where one does."""
 
     name: str
     partition_keys: tuple[str, ...]
@@ -363,21 +461,16 @@ class TableSpec:
     sql: str | None = None
 
     def __post_init__(self) -> None:
-        given = [x for x in (self.schema, self.width_schema, self.sql) if x is not None]
-        if len(given) != 1:
-            raise ValueError(f"table {self.name!r}: give exactly one of schema, width_schema and sql")
+        if (self.schema is None) == (self.width_schema is None):
+            raise ValueError(f"table {self.name!r}: give exactly one of schema and width_schema")
 
-    @property
-    def view(self) -> str:
-        """The catalog's view name of the table (its last path segment)."""
-        return self.name.rsplit("/", 1)[-1]
-
-    def arrow_schema(self, d_model: int | None = None) -> pa.Schema | None:
-        """The Arrow schema written; ``d_model`` for a width-dependent table; ``None`` where SQL decides."""
+    def arrow_schema(self, d_model: int | None = None) -> pa.Schema:
+        """The Arrow schema written (``d_model`` for a width-dependent table)."""
         if self.width_schema is not None:
             if d_model is None:
                 raise ValueError(f"table {self.name!r} is d_model wide: give d_model")
             return self.width_schema(int(d_model))
+        assert self.schema is not None
         return self.schema
 
 
@@ -385,8 +478,8 @@ def _stat(name: str, description: str, **kw: Any) -> TableSpec:
     return TableSpec(f"stats/{name}", (LAYER,), description, **kw)
 
 
-def _sql_stat(name: str, description: str) -> TableSpec:
-    return _stat(name, description, sql=f"stats/{name}.sql")
+def _sql_stat(name: str, description: str, schema: pa.Schema) -> TableSpec:
+    return _stat(name, description, schema=schema, sql=f"stats/{name}.sql")
 
 
 _SPECS = (
@@ -401,13 +494,20 @@ _SPECS = (
               width_schema=residual_schema),
     TableSpec("token_residuals", (LAYER, DATASET), "Per real token, the layer's output (float16 x a scale).",
               width_schema=token_residual_schema),
-    _sql_stat("feature_stats", "Per feature: class means, frequencies, selectivity and significance."),
-    _sql_stat("activation_profile", "Per dataset: density and magnitude of the layer's activations."),
-    _sql_stat("selected_features", "The features kept for describing and probing, ranked, with a reason."),
-    _sql_stat("cross_distribution", "Per ordered dataset pair: Jaccard overlap of active feature sets."),
-    _sql_stat("dataset_selectivity", "Per (dataset, feature): selectivity on every dataset with both classes."),
-    _sql_stat("selectivity_rank_correlation", "Per dataset pair: rank correlation of per-dataset selectivity."),
-    _sql_stat("selected_transfer", "Per dataset and direction: how the selected features fire vs training."),
+    _sql_stat("feature_stats", "Per feature: class means, frequencies, selectivity and significance.",
+              FEATURE_STATS_SCHEMA),
+    _sql_stat("activation_profile", "Per dataset: density and magnitude of the layer's activations.",
+              ACTIVATION_PROFILE_SCHEMA),
+    _sql_stat("selected_features", "The features kept for describing and probing, ranked, with a reason.",
+              SELECTED_FEATURES_SCHEMA),
+    _sql_stat("cross_distribution", "Per ordered dataset pair: Jaccard overlap of active feature sets.",
+              CROSS_DISTRIBUTION_SCHEMA),
+    _sql_stat("dataset_selectivity", "Per (dataset, feature): selectivity on every dataset with both classes.",
+              DATASET_SELECTIVITY_SCHEMA),
+    _sql_stat("selectivity_rank_correlation", "Per dataset pair: rank correlation of per-dataset selectivity.",
+              RANK_CORRELATION_SCHEMA),
+    _sql_stat("selected_transfer", "Per dataset and direction: how the selected features fire vs training.",
+              SELECTED_TRANSFER_SCHEMA),
     _stat("descriptions", "The kept description per selected feature.", schema=DESCRIPTIONS_SCHEMA),
     _stat("description_candidates", "Every candidate description, with its validation detection score.",
           schema=CANDIDATES_SCHEMA),
@@ -441,12 +541,8 @@ def table_spec(name: str) -> TableSpec:
 
 
 def schema_of(name: str, d_model: int | None = None) -> pa.Schema:
-    """The Arrow schema of the table ``name`` (``d_model`` for a width-dependent one); an error for a table
-    whose columns its SQL statement decides."""
-    schema = table_spec(name).arrow_schema(d_model)
-    if schema is None:
-        raise ValueError(f"table {name!r} has no fixed schema: its columns are those of sql/{table_spec(name).sql}")
-    return schema
+    """The Arrow schema of the table ``name`` (``d_model`` for a width-dependent one)."""
+    return table_spec(name).arrow_schema(d_model)
 
 
 # ------------------------------------------------------------------------------------------ rows
