@@ -115,25 +115,24 @@ class LayerData:
 
     # -- designs ---------------------------------------------------------------------------
 
-    def rows(self, datasets: Sequence[str]) -> pl.DataFrame:
-        """Pooled sparse rows of ``datasets`` at this layer (read once per dataset)."""
-        todo = [d for d in datasets if d not in self._rows]
+    def _read_once(self, cache: dict[str, pl.DataFrame], statement: str, datasets: Sequence[str]) -> None:
+        """Read ``statement`` at this layer for the ``datasets`` not in ``cache`` yet, one frame per dataset."""
+        todo = [d for d in datasets if d not in cache]
         if todo:
-            df = polars_of(relation(self.con, "probes/pooled_rows", {"layer": self.layer, "datasets": todo}))
+            df = polars_of(relation(self.con, statement, {"layer": self.layer, "datasets": todo}))
             df = df.with_columns(pl.col("dataset").cast(pl.String))
             for d in todo:
-                self._rows[d] = df.filter(pl.col("dataset") == d)
+                cache[d] = df.filter(pl.col("dataset") == d)
+
+    def rows(self, datasets: Sequence[str]) -> pl.DataFrame:
+        """Pooled sparse rows of ``datasets`` at this layer (read once per dataset)."""
+        self._read_once(self._rows, "probes/pooled_rows", datasets)
         return pl.concat([self._rows[d] for d in datasets]) if datasets else pl.DataFrame()
 
     def residual_rows(self, datasets: Sequence[str]) -> pl.DataFrame:
         if not self.has_residual_view:
             raise EvaluationError(f"the lake has no residuals view: extract layer {self.layer} with residuals")
-        todo = [d for d in datasets if d not in self._resid]
-        if todo:
-            df = polars_of(relation(self.con, "probes/residuals", {"layer": self.layer, "datasets": todo}))
-            df = df.with_columns(pl.col("dataset").cast(pl.String))
-            for d in todo:
-                self._resid[d] = df.filter(pl.col("dataset") == d)
+        self._read_once(self._resid, "probes/residuals", datasets)
         return pl.concat([self._resid[d] for d in datasets])
 
     def has_residuals(self, dataset: str) -> bool:
