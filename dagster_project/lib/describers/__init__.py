@@ -39,6 +39,8 @@ from dagster_project.lib.describers.describe import (
     run_best_of_n,
     run_describe,
 )
+from dagster_project.lib.describers.errors import EmptyReplyError, LLMCallError, LLMConfigError, RefusalError
+from dagster_project.lib.describers.interface import Describer
 from dagster_project.lib.describers.offline_backend import (
     OfflineDescriber,
     OfflineRelevance,
@@ -51,27 +53,21 @@ from dagster_project.lib.describers.openai_backend import (
     OpenAICompatDescriber,
     redact_url,
 )
-from dagster_project.lib.describers.scoring import detection_score_record, run_detection, run_fuzzing
-from dagster_project.lib.describers.sdk import map_transport_error
-from dagster_project.lib.describers.types import (
+from dagster_project.lib.describers.prices import (
     BATCH_DISCOUNT,
     CACHE_READ_MULTIPLIER,
     CACHE_WRITE_MULTIPLIER,
     PRICES_USD_PER_MTOK,
-    ClassifyBatchPayload,
-    ClassifyPayload,
+    estimate_cost_usd,
+)
+from dagster_project.lib.describers.scoring import detection_score_record, run_detection, run_fuzzing
+from dagster_project.lib.describers.sdk import map_transport_error
+from dagster_project.lib.describers.types import (
     DescribePayload,
-    Describer,
     DetectPayload,
-    EmptyReplyError,
-    FuzzPayload,
-    LLMCallError,
-    LLMConfigError,
     LLMRequest,
     LLMResponse,
     ProgressFn,
-    RefusalError,
-    estimate_cost_usd,
 )
 
 __all__ = [
@@ -82,14 +78,11 @@ __all__ = [
     "PRICES_USD_PER_MTOK",
     "AnthropicDescriber",
     "CandidateRecord",
-    "ClassifyBatchPayload",
-    "ClassifyPayload",
     "ClaudeCLIDescriber",
     "DescribePayload",
     "Describer",
     "DetectPayload",
     "EmptyReplyError",
-    "FuzzPayload",
     "GenerationParams",
     "LLMCallError",
     "LLMConfigError",

@@ -9,17 +9,11 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from dagster_project.lib.describers.errors import EmptyReplyError, LLMCallError, LLMConfigError, RefusalError
+from dagster_project.lib.describers.interface import PerLoop
+from dagster_project.lib.describers.prices import estimate_cost_usd
 from dagster_project.lib.describers.sdk import SDKDescriber, map_transport_error
-from dagster_project.lib.describers.types import (
-    EmptyReplyError,
-    LLMCallError,
-    LLMConfigError,
-    LLMRequest,
-    LLMResponse,
-    PerLoop,
-    RefusalError,
-    estimate_cost_usd,
-)
+from dagster_project.lib.describers.types import LLMRequest, LLMResponse
 
 log = logging.getLogger(__name__)
 

@@ -19,14 +19,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from dagster_project.lib.autointerp import CallInfo, DescriptionRecord, ReplyParseError
-from dagster_project.lib.describers.types import (
-    Describer,
-    LLMCallError,
-    LLMRequest,
-    LLMResponse,
-    ProgressFn,
-)
+from dagster_project.lib.autointerp import CallInfo, DescriptionRecord, Prompt, ReplyParseError
+from dagster_project.lib.describers.errors import LLMCallError
+from dagster_project.lib.describers.interface import Describer
+from dagster_project.lib.describers.types import LLMRequest, LLMResponse, ProgressFn
 from dagster_project.lib.llm_cache import LLMCache, cache_key
 
 log = logging.getLogger(__name__)
@@ -68,6 +64,22 @@ class GenerationParams:
 
     max_tokens: int = 600
     temperature: float | None = None
+
+
+def prompt_request(
+    kind: str, prompt: Prompt, prompt_version: str, params: GenerationParams, payload: Any, *,
+    max_tokens: int | None = None,
+) -> LLMRequest:
+    """The call of a built prompt with the run's generation parameters (``max_tokens`` overrides theirs)."""
+    return LLMRequest(
+        kind=kind,
+        system=prompt.system,
+        user=prompt.user,
+        prompt_version=prompt_version,
+        max_tokens=params.max_tokens if max_tokens is None else max_tokens,
+        temperature=params.temperature,
+        payload=payload,
+    )
 
 
 @dataclass

@@ -34,15 +34,11 @@ from dagster_project.lib.describers.calls import (
     check_unique,
     gather_bounded,
     log_summary,
+    prompt_request,
     request_key,
 )
-from dagster_project.lib.describers.types import (
-    ClassifyBatchPayload,
-    ClassifyPayload,
-    Describer,
-    LLMRequest,
-    ProgressFn,
-)
+from dagster_project.lib.describers.interface import Describer
+from dagster_project.lib.describers.types import ClassifyBatchPayload, ClassifyPayload, LLMRequest, ProgressFn
 from dagster_project.lib.llm_cache import LLMCache
 
 log = logging.getLogger(__name__)
@@ -72,27 +68,16 @@ class _Classify:
     def request(self, description: str) -> LLMRequest:
         """The single classify call for ``description``."""
         prompt = build_classify_prompt(description, self.rubric, self.prompt_version)
-        return LLMRequest(
-            kind="classify",
-            system=prompt.system,
-            user=prompt.user,
-            prompt_version=self.prompt_version,
-            max_tokens=self.params.max_tokens,
-            temperature=self.params.temperature,
-            payload=ClassifyPayload(description, self.rubric),
-        )
+        payload = ClassifyPayload(description, self.rubric)
+        return prompt_request("classify", prompt, self.prompt_version, self.params, payload)
 
     def batch_request(self, items: tuple[tuple[str, str], ...]) -> LLMRequest:
         """The batched classify call for ``items`` ((id, description) pairs)."""
         prompt = build_classify_batch_prompt(items, self.rubric, self.prompt_version)
-        return LLMRequest(
-            kind="classify_batch",
-            system=prompt.system,
-            user=prompt.user,
-            prompt_version=self.prompt_version,
+        payload = ClassifyBatchPayload(items, self.rubric)
+        return prompt_request(
+            "classify_batch", prompt, self.prompt_version, self.params, payload,
             max_tokens=max(self.params.max_tokens, 120 * len(items)),
-            temperature=self.params.temperature,
-            payload=ClassifyBatchPayload(items, self.rubric),
         )
 
     def record(

@@ -9,15 +9,9 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from dagster_project.lib.describers.types import (
-    Describer,
-    EmptyReplyError,
-    LLMCallError,
-    LLMConfigError,
-    LLMRequest,
-    LLMResponse,
-    PerLoop,
-)
+from dagster_project.lib.describers.errors import EmptyReplyError, LLMCallError, LLMConfigError
+from dagster_project.lib.describers.interface import Describer, PerLoop
+from dagster_project.lib.describers.types import LLMRequest, LLMResponse
 
 
 class ClaudeCLIDescriber(Describer):

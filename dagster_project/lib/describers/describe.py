@@ -34,14 +34,11 @@ from dagster_project.lib.describers.calls import (
     check_unique,
     gather_bounded,
     log_summary,
+    prompt_request,
 )
+from dagster_project.lib.describers.interface import Describer
 from dagster_project.lib.describers.scoring import run_detection
-from dagster_project.lib.describers.types import (
-    DescribePayload,
-    Describer,
-    LLMRequest,
-    ProgressFn,
-)
+from dagster_project.lib.describers.types import DescribePayload, LLMRequest, ProgressFn
 from dagster_project.lib.llm_cache import LLMCache
 
 log = logging.getLogger(__name__)
@@ -52,15 +49,7 @@ def describe_request(
 ) -> LLMRequest:
     """The describe call for one feature; raises :class:`PromptError` when its examples make no prompt."""
     prompt = build_describe_prompt(fx, prompt_version, threshold_frac=threshold_frac)
-    return LLMRequest(
-        kind="describe",
-        system=prompt.system,
-        user=prompt.user,
-        prompt_version=prompt_version,
-        max_tokens=params.max_tokens,
-        temperature=params.temperature,
-        payload=DescribePayload(fx, threshold_frac),
-    )
+    return prompt_request("describe", prompt, prompt_version, params, DescribePayload(fx, threshold_frac))
 
 
 async def describe_feature(

@@ -16,14 +16,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from dagster_project.lib.autointerp import FeatureExamples, FuzzWindow, Rubric, Window
+from dagster_project.lib.describers.errors import LLMCallError
+from dagster_project.lib.describers.interface import Describer
 from dagster_project.lib.describers.types import (
     ClassifyBatchPayload,
     ClassifyPayload,
     DescribePayload,
-    Describer,
     DetectPayload,
     FuzzPayload,
-    LLMCallError,
     LLMRequest,
     LLMResponse,
 )
@@ -316,23 +316,24 @@ class OfflineDescriber(Describer):
 
     @staticmethod
     def fuzz(description: str, windows: Sequence[FuzzWindow]) -> list[int]:
+        """The (1-based) windows whose marked words hold every word of a term of ``description``."""
         terms = OfflineDescriber._terms(description)
-        chosen = []
-        for i, fw in enumerate(windows, 1):
-            marked = {w for tok, m in zip(fw.window.tokens, fw.marked, strict=True) if m
-                      for w in words(tok.replace("▁", " "))}
-            if any(t and all(w in marked for w in t) for t in terms):
-                chosen.append(i)
-        return chosen
+        return [i for i, fw in enumerate(windows, 1) if _marks_a_term(fw, terms)]
 
     @staticmethod
     def detect(description: str, windows: Sequence[Window]) -> list[int]:
+        """The (1-based) windows whose text contains a term of ``description``."""
         terms = OfflineDescriber._terms(description)
-        chosen = []
-        for i, w in enumerate(windows, 1):
-            ws = words("".join(t.replace("▁", " ") for t in w.tokens))
-            joined = " " + " ".join(ws) + " "
-            if any(f" {' '.join(t)} " in joined for t in terms):
-                chosen.append(i)
-        return chosen
+        return [i for i, w in enumerate(windows, 1) if _contains_a_term(w, terms)]
 
+
+def _marks_a_term(fw: FuzzWindow, terms: Sequence[list[str]]) -> bool:
+    marked = {
+        w for tok, m in zip(fw.window.tokens, fw.marked, strict=True) if m for w in words(tok.replace("▁", " "))
+    }
+    return any(t and all(w in marked for w in t) for t in terms)
+
+
+def _contains_a_term(w: Window, terms: Sequence[list[str]]) -> bool:
+    joined = " " + " ".join(words("".join(t.replace("▁", " ") for t in w.tokens))) + " "
+    return any(f" {' '.join(t)} " in joined for t in terms)

@@ -19,12 +19,12 @@ same concurrency limit, call cache, retries with ``retry-after`` and failure rec
   unknown;
 - the SDK's own retries (``sdk_max_retries``, 2 by default as in the Anthropic backend) handle short blips
   and honour ``retry-after``; errors it gives up on become
-  :class:`~dagster_project.lib.describers.types.LLMCallError` with the server's ``retry-after`` for the runner's
+  :class:`~dagster_project.lib.describers.errors.LLMCallError` with the server's ``retry-after`` for the runner's
   loop. A rejected key (401/403) or an unknown model or route (404) is an
-  :class:`~dagster_project.lib.describers.types.LLMConfigError`, which aborts the run instead of failing every
+  :class:`~dagster_project.lib.describers.errors.LLMConfigError`, which aborts the run instead of failing every
   feature;
 - a refusal (``message.refusal``, or ``finish_reason == "content_filter"``) and an empty reply raise
-  :class:`~dagster_project.lib.describers.types.RefusalError` / ``EmptyReplyError`` with the call's usage.
+  :class:`~dagster_project.lib.describers.errors.RefusalError` / ``EmptyReplyError`` with the call's usage.
 
 The API key is optional: many local servers need none, and then no ``Authorization`` header is sent at
 all. When given, it is held privately, handed to the SDK, and never logged, cached or put in a record or
@@ -37,16 +37,10 @@ import logging
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from dagster_project.lib.describers.errors import EmptyReplyError, LLMCallError, LLMConfigError, RefusalError
+from dagster_project.lib.describers.interface import PerLoop
 from dagster_project.lib.describers.sdk import SDKDescriber, map_transport_error
-from dagster_project.lib.describers.types import (
-    EmptyReplyError,
-    LLMCallError,
-    LLMConfigError,
-    LLMRequest,
-    LLMResponse,
-    PerLoop,
-    RefusalError,
-)
+from dagster_project.lib.describers.types import LLMRequest, LLMResponse
 
 log = logging.getLogger(__name__)
 

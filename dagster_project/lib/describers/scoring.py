@@ -40,14 +40,10 @@ from dagster_project.lib.describers.calls import (
     gather_bounded,
     log_summary,
     ok_descriptions,
+    prompt_request,
 )
-from dagster_project.lib.describers.types import (
-    Describer,
-    DetectPayload,
-    FuzzPayload,
-    LLMRequest,
-    ProgressFn,
-)
+from dagster_project.lib.describers.interface import Describer
+from dagster_project.lib.describers.types import DetectPayload, FuzzPayload, LLMRequest, ProgressFn
 from dagster_project.lib.llm_cache import LLMCache
 
 log = logging.getLogger(__name__)
@@ -131,16 +127,8 @@ def detect_job(
     windows = [windows[k] for k in order]
     truth = [truth[k] for k in order]
     prompt = build_detect_prompt(d.description or "", windows, prompt_version)
-    req = LLMRequest(
-        kind="detect",
-        system=prompt.system,
-        user=prompt.user,
-        prompt_version=prompt_version,
-        max_tokens=params.max_tokens,
-        temperature=params.temperature,
-        payload=DetectPayload(d.description or "", tuple(windows)),
-    )
-    return DetectJob(fx, windows, truth, req)
+    payload = DetectPayload(d.description or "", tuple(windows))
+    return DetectJob(fx, windows, truth, prompt_request("detect", prompt, prompt_version, params, payload))
 
 
 def detection_record(job: DetectJob, out: Outcome) -> DetectionRecord:
@@ -249,16 +237,8 @@ def fuzz_job(
         return None
     fws = fuzz_windows(fx.holdout, threshold_frac=threshold_frac, seed=f"{seed}:{fx.layer}:{fx.feature_id}")
     prompt = build_fuzz_prompt(d.description or "", fws, prompt_version)
-    req = LLMRequest(
-        kind="fuzz",
-        system=prompt.system,
-        user=prompt.user,
-        prompt_version=prompt_version,
-        max_tokens=params.max_tokens,
-        temperature=params.temperature,
-        payload=FuzzPayload(d.description or "", tuple(fws)),
-    )
-    return FuzzJob(fx, fws, req)
+    payload = FuzzPayload(d.description or "", tuple(fws))
+    return FuzzJob(fx, fws, prompt_request("fuzz", prompt, prompt_version, params, payload))
 
 
 def fuzzing_record(job: FuzzJob, out: Outcome) -> ScoreRecord:

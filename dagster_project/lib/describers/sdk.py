@@ -1,5 +1,5 @@
 """What the two SDK backends (Anthropic, OpenAI-compatible) share: :func:`map_transport_error`, which turns
-either SDK's transport errors into the runner's :class:`~dagster_project.lib.describers.types.LLMCallError`,
+either SDK's transport errors into the runner's :class:`~dagster_project.lib.describers.errors.LLMCallError`,
 and :class:`SDKDescriber`, the base that maps every SDK error of a call, bounds concurrency per event loop
 and closes the client."""
 
@@ -11,7 +11,8 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from dagster_project.lib.describers.types import Describer, LLMCallError, PerLoop
+from dagster_project.lib.describers.errors import LLMCallError
+from dagster_project.lib.describers.interface import Describer, PerLoop
 
 T = TypeVar("T")
 
