@@ -10,7 +10,7 @@ from dagster_project.lib.extraction import collect_layer_vectors, tokenize
 from dagster_project.lib.lake import staged_dir
 from dagster_project.lib.sae import FINISHED_MARKER, train_topk
 from dagster_project.partitions import layer_partitions
-from dagster_project.resources import LakeResource, ModelResource, SAEResource
+from dagster_project.resources import LakeResource, ModelResource, SAEResource, TrainedSAE
 
 
 def train_texts(lake: LakeResource) -> tuple[list[str], list[int]]:
@@ -43,8 +43,8 @@ def sae(context: dg.AssetExecutionContext, lake: LakeResource, model: ModelResou
     lm = model.load()
     for layer in layers:
         lm.check_layer(layer)
-    if sae.source != "train":
-        per: dict[str, dict[str, object]] = {}
+    per: dict[str, dict[str, int | float | str]] = {}
+    if not isinstance(sae, TrainedSAE):  # loaded, not trained here: check that it reads the model
         for layer in layers:
             loaded = sae.load(layer, lake.lake, device=str(lm.device), d_model=lm.d_model)
             per[str(layer)] = {"sae_id": loaded.sae_id, "d_in": loaded.d_in, "d_sae": loaded.d_sae}
@@ -55,7 +55,6 @@ def sae(context: dg.AssetExecutionContext, lake: LakeResource, model: ModelResou
     by_layer = collect_layer_vectors(lm, layers, items, model.batch_tokens, sae.train_tokens, seed=sae.seed)
     context.log.info(f"collected {next(iter(by_layer.values())).shape[0]} activation vectors at layers {layers} "
                      f"in {time.time() - t0:.1f}s (one forward pass)")
-    per = {}
     for layer in layers:
         vectors = by_layer.pop(layer)
 
@@ -84,10 +83,10 @@ def sae(context: dg.AssetExecutionContext, lake: LakeResource, model: ModelResou
     return dg.MaterializeResult(metadata=_metadata(per))
 
 
-def _metadata(per: dict[str, dict[str, object]]) -> dict[str, object]:
+def _metadata(per: dict[str, dict[str, int | float | str]]) -> dict[str, dg.MetadataValue | int | float | str]:
     """One layer: its fields as they are (a path as a path). Several: each field suffixed ``_layer{L}``,
     and the whole as JSON under ``layers``."""
-    out: dict[str, object] = {}
+    out: dict[str, dg.MetadataValue | int | float | str] = {}
     for layer, fields in per.items():
         suffix = "" if len(per) == 1 else f"_layer{layer}"
         for k, v in fields.items():

@@ -87,54 +87,6 @@ def _emit(text: str) -> None:
 # ------------------------------------------------------------------------------------------ pipeline
 
 
-def partition_range(wanted: Sequence[str], registered: Sequence[str]) -> tuple[str, str] | None:
-    """``(first, last)`` of ``wanted`` in the order of ``registered`` (a dynamic partition's keys, in the
-    order they were added: not sorted, so layer 12 added after 9 comes after it), when they sit side by
-    side there, so that a partition range names exactly them; else ``None``."""
-    if not wanted or not all(k in registered for k in wanted):
-        return None
-    pos = sorted({registered.index(k) for k in wanted})
-    if pos != list(range(pos[0], pos[0] + len(pos))):
-        return None
-    return registered[pos[0]], registered[pos[-1]]
-
-
-def sae_steps(layers: Sequence[int], registered: Sequence[str]) -> list[tuple[str, list[Any], dict[str, str]]]:
-    """The SAE step(s) for ``layers``: one run over all of them (one forward pass collects every layer's
-    training vectors) when they form a partition range of the ``registered`` layers; else one run a layer."""
-    import dagster as dg
-
-    keys = [str(x) for x in layers]
-    span = partition_range(keys, registered)
-    if len(keys) > 1 and span is not None:
-        tags = {"dagster/asset_partition_range_start": span[0], "dagster/asset_partition_range_end": span[1]}
-        return [(f"sae layers {', '.join(keys)}", [dg.AssetKey("sae")], tags)]
-    return [(f"sae layer {k}", [dg.AssetKey("sae")], {"dagster/partition": k}) for k in keys]
-
-
-def activation_steps(layers: Sequence[int], datasets: Sequence[str],
-                     registered: Sequence[str]) -> list[tuple[str, list[Any], dict[str, str]]]:
-    """The activations steps: per dataset one run over all ``layers`` (one forward pass) when they form a
-    partition range of the ``registered`` layers (the multi-partition orders a dataset's keys by the
-    layer partition's order), else one run per (dataset, layer)."""
-    import dagster as dg
-
-    from dagster_project.partitions import multi_key
-
-    keys = [str(x) for x in layers]
-    span = partition_range(keys, registered)
-    steps = []
-    for d in datasets:
-        if len(keys) == 1 or span is None:
-            steps += [(f"activations {d} layers [{k}]", [dg.AssetKey("activations")],
-                       {"dagster/partition": str(multi_key(k, d))}) for k in keys]
-            continue
-        tags = {"dagster/asset_partition_range_start": str(multi_key(span[0], d)),
-                "dagster/asset_partition_range_end": str(multi_key(span[1], d))}
-        steps.append((f"activations {d} layers {[int(k) for k in keys]}", [dg.AssetKey("activations")], tags))
-    return steps
-
-
 class StepFailed(RuntimeError):
     """A step of :func:`materialize_steps` failed; the message names the step, its run and the error."""
 
@@ -145,75 +97,56 @@ def materialize_steps(layers: Sequence[int] | None = None, datasets: Sequence[st
                       on_result: Callable[[str, Any], None] | None = None) -> list[str]:
     """Materialize the pipeline step by step in the persistent instance; returns the run ids.
 
-    Each step is one Dagster run. Activations run one (dataset, all layers) run at a time, so several
-    layers of one dataset share one forward pass. A progress bar over the steps goes to stderr; with
-    ``verbose`` Dagster's event lines of each run go to the console too, otherwise only to the instance
-    (``console.QUIET_RUN_CONFIG``). ``on_result(step name, result)`` is called after each run. A failed run
-    raises :class:`StepFailed` (the steps after it do not run).
+    Each step is one run of a stage's job (``dagster_project/jobs.py``, :func:`~dagster_project.jobs.plan_steps`).
+    Activations run one (dataset, all layers) run at a time, so several layers of one dataset share one
+    forward pass. A progress bar over the steps goes to stderr; with ``verbose`` Dagster's event lines of
+    each run go to the console too, otherwise only to the instance (``console.QUIET_RUN_CONFIG``).
+    ``on_result(step name, result)`` is called after each run. A failed run raises :class:`StepFailed` (the
+    steps after it do not run).
     """
-    import dagster as dg
     from tqdm import tqdm
 
+    from dagster_project.config import load_profile
     from dagster_project.definitions import build_defs
+    from dagster_project.jobs import plan_steps
     from dagster_project.lib.datasets import parse_registry
     from dagster_project.partitions import LAYER_PARTITIONS_NAME
-
-    instance = instance or _instance()
     from dagster_project.runs import recover_orphaned_runs
 
+    instance = instance or _instance()
     recover_orphaned_runs(instance)  # a killed earlier run must not hold the `model` slot for ever
     defs = build_defs(lake_root=lake_root)
-    from dagster_project.config import load_profile
-
     profile = load_profile()
     layers = list(layers or profile.layers)
-    specs = parse_registry()
-    datasets = list(datasets or sorted(specs))
+    datasets = list(datasets or sorted(parse_registry()))
     instance.add_dynamic_partitions(LAYER_PARTITIONS_NAME, [str(x) for x in layers])
-    job = defs.resolve_implicit_global_asset_job_def()
-    graph = defs.resolve_asset_graph()
-    steps: list[tuple[str, list[dg.AssetKey], dict[str, str]]] = []
-    if "corpus" in stages:
-        steps += [(f"samples {d}", [dg.AssetKey("samples")], {"dagster/partition": d}) for d in datasets]
-    if "sae" in stages:
-        steps += sae_steps(layers, instance.get_dynamic_partitions(LAYER_PARTITIONS_NAME))
-    if "activations" in stages:
-        steps += activation_steps(layers, datasets, instance.get_dynamic_partitions(LAYER_PARTITIONS_NAME))
-    if "downstream" in stages:
-        per_layer = [k for k in graph.materializable_asset_keys
-                     if graph.get(k).partitions_def is not None
-                     and getattr(graph.get(k).partitions_def, "name", None) == LAYER_PARTITIONS_NAME
-                     and k != dg.AssetKey("sae")]
-        for x in layers:
-            if per_layer:
-                steps.append((f"per-layer assets layer {x}", sorted(per_layer, key=lambda k: k.to_user_string()),
-                              {"dagster/partition": str(x)}))
-        unpart = [k for k in graph.materializable_asset_keys if graph.get(k).partitions_def is None]
-        steps.append(("catalog and report", unpart, {}))
+    steps = plan_steps(layers, datasets, instance.get_dynamic_partitions(LAYER_PARTITIONS_NAME), stages)
+    jobs = {name: defs.resolve_job_def(name) for name in dict.fromkeys(s.job for s in steps)}
     run_ids = []
     with tqdm(steps, desc="featurelake", unit="step", file=sys.stderr, disable=False) as bar:
-        for name, keys, tags in bar:
+        for step in bar:
             if verbose:
-                tqdm.write(f"-> {name}", file=sys.stderr)
+                tqdm.write(f"-> {step.name}", file=sys.stderr)
             else:
-                bar.set_postfix_str(name)
+                bar.set_postfix_str(step.name)
             with console.in_run():
-                result = _execute(job, keys, tags, instance, verbose)
+                result = _execute(jobs[step.job], step.tags, instance, verbose)
             run_ids.append(result.run_id)
             if not result.success:
-                raise StepFailed(f"{name} failed (run {result.run_id}): {console.failure_text(result)}")
+                raise StepFailed(f"{step.name} failed (run {result.run_id}): {console.failure_text(result)}")
             if on_result is not None:
-                on_result(name, result)
+                on_result(step.name, result)
     return run_ids
 
 
-def _execute(job, keys, tags, instance, verbose: bool = True):  # noqa: ANN001, ANN202
+def _execute(job: Any, tags: dict[str, str], instance: Any, verbose: bool = True) -> Any:
+    """One run of ``job`` in this process: a partition key, or a partition range in the tags."""
     from dagster_project.runs import process_tags
 
     partition_key = tags.get("dagster/partition")
     other = {**{k: v for k, v in tags.items() if k != "dagster/partition"}, **process_tags()}
     return job.execute_in_process(
-        instance=instance, asset_selection=list(keys), partition_key=partition_key, tags=other,
+        instance=instance, partition_key=partition_key, tags=other,
         run_config=None if verbose else console.QUIET_RUN_CONFIG, raise_on_error=False,
     )
 

@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 if TYPE_CHECKING:
-    from dagster_project.lib.evaluation import EvalSettings
+    from dagster_project.lib.evaluation.settings import EvalSettings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -260,7 +260,7 @@ class ProbeConfig(dg.Config):
 
     def settings(self) -> EvalSettings:
         """The library's settings (imported lazily: sklearn is not needed to read a profile)."""
-        from dagster_project.lib.evaluation import EvalSettings
+        from dagster_project.lib.evaluation.settings import EvalSettings
         from dagster_project.lib.probes import ProbeGridConfig
 
         grid = ProbeGridConfig(

@@ -1,4 +1,9 @@
-"""Dagster resources: the lake, the model, the SAE. Each is an interface chosen by the profile.
+"""Dagster resources: the lake, the model, the SAE, and :func:`resources_for`, which composes a profile's.
+
+The SAE is an interface, :class:`SAEResource`, with a class per source (trained here, a sae-lens release, a
+GemmaScope-2 folder, a sae-lens folder); the describer likewise has a class per backend
+(``dagster_project/describer_resource.py``). ``resources_for`` picks each from the profile, so no asset
+branches on a source or backend name.
 
 The heavy objects (model, SAEs) are loaded lazily and cached per process, so a run that touches several
 partitions loads the model once.
@@ -7,13 +12,16 @@ partitions loads the model once.
 from __future__ import annotations
 
 import os
+from abc import abstractmethod
+from collections.abc import Mapping
 from functools import cache
 from pathlib import Path
+from typing import Literal, TypedDict
 
 import dagster as dg
 
-from dagster_project.config import REPO_ROOT, Profile
-from dagster_project.describer_resource import describer_resource
+from dagster_project.config import REPO_ROOT, Profile, SAESpec
+from dagster_project.describer_resource import DescriberResource, describer_resource
 from dagster_project.lib.lake import Lake, LakeError, local_copy
 from dagster_project.lib.model import LoadedModel, compile_decoder, load_model, resolve_dtype
 from dagster_project.lib.sae import (
@@ -26,6 +34,7 @@ from dagster_project.lib.sae import (
     load_saelens_dir,
     load_trained,
 )
+from dagster_project.resource_kinds import KindedResource
 
 
 def default_lake_root() -> str:
@@ -73,14 +82,41 @@ class ModelResource(dg.ConfigurableResource):
         return _cached_model(self.model_id, self.resolved_dtype(), self.device, self.compile)
 
 
-class SAEResource(dg.ConfigurableResource):
-    """An SAE per layer: trained here (``train``), a sae-lens release, a GemmaScope-2 folder, or a sae-lens folder."""
+class SAEResource(KindedResource):
+    """An SAE per layer, behind one interface: trained here (:class:`TrainedSAE`), a sae-lens release
+    (:class:`ReleaseSAE`), a GemmaScope-2 folder (:class:`GemmaScopeSAE`) or a sae-lens folder
+    (:class:`SAELensDirSAE`). :func:`resources_for` picks the class from the profile's ``sae.source``;
+    ``SAEResource(source=..., ...)`` builds the same class (see :data:`SAE_SOURCES`)."""
+
+    KIND_FIELD, KIND_DEFAULT, KIND_NAME, KIND_ERROR = "source", "train", "SAE source", SAEError
 
     source: str = "train"
-    release: str | None = None
-    sae_id: str | None = None
-    path: str | None = None
     hook: str = "resid_post"
+
+    @classmethod
+    def kinds(cls) -> Mapping[str, type[SAEResource]]:
+        return SAE_SOURCES
+
+    @abstractmethod
+    def fetch(self, layer: int, lake: Lake, device: str) -> tuple[LoadedSAE, str]:
+        """The layer's SAE and where it came from (a folder or a release), named in errors."""
+
+    def load(self, layer: int, lake: Lake, device: str = "cpu", d_model: int | None = None) -> LoadedSAE:
+        """The layer's SAE; with ``d_model``, checked to read the model's residual stream."""
+        sae, where = self.fetch(layer, lake, device)
+        if d_model is not None:
+            check_fits(sae, d_model, f"layer {layer} ({where})")
+        return sae
+
+    def n_features(self, layer: int, lake: Lake) -> int:
+        """Number of features of the layer's SAE (the loaded SAE's ``d_sae``)."""
+        return int(self.load(layer, lake).d_sae)
+
+
+class TrainedSAE(SAEResource):
+    """A TopK SAE the ``sae`` asset trains here (sae-lens) and saves in the lake (``sae/layer=L``)."""
+
+    source: Literal["train"] = "train"
     width: int = 4096
     k: int = 32
     train_tokens: int = 200_000
@@ -89,34 +125,90 @@ class SAEResource(dg.ConfigurableResource):
     lr: float = 1e-3
     seed: int = 0
 
-    def load(self, layer: int, lake: Lake, device: str = "cpu", d_model: int | None = None) -> LoadedSAE:
-        if self.source == "train":
-            try:  # an S3 lake: the finished folder is downloaded to a local cache first
-                folder = local_copy(lake.sae_dir(layer), FINISHED_MARKER)
-            except LakeError as e:
-                raise SAEError(str(e)) from e
-            sae = load_trained(folder, device=device)
-        elif self.source == "release":
-            if not self.release or not self.sae_id:
-                raise SAEError("SAE source 'release' needs 'release' and 'sae_id'")
-            sae = load_release(self.release, self.sae_id.format(layer=layer), device=device)
-        elif self.source in ("gemmascope", "saelens_dir"):
-            if not self.path:
-                raise SAEError(f"SAE source {self.source!r} needs 'path' (with {{layer}})")
-            folder = Path(self.path.format(layer=layer))
-            if not folder.is_dir():
-                raise SAEError(f"SAE folder {folder} for layer {layer} does not exist")
-            loader = load_gemmascope_dir if self.source == "gemmascope" else load_saelens_dir
-            sae = loader(folder, device=device)
-        else:
-            raise SAEError(f"unknown SAE source {self.source!r}")
-        if d_model is not None:
-            where = self.release if self.source == "release" else folder  # where the SAE came from
-            check_fits(sae, d_model, f"layer {layer} ({where})")
-        return sae
+    def fetch(self, layer: int, lake: Lake, device: str) -> tuple[LoadedSAE, str]:
+        try:  # an S3 lake: the finished folder is downloaded to a local cache first
+            folder = local_copy(lake.sae_dir(layer), FINISHED_MARKER)
+        except LakeError as e:
+            raise SAEError(str(e)) from e
+        return load_trained(folder, device=device), str(folder)
+
+    def n_features(self, layer: int, lake: Lake) -> int:
+        """The configured width (no need to load the SAE)."""
+        return int(self.width)
 
 
-def resources_for(profile: Profile, lake_root: str | None = None) -> dict[str, dg.ConfigurableResource]:
+class ReleaseSAE(SAEResource):
+    """A sae-lens release; ``sae_id`` has ``{layer}`` filled in."""
+
+    source: Literal["release"] = "release"
+    release: str | None = None
+    sae_id: str | None = None
+
+    def fetch(self, layer: int, lake: Lake, device: str) -> tuple[LoadedSAE, str]:
+        if not self.release or not self.sae_id:
+            raise SAEError("SAE source 'release' needs 'release' and 'sae_id'")
+        return load_release(self.release, self.sae_id.format(layer=layer), device=device), self.release
+
+
+class _FolderSAE(SAEResource):
+    """An SAE saved in a folder per layer; ``path`` has ``{layer}`` filled in."""
+
+    path: str | None = None
+
+    @abstractmethod
+    def read(self, folder: Path, device: str) -> LoadedSAE:
+        """The SAE saved in ``folder``."""
+
+    def fetch(self, layer: int, lake: Lake, device: str) -> tuple[LoadedSAE, str]:
+        if not self.path:
+            raise SAEError(f"SAE source {self.source!r} needs 'path' (with {{layer}})")
+        folder = Path(self.path.format(layer=layer))
+        if not folder.is_dir():
+            raise SAEError(f"SAE folder {folder} for layer {layer} does not exist")
+        return self.read(folder, device), str(folder)
+
+
+class GemmaScopeSAE(_FolderSAE):
+    """A GemmaScope-2 folder per layer (``params.safetensors`` and its config)."""
+
+    source: Literal["gemmascope"] = "gemmascope"
+
+    def read(self, folder: Path, device: str) -> LoadedSAE:
+        return load_gemmascope_dir(folder, device=device)
+
+
+class SAELensDirSAE(_FolderSAE):
+    """A folder per layer saved by sae-lens (``cfg.json`` and weights)."""
+
+    source: Literal["saelens_dir"] = "saelens_dir"
+
+    def read(self, folder: Path, device: str) -> LoadedSAE:
+        return load_saelens_dir(folder, device=device)
+
+
+#: The SAE resource of each ``SAESpec.source``.
+SAE_SOURCES: dict[str, type[SAEResource]] = {
+    "train": TrainedSAE, "release": ReleaseSAE, "gemmascope": GemmaScopeSAE, "saelens_dir": SAELensDirSAE,
+}
+
+
+def sae_resource(spec: SAESpec) -> SAEResource:
+    """The SAE resource of a profile's ``sae`` (the fields its source uses)."""
+    cls = SAE_SOURCES[spec.source]
+    return cls(**spec.model_dump(include=set(cls.model_fields)))
+
+
+class Resources(TypedDict):
+    """The resources of a profile, by the key the assets name them with."""
+
+    lake: LakeResource
+    model: ModelResource
+    sae: SAEResource
+    describer: DescriberResource
+
+
+def resources_for(profile: Profile, lake_root: str | None = None) -> Resources:
+    """The composition of a profile: each resource the class its settings name (SAE source, describer backend)."""
     m, s = profile.model, profile.sae
     return {
         "lake": LakeResource(root=lake_root or default_lake_root(), namespace=profile.name),
@@ -125,6 +217,6 @@ def resources_for(profile: Profile, lake_root: str | None = None) -> dict[str, d
             batch_tokens=0 if m.batch_tokens == "auto" else m.batch_tokens,
             sae_dtype=m.sae_dtype, compile=m.compile, pack=None if m.pack == "auto" else m.pack,
         ),
-        "sae": SAEResource(**s.model_dump()),
+        "sae": sae_resource(s),
         "describer": describer_resource(profile.describer),
     }

@@ -34,3 +34,13 @@ def test_profile_layers_sensor_registers_missing_layers() -> None:
         assert list(req.partition_keys) == [str(x) for x in load_profile().layers]
         instance.add_dynamic_partitions("layer", list(req.partition_keys))
         assert isinstance(profile_layers(dg.build_sensor_context(instance=instance)), dg.SkipReason)
+
+
+def test_the_stage_jobs_hold_every_asset_once() -> None:
+    """The jobs ``featurelake demo`` launches (dagster_project/jobs.py) materialize every asset, each in one."""
+    from dagster_project.jobs import STAGE_JOBS
+
+    defs = build_defs()
+    jobs: list[dg.JobDefinition] = [defs.resolve_job_def(name) for name in STAGE_JOBS]
+    keys = [k for job in jobs for k in job.asset_layer.selected_asset_keys]
+    assert sorted(keys) == sorted(defs.resolve_asset_graph().materializable_asset_keys)
