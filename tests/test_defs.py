@@ -44,3 +44,22 @@ def test_the_stage_jobs_hold_every_asset_once() -> None:
     jobs: list[dg.JobDefinition] = [defs.resolve_job_def(name) for name in STAGE_JOBS]
     keys = [k for job in jobs for k in job.asset_layer.selected_asset_keys]
     assert sorted(keys) == sorted(defs.resolve_asset_graph().materializable_asset_keys)
+
+
+def test_resources_for_picks_the_class_of_the_sae_source_and_the_describer_backend() -> None:
+    from dagster_project.config import PROFILES
+    from dagster_project.describer_resource import (
+        AnthropicDescriberResource,
+        DescriberResource,
+        OfflineDescriberResource,
+        OpenAIDescriberResource,
+    )
+    from dagster_project.resources import GemmaScopeSAE, ReleaseSAE, SAEResource, TrainedSAE, resources_for
+
+    default = resources_for(PROFILES["default"], "/tmp/unused")
+    assert isinstance(default["sae"], TrainedSAE) and isinstance(default["describer"], OfflineDescriberResource)
+    big = resources_for(PROFILES["gemma-3-27b"], "/tmp/unused")
+    assert isinstance(big["sae"], ReleaseSAE) and isinstance(big["describer"], AnthropicDescriberResource)
+    # the interface named with its source / backend builds that class
+    assert type(SAEResource(source="gemmascope", path="saes/{layer}")) is GemmaScopeSAE
+    assert type(DescriberResource(backend="openai", model="m")) is OpenAIDescriberResource
