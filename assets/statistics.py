@@ -12,7 +12,8 @@ after adding a dataset.
 """
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import dagster as dg
@@ -38,9 +39,7 @@ KINDS = {"duckdb", "parquet"}
 
 def sae_width(sae: SAEResource, lake: Lake, layer: int) -> int:
     """Number of features of the layer's SAE: the configured width when trained here, else the loaded SAE's."""
-    if sae.source == "train":
-        return int(sae.width)
-    return int(sae.load(layer, lake).d_sae)
+    return sae.n_features(layer, lake)
 
 
 def _connect(
@@ -399,74 +398,136 @@ def feature_stats_non_empty(
     )
 
 
-def _check_feature_stats(lake: LakeResource, layer: int, check: str) -> dg.AssetCheckResult:
-    """Run the SQL check ``sql/checks/<check>.sql`` over the layer's feature_stats table."""
+@dataclass(frozen=True)
+class CheckInputs:
+    """What a SQL check of one layer has read: the layer's feature_stats table, or its record (the Parquet
+    ``featurelake`` metadata) for a check on how it was computed, and the SAE width when the check needs it."""
+
+    layer: int
+    feature_stats: pa.Table | None = None
+    record: dict[str, Any] | None = None
+    sae_width: int | None = None
+
+
+def _layer_param(inputs: CheckInputs) -> dict[str, Any]:
+    return {"layer": inputs.layer}
+
+
+def _no_metadata(inputs: CheckInputs, outcome: stats.CheckOutcome) -> dict[str, Any]:
+    return {}
+
+
+@dataclass(frozen=True)
+class SQLCheck:
+    """A blocking check on ``feature_stats`` that ``sql/checks/<sql>.sql`` decides (``stats.evaluate_check``).
+
+    The SQL runs over the layer's feature_stats table alone, or, when ``views`` names lake tables, over the
+    lake's views (checked first: :func:`_connect`). ``on_record`` reads feature_stats' record instead of its
+    rows; ``needs_sae`` adds the SAE width (and the ``sae`` resource). ``params`` builds the SQL's ``$params``
+    and ``metadata`` the result's metadata beyond ``violations``.
+    """
+
+    name: str
+    sql: str
+    description: str
+    views: tuple[str, ...] = ()
+    on_record: bool = False
+    needs_sae: bool = False
+    params: Callable[[CheckInputs], dict[str, Any]] = _layer_param
+    metadata: Callable[[CheckInputs, stats.CheckOutcome], dict[str, Any]] = _no_metadata
+
+
+def run_sql_check(spec: SQLCheck, lake: Lake, sae: SAEResource | None, layer: int) -> dg.AssetCheckResult:
+    """Read what ``spec`` needs for ``layer``, run its SQL and judge the rows (a missing table fails it)."""
     try:
-        table = read_stat(lake.lake, "feature_stats", layer)
-    except dg.Failure as e:
+        record = lake.read_meta("stats/feature_stats", layer=layer) if spec.on_record else None
+        table = None if spec.on_record else read_stat(lake, "feature_stats", layer)
+    except (dg.Failure, LakeError) as e:
         return _missing("feature_stats", layer, e)
-    con = duckdb.connect()
+    width = sae_width(sae, lake, layer) if sae is not None else None
+    inputs = CheckInputs(layer, table, record, width)
+    con = _connect(lake, layer, spec.views) if spec.views else duckdb.connect()
+    tables = None if spec.views or table is None else {"feature_stats": table}
     try:
-        return _outcome(stats.evaluate_check(con, check, {"layer": layer}, {"feature_stats": table}))
+        outcome = stats.evaluate_check(con, spec.sql, spec.params(inputs), tables)
     finally:
         con.close()
+    return _outcome(outcome, **spec.metadata(inputs, outcome))
 
 
-@dg.asset_check(asset=feature_stats, partitions_def=layer_partitions, blocking=True)
-def feature_stats_no_nan(context: dg.AssetCheckExecutionContext, lake: LakeResource) -> dg.AssetCheckResult:
-    """No statistic is NaN or infinite (NULL selectivity means a missing class: see the train-classes check)."""
-    return _check_feature_stats(lake, int(context.partition_key), "feature_stats_nan")
+def sql_check(spec: SQLCheck) -> dg.AssetChecksDefinition:
+    """The asset check ``spec`` describes, on feature_stats, per layer, blocking."""
+
+    @dg.asset_check(
+        name=spec.name,
+        asset=feature_stats,
+        partitions_def=layer_partitions,
+        blocking=True,
+        description=spec.description,
+        required_resource_keys={"lake", "sae"} if spec.needs_sae else {"lake"},
+    )
+    def check(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+        sae = context.resources.sae if spec.needs_sae else None
+        return run_sql_check(spec, context.resources.lake.lake, sae, int(context.partition_key))
+
+    return check
 
 
-@dg.asset_check(asset=feature_stats, partitions_def=layer_partitions, blocking=True)
-def feature_stats_selectivity_range(
-    context: dg.AssetCheckExecutionContext, lake: LakeResource
-) -> dg.AssetCheckResult:
-    """Selectivity (on max_act and on mean_act) lies in [-1, 1]; outside means negative activations."""
-    return _check_feature_stats(lake, int(context.partition_key), "selectivity_range")
+def _id_range_params(inputs: CheckInputs) -> dict[str, Any]:
+    return {"layer": inputs.layer, "sae_width": inputs.sae_width}
 
 
-@dg.asset_check(asset=feature_stats, partitions_def=layer_partitions, blocking=True)
-def feature_stats_feature_id_range(
-    context: dg.AssetCheckExecutionContext, lake: LakeResource, sae: SAEResource
-) -> dg.AssetCheckResult:
-    """Every feature id of the layer's activations (so of feature_stats) is below the SAE width."""
-    layer = int(context.partition_key)
-    lk = lake.lake
-    try:
-        table = read_stat(lk, "feature_stats", layer)
-    except dg.Failure as e:
-        return _missing("feature_stats", layer, e)
-    width = sae_width(sae, lk, layer)
-    con = _connect(lk, layer, ("activations",))
-    try:
-        outcome = stats.evaluate_check(con, "feature_id_range", {"layer": layer, "sae_width": width})
-    finally:
-        con.close()
-    max_id = pc.max(table["feature_id"]).as_py() if table.num_rows else None
-    return _outcome(outcome, sae_width=width, max_feature_id=-1 if max_id is None else int(max_id))
+def _id_range_metadata(inputs: CheckInputs, outcome: stats.CheckOutcome) -> dict[str, Any]:
+    table = inputs.feature_stats
+    max_id = pc.max(table["feature_id"]).as_py() if table is not None and table.num_rows else None
+    return {"sae_width": inputs.sae_width, "max_feature_id": -1 if max_id is None else int(max_id)}
 
 
-@dg.asset_check(asset=feature_stats, partitions_def=layer_partitions, blocking=True)
-def feature_stats_train_classes(
-    context: dg.AssetCheckExecutionContext, lake: LakeResource
-) -> dg.AssetCheckResult:
-    """The training datasets feature_stats pooled hold both positive and negative samples (else selectivity
-    is undefined); a failure names the datasets and their class counts."""
-    layer = int(context.partition_key)
-    lk = lake.lake
-    try:
-        rec = lk.read_meta("stats/feature_stats", layer=layer)
-    except LakeError as e:
-        return _missing("feature_stats", layer, e)
-    con = _connect(lk, layer, ("samples",))
-    try:
-        outcome = stats.evaluate_check(
-            con, "train_classes", {"train_datasets": rec.get("train_datasets_param")}
-        )
-    finally:
-        con.close()
-    return _outcome(outcome, counts=dg.MetadataValue.md(md_table(outcome.rows)))
+def _train_classes_params(inputs: CheckInputs) -> dict[str, Any]:
+    return {"train_datasets": (inputs.record or {}).get("train_datasets_param")}
+
+
+def _train_classes_metadata(inputs: CheckInputs, outcome: stats.CheckOutcome) -> dict[str, Any]:
+    return {"counts": dg.MetadataValue.md(md_table(outcome.rows))}
+
+
+# one check per file of sql/checks (keyed by the file's name)
+SQL_CHECKS = {
+    "feature_stats_nan": SQLCheck(
+        "feature_stats_no_nan",
+        "feature_stats_nan",
+        "No statistic is NaN or infinite (NULL selectivity means a missing class: see the train-classes check).",
+    ),
+    "selectivity_range": SQLCheck(
+        "feature_stats_selectivity_range",
+        "selectivity_range",
+        "Selectivity (on max_act and on mean_act) lies in [-1, 1]; outside means negative activations.",
+    ),
+    "feature_id_range": SQLCheck(
+        "feature_stats_feature_id_range",
+        "feature_id_range",
+        "Every feature id of the layer's activations (so of feature_stats) is below the SAE width.",
+        views=("activations",),
+        needs_sae=True,
+        params=_id_range_params,
+        metadata=_id_range_metadata,
+    ),
+    "train_classes": SQLCheck(
+        "feature_stats_train_classes",
+        "train_classes",
+        "The training datasets feature_stats pooled hold both positive and negative samples (else selectivity\n"
+        "is undefined); a failure names the datasets and their class counts.",
+        views=("samples",),
+        on_record=True,
+        params=_train_classes_params,
+        metadata=_train_classes_metadata,
+    ),
+}
+
+feature_stats_no_nan = sql_check(SQL_CHECKS["feature_stats_nan"])
+feature_stats_selectivity_range = sql_check(SQL_CHECKS["selectivity_range"])
+feature_stats_feature_id_range = sql_check(SQL_CHECKS["feature_id_range"])
+feature_stats_train_classes = sql_check(SQL_CHECKS["train_classes"])
 
 
 @dg.asset_check(asset=selected_features, partitions_def=layer_partitions, blocking=False)

@@ -4,6 +4,13 @@ Each file under ``sql/`` holds one statement with a header comment (inputs, outp
 Values are always bound as DuckDB ``$params``. The only things ever substituted into the text
 are *identifiers* that DuckDB cannot bind (file globs, view names), written in the file as
 ``{{name}}`` and checked against an allow-list pattern before they are filled in.
+
+Relations that several statements share are written once under ``sql/views/``: each file creates one temp
+view, or a temp table macro where the relation needs an argument such as the layer. A statement names the
+ones it selects from on a header line ``-- Uses   : views/class_sizes, views/layer_datasets`` (a view file
+may name the views it is built on the same way), and :func:`run` / :func:`relation` create them on the
+connection, the ones they are built on first, before running it (:func:`install_views`). Temp objects live
+on that connection only, so a cursor or a read-only catalog connection gets its own.
 """
 
 from __future__ import annotations
@@ -22,6 +29,9 @@ _PLACEHOLDER = re.compile(r"\{\{\s*([a-z_][a-z0-9_]*)\s*\}\}")
 _SAFE_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _SAFE_PATH = re.compile(r"^[A-Za-z0-9_./*=:+@~\-]+$")
 _SQL_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*(/[A-Za-z0-9_][A-Za-z0-9_.\-]*)*$")
+_USES = re.compile(r"^--\s*Uses\s*:(.*)$")
+_VIEW_STATEMENT = re.compile(r"^\s*create\s+or\s+replace\s+temp(orary)?\s+(view|macro)\s", re.IGNORECASE)
+VIEWS = "views/"
 
 
 class SQLError(ValueError):
@@ -69,6 +79,61 @@ def render(name: str, idents: dict[str, str] | None = None) -> str:
     return _PLACEHOLDER.sub(fill, text)
 
 
+def _header(text: str) -> list[str]:
+    """The leading comment lines of a file's text."""
+    lines = []
+    for line in text.splitlines():
+        if not line.lstrip().startswith("--"):
+            break
+        lines.append(line.strip())
+    return lines
+
+
+def uses(name: str) -> list[str]:
+    """The ``views/`` files ``sql/<name>.sql`` names on its ``-- Uses :`` header lines, in order."""
+    header = _header(load_sql(name))
+    found = [v.strip() for line in header if (m := _USES.match(line)) for v in m.group(1).split(",")]
+    views = [v for v in found if v]
+    wrong = [v for v in views if not v.startswith(VIEWS)]
+    if wrong:
+        raise SQLError(f"sql/{name}.sql: a Uses line names files under {VIEWS} only, not {', '.join(wrong)}")
+    return views
+
+
+def view_order(name: str) -> list[str]:
+    """Every view ``sql/<name>.sql`` needs, directly or through other views, each once and after the views it
+    is built on; refuses a view that needs itself."""
+    order: list[str] = []
+
+    def visit(view: str, path: tuple[str, ...]) -> None:
+        if view in path:
+            raise SQLError(f"sql/{view}.sql uses itself: {' -> '.join((*path[path.index(view):], view))}")
+        if view in order:
+            return
+        for dep in uses(view):
+            visit(dep, (*path, view))
+        order.append(view)
+
+    for view in uses(name):
+        visit(view, (name,))
+    return order
+
+
+def install_views(con: duckdb.DuckDBPyConnection, name: str) -> list[str]:
+    """Create on ``con`` the temp views and macros ``sql/<name>.sql`` uses (:func:`view_order`); returns them.
+
+    A view file holds one ``create or replace temp view`` / ``temp macro`` statement and takes no ``$params``
+    (a macro takes arguments instead), so running it again replaces it with the same thing.
+    """
+    order = view_order(name)
+    for view in order:
+        text, _ = bind(view)
+        if not _VIEW_STATEMENT.match("\n".join(text.splitlines()[len(_header(text)):])):
+            raise SQLError(f"sql/{view}.sql must hold one 'create or replace temp view' or 'temp macro' statement")
+        con.execute(text)
+    return order
+
+
 def bind(
     name: str,
     params: dict[str, Any] | None = None,
@@ -97,11 +162,12 @@ def run(
     params: dict[str, Any] | None = None,
     idents: dict[str, str] | None = None,
 ) -> duckdb.DuckDBPyConnection:
-    """Execute one SQL file with ``$params`` bound; returns the connection (``.fetchall()``, ``.df()``).
+    """Execute one SQL file with ``$params`` bound, after :func:`install_views`; returns the connection (``.fetchall()``, ``.df()``).
 
     For Arrow output use :func:`relation` (DuckDB 2 warns that Arrow from an ``execute`` result copies).
     """
     text, bound = bind(name, params, idents)
+    install_views(con, name)
     return con.execute(text, bound)
 
 
@@ -111,6 +177,8 @@ def relation(
     params: dict[str, Any] | None = None,
     idents: dict[str, str] | None = None,
 ) -> duckdb.DuckDBPyRelation:
-    """One SQL file (a query) as a relation with ``$params`` bound: ``.to_arrow_table()``, ``.pl()``."""
+    """One SQL file (a query) as a relation with ``$params`` bound, after :func:`install_views`:
+    ``.to_arrow_table()``, ``.pl()``."""
     text, bound = bind(name, params, idents)
+    install_views(con, name)
     return con.sql(text, params=bound)

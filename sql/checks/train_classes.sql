@@ -1,5 +1,6 @@
 -- train_classes: asset check input; the training datasets and how many samples of each class they hold.
 --
+-- Uses   : views/class_sizes
 -- Inputs : view `samples` (dataset, sample_id, is_positive, role).
 -- Params : $train_datasets varchar[] or NULL  the configured list; NULL = every dataset whose role is 'train'
 -- Output : one row per training dataset (a configured name missing from `samples` appears with
@@ -28,15 +29,14 @@ train_datasets as (
 
 counts as (
     select
-        dataset,
-        any_value(role) as role,
-        count(*) as n_samples,
-        count(*) filter (where is_positive) as n_positive,
-        count(*) filter (where not is_positive) as n_negative
-    from samples
+        class_sizes.dataset,
+        class_sizes.role,
+        class_sizes.n_samples,
+        class_sizes.n_pos as n_positive,
+        class_sizes.n_neg as n_negative
+    from class_sizes
     semi join train_datasets
-        on samples.dataset = train_datasets.dataset
-    group by dataset
+        on class_sizes.dataset = train_datasets.dataset
 ),
 
 final as (

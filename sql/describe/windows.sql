@@ -1,5 +1,6 @@
 -- describe/windows: the windows each selected feature of a layer is described and scored on.
 --
+-- Uses   : views/layer_datasets, views/labelled_activations, views/draw_order
 -- Inputs : views `selected_features` (layer, feature_id, rank), `activations` (pooled rows; a row exists
 --          only where the feature fired, max_act > 0), `samples` (label, is_positive) and `tokens`
 --          (sample lengths in tokens).
@@ -55,19 +56,13 @@ features as (
     qualify $max_features is null or row_number() over (order by rank, feature_id) <= $max_features
 ),
 
-layer_datasets as (
-    select distinct dataset
-    from activations
-    where layer = $layer
-),
-
 sample_lengths as (
     select
         dataset,
         sample_id,
         max(token_pos) + 1 as n_tokens
     from tokens
-    where dataset in (select dataset from layer_datasets)
+    where dataset in (select dataset from layer_datasets($layer))
     group by dataset, sample_id
 ),
 
@@ -84,107 +79,75 @@ sample_info as (
         and samples.sample_id = sample_lengths.sample_id
 ),
 
-feature_rows as (
-    select
-        activations.feature_id,
-        activations.dataset,
-        activations.sample_id,
-        activations.max_act,
-        activations.argmax_token
-    from activations
-    where activations.layer = $layer
-        and activations.feature_id in (select feature_id from features)
-        and activations.max_act > 0
-),
-
 activating as (
     select
-        feature_rows.feature_id,
-        feature_rows.dataset,
-        feature_rows.sample_id,
-        sample_info.label,
-        sample_info.is_positive,
-        sample_info.n_tokens,
-        feature_rows.argmax_token as center,
-        feature_rows.max_act,
-        row_number() over (
-            partition by feature_rows.feature_id
-            order by feature_rows.max_act desc, feature_rows.dataset, feature_rows.sample_id
-        ) as act_rank,
-        ntile(10) over (
-            partition by feature_rows.feature_id
-            order by feature_rows.max_act desc, feature_rows.dataset, feature_rows.sample_id
-        ) as decile,
-        hash($seed, feature_rows.feature_id, feature_rows.dataset, feature_rows.sample_id) as rand_key
-    from feature_rows
-    inner join sample_info
-        on feature_rows.dataset = sample_info.dataset
-        and feature_rows.sample_id = sample_info.sample_id
+        feature_id,
+        dataset,
+        sample_id,
+        label,
+        is_positive,
+        n_tokens,
+        center,
+        max_act,
+        row_number() over (partition by feature_id order by max_act desc, dataset, sample_id) as act_rank,
+        ntile(10) over (partition by feature_id order by max_act desc, dataset, sample_id) as decile,
+        hash($seed, feature_id, dataset, sample_id) as rand_key
+    from (
+        select
+            labelled_activations.feature_id,
+            labelled_activations.dataset,
+            labelled_activations.sample_id,
+            labelled_activations.label,
+            labelled_activations.is_positive,
+            sample_lengths.n_tokens,
+            labelled_activations.argmax_token as center,
+            labelled_activations.max_act
+        from labelled_activations
+        inner join sample_lengths
+            on labelled_activations.dataset = sample_lengths.dataset
+            and labelled_activations.sample_id = sample_lengths.sample_id
+        where labelled_activations.layer = $layer
+            and labelled_activations.feature_id in (select feature_id from features)
+            and labelled_activations.max_act > 0
+    )
 ),
 
--- the describer's windows: the order of the chosen sampling, the first top_k
-shown_order as (
-    select
-        *,
-        row_number() over (
-            partition by feature_id, decile order by rand_key, dataset, sample_id
-        ) as in_decile
-    from activating
-),
-
+-- the describer's windows: the first top_k in the order of the chosen sampling (views/draw_order)
 shown as (
     select
         *,
         row_number() over (
             partition by feature_id
-            order by
-                case $sampling
-                    when 'top' then act_rank
-                    when 'random' then 0
-                    else in_decile
-                end,
-                case $sampling when 'deciles' then decile else 0 end,
-                case $sampling when 'top' then 0 else rand_key end,
-                dataset,
-                sample_id
+            order by draw_order($sampling, 'top', act_rank, in_decile, decile, rand_key), dataset, sample_id
         ) as part_rank
-    from shown_order
+    from (
+        select
+            *,
+            row_number() over (partition by feature_id, decile order by rand_key, dataset, sample_id) as in_decile
+        from activating
+    )
     qualify part_rank <= $top_k
 ),
 
 -- what the describer was not shown, in the held-out sampling's order: the first n_holdout are held out
 -- for scoring, the next n_validation for choosing among candidate descriptions
-rest_order as (
-    select
-        activating.*,
-        row_number() over (
-            partition by activating.feature_id, activating.decile
-            order by activating.rand_key, activating.dataset, activating.sample_id
-        ) as in_decile
-    from activating
-    anti join shown
-        on activating.feature_id = shown.feature_id
-        and activating.dataset = shown.dataset
-        and activating.sample_id = shown.sample_id
-),
-
 rest as (
     select
         *,
         row_number() over (
             partition by feature_id
-            order by
-                case $holdout_sampling
-                    when 'next' then act_rank
-                    when 'random' then 0
-                    else in_decile
-                end,
-                case $holdout_sampling when 'deciles' then decile else 0 end,
-                case $holdout_sampling when 'next' then 0 else rand_key end,
-                dataset,
-                sample_id
+            order by draw_order($holdout_sampling, 'next', act_rank, in_decile, decile, rand_key), dataset, sample_id
         ) as rest_rank
-    from rest_order
+    from (
+        select
+            activating.*,
+            row_number() over (partition by feature_id, decile order by rand_key, dataset, sample_id) as in_decile
+        from activating
+        anti join shown
+            on activating.feature_id = shown.feature_id
+            and activating.dataset = shown.dataset
+            and activating.sample_id = shown.sample_id
+    )
     qualify rest_rank <= $n_holdout + $n_validation
 ),
 
@@ -208,10 +171,10 @@ candidates as (
         sample_info.*
     from features
     cross join sample_info
-    anti join feature_rows
-        on feature_rows.feature_id = features.feature_id
-        and feature_rows.dataset = sample_info.dataset
-        and feature_rows.sample_id = sample_info.sample_id
+    anti join activating
+        on activating.feature_id = features.feature_id
+        and activating.dataset = sample_info.dataset
+        and activating.sample_id = sample_info.sample_id
 ),
 
 pairs as (

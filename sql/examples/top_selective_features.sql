@@ -1,6 +1,7 @@
 -- top_selective_features: which features separate the classes best at a layer, and how often does
 -- each fire on every dataset (train, test and ood), per class?
 --
+-- Uses   : views/layer_class_sizes, views/labelled_activations
 -- Inputs : views `feature_stats`, `activations`, `samples`.
 -- Params : $layer integer, $limit integer (how many features, e.g. 20)
 -- Output : one row per (top feature, dataset): the feature's rank by |selectivity| among active
@@ -25,38 +26,18 @@ top_features as (
     qualify rank <= $limit
 ),
 
-dataset_sizes as (
-    select
-        dataset,
-        any_value(role) as role,
-        count(*) as n_samples,
-        count(*) filter (where is_positive) as n_pos,
-        count(*) filter (where not is_positive) as n_neg
-    from samples
-    group by dataset
-),
-
 firing as (
     select
-        activations.dataset,
-        activations.feature_id,
+        labelled_activations.dataset,
+        labelled_activations.feature_id,
         count(*) as n_firing,
-        count(*) filter (where samples.is_positive) as n_firing_pos,
-        count(*) filter (where not samples.is_positive) as n_firing_neg
-    from activations
-    inner join samples
-        on activations.dataset = samples.dataset
-        and activations.sample_id = samples.sample_id
+        count(*) filter (where labelled_activations.is_positive) as n_firing_pos,
+        count(*) filter (where not labelled_activations.is_positive) as n_firing_neg
+    from labelled_activations
     semi join top_features
-        on activations.feature_id = top_features.feature_id
-    where activations.layer = $layer
-    group by activations.dataset, activations.feature_id
-),
-
-layer_datasets as (
-    select distinct dataset
-    from activations
-    where layer = $layer
+        on labelled_activations.feature_id = top_features.feature_id
+    where labelled_activations.layer = $layer
+    group by labelled_activations.dataset, labelled_activations.feature_id
 ),
 
 final as (
@@ -72,9 +53,7 @@ final as (
         coalesce(firing.n_firing_pos, 0) / nullif(dataset_sizes.n_pos, 0) as firing_rate_pos,
         coalesce(firing.n_firing_neg, 0) / nullif(dataset_sizes.n_neg, 0) as firing_rate_neg
     from top_features
-    cross join dataset_sizes
-    semi join layer_datasets
-        on dataset_sizes.dataset = layer_datasets.dataset
+    cross join layer_class_sizes($layer) as dataset_sizes
     left join firing
         on top_features.feature_id = firing.feature_id
         and dataset_sizes.dataset = firing.dataset

@@ -1,5 +1,6 @@
 -- feature_firing: how often each of some features fires on every dataset of a layer, per class.
 --
+-- Uses   : views/layer_class_sizes, views/labelled_activations
 -- Inputs : views `activations` (layer, dataset, sample_id, feature_id, max_act), `samples`.
 -- Params : $layer integer, $feature_ids integer[] (the features of the report).
 -- Output : one row per (feature, dataset extracted at $layer): firing_rate = samples with the feature
@@ -9,23 +10,14 @@
 
 with
 
-layer_datasets as (
-    select distinct dataset
-    from activations
-    where layer = $layer
-),
-
 dataset_sizes as (
     select
-        samples.dataset,
-        any_value(samples.role) as role,
-        count(*) as n,
-        count(*) filter (where samples.is_positive) as n_pos,
-        count(*) filter (where not samples.is_positive) as n_neg
-    from samples
-    inner join layer_datasets
-        on samples.dataset = layer_datasets.dataset
-    group by samples.dataset
+        dataset,
+        role,
+        n_samples as n,
+        n_pos,
+        n_neg
+    from layer_class_sizes($layer)
 ),
 
 wanted as (
@@ -34,20 +26,17 @@ wanted as (
 
 fired as (
     select
-        activations.feature_id,
-        activations.dataset,
+        feature_id,
+        dataset,
         count(*) as n_fired,
-        count(*) filter (where samples.is_positive) as n_fired_pos,
-        count(*) filter (where not samples.is_positive) as n_fired_neg,
-        sum(activations.max_act) as sum_max_act
-    from activations
-    inner join samples
-        on activations.dataset = samples.dataset
-        and activations.sample_id = samples.sample_id
-    where activations.layer = $layer
-        and list_contains($feature_ids::integer[], activations.feature_id)
-        and activations.max_act > 0
-    group by all
+        count(*) filter (where is_positive) as n_fired_pos,
+        count(*) filter (where not is_positive) as n_fired_neg,
+        sum(max_act) as sum_max_act
+    from labelled_activations
+    where layer = $layer
+        and list_contains($feature_ids::integer[], feature_id)
+        and max_act > 0
+    group by feature_id, dataset
 ),
 
 final as (

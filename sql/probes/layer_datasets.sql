@@ -1,5 +1,6 @@
 -- layer_datasets: which datasets have pooled activations at a layer.
 --
+-- Uses   : views/layer_datasets
 -- Inputs : view `activations` (layer, dataset).
 -- Params : $layer integer.
 -- Output : one row per dataset extracted at $layer.
@@ -8,9 +9,8 @@
 with
 
 final as (
-    select distinct dataset
-    from activations
-    where layer = $layer
+    select dataset
+    from layer_datasets($layer)
 )
 
 select * from final

@@ -1,5 +1,6 @@
 -- feature_stats: how each SAE feature of one layer separates the two classes on the training datasets.
 --
+-- Uses   : views/labelled_activations
 -- Inputs : views `samples` (dataset, sample_id, is_positive, role) and
 --          `activations` (layer, dataset, sample_id, feature_id, max_act, mean_act).
 -- Params : $layer          integer  the layer to describe
@@ -42,16 +43,14 @@ class_sizes as (
 
 train_activations as (
     select
-        activations.feature_id,
-        activations.max_act,
-        activations.mean_act,
-        train_samples.is_positive
-    from activations
-    inner join train_samples
-        on activations.dataset = train_samples.dataset
-        and activations.sample_id = train_samples.sample_id
-    where activations.layer = $layer
-        and activations.max_act > 0
+        feature_id,
+        max_act,
+        mean_act,
+        is_positive
+    from labelled_activations
+    where layer = $layer
+        and max_act > 0
+        and coalesce(list_contains($train_datasets::varchar[], dataset), role = 'train')
 ),
 
 per_feature as (

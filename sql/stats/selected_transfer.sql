@@ -1,5 +1,6 @@
 -- selected_transfer: do the selected features still fire, and as strongly, on each dataset?
 --
+-- Uses   : views/layer_class_sizes
 -- Inputs : views `selected_features` (layer, feature_id, direction), `samples` (dataset, sample_id, role)
 --          and `activations` (layer, dataset, sample_id, feature_id, max_act).
 -- Params : $layer          integer  the layer
@@ -37,21 +38,12 @@ selected_activations as (
         and activations.max_act > 0
 ),
 
-layer_datasets as (
-    select distinct dataset
-    from activations
-    where layer = $layer
-),
-
 dataset_sizes as (
     select
-        samples.dataset,
-        any_value(samples.role) as role,
-        count(*) as n_samples
-    from samples
-    inner join layer_datasets
-        on samples.dataset = layer_datasets.dataset
-    group by samples.dataset
+        dataset,
+        role,
+        n_samples
+    from layer_class_sizes($layer)
 ),
 
 train_samples as (

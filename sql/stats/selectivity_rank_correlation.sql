@@ -2,6 +2,7 @@
 -- Spearman rank correlation of per-dataset selectivity between every pair of datasets that have both
 -- classes, over the features active (max_act >= $min_act) on both.
 --
+-- Uses   : views/selectivity_by_dataset
 -- Inputs : views `samples` (dataset, sample_id, is_positive) and
 --          `activations` (layer, dataset, sample_id, feature_id, max_act).
 -- Params : $layer   integer  the layer
@@ -10,60 +11,18 @@
 --          n_features (active on both),
 --          spearman (Pearson correlation of average ranks, so ties are handled as scipy's spearmanr does)
 --          and pearson (on the raw selectivities); both NULL when undefined (fewer than 2 features or a
---          constant side). Selectivity per dataset is computed as in stats/dataset_selectivity.sql.
+--          constant side). Selectivity per dataset is stats/dataset_selectivity's (views/selectivity_by_dataset).
 -- Grain  : layer x dataset_a x dataset_b.
 
 with
 
-class_sizes as (
-    select
-        dataset,
-        count(*) filter (where is_positive) as n_pos,
-        count(*) filter (where not is_positive) as n_neg
-    from samples
-    group by dataset
-    having count(*) filter (where is_positive) > 0
-        and count(*) filter (where not is_positive) > 0
-),
-
-labelled_activations as (
-    select
-        activations.dataset,
-        activations.feature_id,
-        activations.max_act,
-        samples.is_positive
-    from activations
-    inner join samples
-        on activations.dataset = samples.dataset
-        and activations.sample_id = samples.sample_id
-    semi join class_sizes
-        on activations.dataset = class_sizes.dataset
-    where activations.layer = $layer
-        and activations.max_act > 0
-),
-
-per_feature as (
+selectivity as (
     select
         dataset,
         feature_id,
-        coalesce(sum(max_act) filter (where is_positive), 0) as pos_sum,
-        coalesce(sum(max_act) filter (where not is_positive), 0) as neg_sum,
-        max(max_act) as max_act
-    from labelled_activations
-    group by dataset, feature_id
-),
-
-selectivity as (
-    select
-        per_feature.dataset,
-        per_feature.feature_id,
-        (per_feature.pos_sum / class_sizes.n_pos - per_feature.neg_sum / class_sizes.n_neg)
-            / nullif(per_feature.pos_sum / class_sizes.n_pos + per_feature.neg_sum / class_sizes.n_neg, 0)
-            as selectivity
-    from per_feature
-    inner join class_sizes
-        on per_feature.dataset = class_sizes.dataset
-    where per_feature.max_act >= $min_act
+        selectivity
+    from selectivity_by_dataset($layer, $min_act)
+    where is_active
 ),
 
 paired as (

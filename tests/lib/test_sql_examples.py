@@ -9,7 +9,7 @@ import duckdb
 import numpy as np
 import pytest
 
-from dagster_project.lib import stats
+from dagster_project.lib import sql, stats
 from dagster_project.lib.sql import _PLACEHOLDER, SQL_DIR, relation
 from tests.lib.fixtures_stats import LakeFixture, build_lake, connect
 
@@ -178,3 +178,23 @@ def test_active_features_per_sample(lake: LakeFixture, con: duckdb.DuckDBPyConne
             assert r["peak_feature_id"] is None and r["sum_max_act"] == 0
         else:
             assert r["peak_feature_id"] == int(np.argmax(x))
+
+
+VIEW_FILES = sorted((SQL_DIR / "views").glob("*.sql"))
+
+
+def test_every_view_is_used_and_every_use_exists() -> None:
+    used = {v for p in SQL_FILES for v in sql.uses(str(p.relative_to(SQL_DIR).with_suffix("")))}
+    assert used == {f"views/{p.stem}" for p in VIEW_FILES}
+
+
+@pytest.mark.parametrize("path", VIEW_FILES, ids=lambda p: p.stem)
+def test_view_installs_on_the_fixture_lake(con: duckdb.DuckDBPyConnection, path: Any) -> None:
+    name = f"views/{path.stem}"
+    cur = con.cursor()
+    try:
+        order = sql.install_views(cur, name) + [name]
+        for view in order:
+            cur.execute(sql.render(view))
+    finally:
+        cur.close()

@@ -119,3 +119,57 @@ def test_run_glob_path(sql_dir: Path, tmp_path: Path, con: duckdb.DuckDBPyConnec
     out.parent.mkdir()
     con.execute(f"copy (select * from t) to '{out}'")
     assert run(con, "q/glob", idents={"acts_glob": str(out.parent / "*.parquet")}).fetchall() == [(3,)]
+
+
+VIEW_FILES = {
+    "views/evens": "-- evens: the rows of t with an even v.\ncreate or replace temp view evens as select * from t where layer % 2 = 0",
+    "views/by_layer": "-- by_layer: t at one layer.\n-- Uses : views/evens\n"
+                "create or replace temp macro by_layer(at_layer) as table select * from t where layer = at_layer",
+    "views/loop_a": "-- loop_a\n-- Uses : views/loop_b\ncreate or replace temp view loop_a as select 1",
+    "views/loop_b": "-- loop_b\n-- Uses : views/loop_a\ncreate or replace temp view loop_b as select 1",
+    "views/not_temp": "-- not_temp: a view file must only create temp objects.\ncreate view kept as select 1",
+    "q/uses": "-- uses: two views.\n-- Uses   : views/by_layer, views/evens\n"
+              "select (select count(*) from by_layer($layer)) as n_at, (select count(*) from evens) as n_evens",
+    "q/loop": "-- loop\n-- Uses : views/loop_a\nselect 1",
+    "q/not_views": "-- not views\n-- Uses : q/uses\nselect 1",
+    "q/not_temp": "-- not temp\n-- Uses : views/not_temp\nselect 1",
+}
+
+
+@pytest.fixture
+def views_dir(sql_dir: Path) -> Path:
+    for name, text in VIEW_FILES.items():
+        path = sql_dir / f"{name}.sql"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return sql_dir
+
+
+def test_uses_lists_the_header_views(views_dir: Path) -> None:
+    assert sql.uses("q/uses") == ["views/by_layer", "views/evens"]
+    assert sql.uses("q/by_layer") == []
+    # views a view is built on come first, each once
+    assert sql.view_order("q/uses") == ["views/evens", "views/by_layer"]
+
+
+def test_run_and_relation_install_the_views_first(views_dir: Path, con: duckdb.DuckDBPyConnection) -> None:
+    assert run(con, "q/uses", {"layer": 1}).fetchall() == [(2, 1)]
+    assert relation(con, "q/uses", {"layer": 2}).fetchall() == [(1, 1)]
+    # temp objects: another connection (a cursor) gets its own, installed when it runs the statement
+    cur = con.cursor()
+    with pytest.raises(duckdb.CatalogException):
+        cur.execute("select * from evens")
+    cur.close()
+    assert sql.install_views(con, "q/uses") == ["views/evens", "views/by_layer"]
+
+
+def test_views_refuse_cycles_other_files_and_non_temp_statements(
+    views_dir: Path, con: duckdb.DuckDBPyConnection
+) -> None:
+    with pytest.raises(SQLError, match="uses itself: views/loop_a -> views/loop_b -> views/loop_a"):
+        run(con, "q/loop")
+    with pytest.raises(SQLError, match="names files under views/ only, not q/uses"):
+        run(con, "q/not_views")
+    with pytest.raises(SQLError, match="views/not_temp.sql must hold one 'create or replace temp view'"):
+        run(con, "q/not_temp")
+    assert "kept" not in {r[0] for r in con.execute("select view_name from duckdb_views()").fetchall()}
