@@ -225,7 +225,7 @@ def test_one_pass_over_several_layers_collects_what_a_pass_per_layer_does(tiny_l
 
 
 def test_sae_steps_share_one_run_only_when_the_layers_form_a_partition_range() -> None:
-    from dagster_project.cli import sae_steps
+    from dagster_project.jobs import sae_steps
 
     one = sae_steps([6, 9], ["6", "9", "12"])
     assert [name for name, _, _ in one] == ["sae layers 6, 9"]
@@ -243,7 +243,7 @@ def test_activation_steps_name_a_range_in_the_layer_partitions_order() -> None:
     that of layer 12 (the keys sorted as strings would put 12 first and give an empty range)."""
     import dagster as dg
 
-    from dagster_project.cli import activation_steps
+    from dagster_project.jobs import activation_steps
     from dagster_project.partitions import dataset_partitions, layer_dataset_partitions
 
     instance = dg.DagsterInstance.ephemeral()
