@@ -1,6 +1,9 @@
 """Test doubles usable from tests and benchmarks (no dagster import).
 
-- :mod:`dagster_project.testing.anthropic_server`: a local Anthropic-protocol server with faults.
+- :mod:`dagster_project.testing.anthropic_server` and :mod:`dagster_project.testing.openai_server`: local
+  LLM servers, one module per wire format, over the fault-injecting
+  :mod:`dagster_project.testing.fault_server`; :mod:`~dagster_project.testing.faults` holds the fault plan
+  and :mod:`~dagster_project.testing.responders` what they answer.
 - :func:`synthetic_features`: small deterministic :class:`FeatureExamples` for describe runs.
 """
 
@@ -10,35 +13,19 @@ import random
 from typing import TYPE_CHECKING, Any
 
 from dagster_project.lib.autointerp import FeatureExamples, Window
+from dagster_project.testing.faults import FAULT_KINDS, FaultPlan, FaultRule
+from dagster_project.testing.responders import default_responder, gullible_responder, prompt_hash
 
 if TYPE_CHECKING:
-    from dagster_project.testing.anthropic_server import (
-        FAULT_KINDS,
-        AnthropicTestServer,
-        FaultPlan,
-        FaultRule,
-        default_responder,
-        gullible_responder,
-        prompt_hash,
-    )
-
-_SERVER_NAMES = {
-    "FAULT_KINDS",
-    "AnthropicTestServer",
-    "FaultPlan",
-    "FaultRule",
-    "default_responder",
-    "gullible_responder",
-    "prompt_hash",
-}
+    from dagster_project.testing.anthropic_server import AnthropicTestServer
 
 
 def __getattr__(name: str) -> Any:
     # Lazy, so `python -m dagster_project.testing.anthropic_server` does not import it twice.
-    if name in _SERVER_NAMES:
+    if name == "AnthropicTestServer":
         from dagster_project.testing import anthropic_server
 
-        return getattr(anthropic_server, name)
+        return anthropic_server.AnthropicTestServer
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
