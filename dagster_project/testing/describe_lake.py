@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 
@@ -109,6 +110,7 @@ def build_describe_lake(
     for f in features:
         sel = (f.p_pos - f.p_neg) / (f.p_pos + f.p_neg) if (f.p_pos + f.p_neg) else 0.0
         sel_rows.append({"feature_id": f.feature_id, "selectivity": sel})
+    v: Any  # a column's value in the loops below: ids, texts, flags, activations
     for name, (role, _, _) in datasets.items():
         s_cols: dict[str, list] = {k: [] for k in SAMPLES_SCHEMA.names}
         t_cols: dict[str, list] = {k: [] for k in TOKENS_SCHEMA.names}
