@@ -8,6 +8,9 @@ import os
 import signal
 import subprocess
 import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import redirect_stdout
 from pathlib import Path
 from typing import Any
@@ -36,6 +39,45 @@ def run_python(code: str, *args: str, env: dict[str, str] | None = None, timeout
         return subprocess.Popen(argv, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True)
     return subprocess.run(argv, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def kill_9_when(proc: subprocess.Popen[str], ready: Callable[[], bool], *, timeout_s: float, poll_s: float) -> None:
+    """Wait until ``ready()`` (at most ``timeout_s``; the process must stay alive meanwhile), then ``kill -9``
+    the process and reap it."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not ready():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(poll_s)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == KILLED
+
+
+def materialize_layer(assets: Sequence[Any], root: Path | str, describer: Any, *, layer: int = 1,
+                      instance: Any = None, raise_on_error: bool = True,
+                      config: Mapping[str, Any] | None = None) -> Any:
+    """``dg.materialize`` of ``assets`` at one layer partition, over the lake at ``root`` (namespace ``t``)
+    with ``describer``, every asset's op given ``config``; in a fresh ephemeral instance unless one is given."""
+    import dagster as dg
+
+    from dagster_project.partitions import LAYER_PARTITIONS_NAME
+    from dagster_project.resources import LakeResource
+
+    if instance is None:
+        instance = dg.DagsterInstance.ephemeral()
+        instance.add_dynamic_partitions(LAYER_PARTITIONS_NAME, [str(layer)])
+    return dg.materialize(
+        assets, partition_key=str(layer), instance=instance, raise_on_error=raise_on_error,
+        resources={"lake": LakeResource(root=str(root), namespace="t"), "describer": describer},
+        run_config={"ops": {a.op.name: {"config": dict(config or {})} for a in assets}},
+    )
+
+
+def completed_calls(server: Any, tasks: Iterable[str]) -> Counter[str]:
+    """A test server's calls answered normally, per prompt hash, of the given tasks only."""
+    wanted = set(tasks)
+    return Counter(e["prompt_hash"] for e in list(server.log)
+                   if e["task"] in wanted and e["fault"] is None and e["status"] == 200)
 
 
 def dataset_partition_names(n: int) -> list[str]:

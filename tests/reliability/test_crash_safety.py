@@ -15,7 +15,6 @@ Each test kills a real process (``SIGKILL``, no cleanup code runs) at a chosen p
 from __future__ import annotations
 
 import json
-import os
 import signal
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ import duckdb
 import pytest
 import torch
 
-from tests.reliability.helpers import KILLED, featurelake_sql, run_python
+from tests.reliability.helpers import KILLED, featurelake_sql, kill_9_when, materialize_layer, run_python
 
 LAYER = 1
 
@@ -181,11 +180,25 @@ dg.materialize(
 """
 
 
-def test_kill_9_during_describe_loses_no_completed_call_and_repeats_none(tmp_path: Path) -> None:
+_CACHE_ENTRIES = "??/[0-9a-f]*.json"  # the LLM call cache's entries (each renamed into place whole)
+
+
+def _stored(cache_dir: Path) -> set[str]:
+    """The keys of the calls in the LLM call cache."""
+    return {json.loads(p.read_text())["key"] for p in cache_dir.glob(_CACHE_ENTRIES)}
+
+
+def _rerun_descriptions(root: Path, server: Any, *, n_candidates: int) -> dg.ExecuteInProcessResult:
+    """The ``descriptions`` asset in process, as the killed subprocess ran it (concurrency 2, no SDK retries)."""
     from assets.describe import descriptions
     from dagster_project.describer_resource import DescriberResource
-    from dagster_project.partitions import LAYER_PARTITIONS_NAME
-    from dagster_project.resources import LakeResource
+
+    describer = DescriberResource(backend="anthropic", model="claude-haiku-4-5", base_url=server.base_url,
+                                  api_key="test-key", concurrency=2, sdk_max_retries=0)
+    return materialize_layer([descriptions], root, describer, layer=LAYER, config={"n_candidates": n_candidates})
+
+
+def test_kill_9_during_describe_loses_no_completed_call_and_repeats_none(tmp_path: Path) -> None:
     from dagster_project.testing.anthropic_server import AnthropicTestServer
     from dagster_project.testing.describe_lake import build_describe_lake, many_features
 
@@ -194,27 +207,14 @@ def test_kill_9_during_describe_loses_no_completed_call_and_repeats_none(tmp_pat
     cache_dir = dl.lake.base / "llm_cache"
     with AnthropicTestServer(latency_s=0.1) as server:
         proc = run_python(_DESCRIBE, str(tmp_path), server.base_url, "1", wait=False)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and len(list(cache_dir.glob("??/[0-9a-f]*.json"))) < 5:
-            assert proc.poll() is None, proc.communicate()[1][-3000:]
-            time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        assert proc.returncode == KILLED
+        kill_9_when(proc, lambda: len(list(cache_dir.glob(_CACHE_ENTRIES))) >= 5, timeout_s=120, poll_s=0.02)
         time.sleep(0.5)  # the server finishes the requests the dead client had in flight (latency 0.1 s)
-        stored = {json.loads(p.read_text())["key"] for p in cache_dir.glob("??/[0-9a-f]*.json")}
+        stored = _stored(cache_dir)
         assert 5 <= len(stored) < n
         assert not dl.lake.exists("stats/descriptions", layer=LAYER)  # no half-written table either
         calls_before = server.messages_calls
 
-        instance = dg.DagsterInstance.ephemeral()
-        instance.add_dynamic_partitions(LAYER_PARTITIONS_NAME, [str(LAYER)])
-        describer = DescriberResource(backend="anthropic", model="claude-haiku-4-5", base_url=server.base_url,
-                                      api_key="test-key", concurrency=2, sdk_max_retries=0)
-        result = dg.materialize([descriptions], partition_key=str(LAYER), instance=instance,
-                                resources={"lake": LakeResource(root=str(tmp_path), namespace="t"),
-                                           "describer": describer},
-                                run_config={"ops": {"descriptions": {"config": {"n_candidates": 1}}}})
+        result = _rerun_descriptions(tmp_path, server, n_candidates=1)
         rerun_calls = server.messages_calls - calls_before
     assert result.success
     rows = dl.lake.read("stats/descriptions", layer=LAYER).to_pylist()
@@ -229,10 +229,6 @@ def test_kill_9_during_describe_loses_no_completed_call_and_repeats_none(tmp_pat
 def test_kill_9_during_best_of_n_loses_no_candidate_and_repeats_no_call(tmp_path: Path) -> None:
     """Two candidates per feature, each scored on validation windows: describe and detect calls interleave;
     a kill loses none that completed, and the rerun's candidates table has each (feature, candidate) once."""
-    from assets.describe import descriptions
-    from dagster_project.describer_resource import DescriberResource
-    from dagster_project.partitions import LAYER_PARTITIONS_NAME
-    from dagster_project.resources import LakeResource
     from dagster_project.testing.anthropic_server import AnthropicTestServer
     from dagster_project.testing.describe_lake import build_describe_lake, many_features
 
@@ -241,30 +237,17 @@ def test_kill_9_during_best_of_n_loses_no_candidate_and_repeats_no_call(tmp_path
     cache_dir = dl.lake.base / "llm_cache"
     with AnthropicTestServer(latency_s=0.1) as server:
         proc = run_python(_DESCRIBE, str(tmp_path), server.base_url, "2", wait=False)
-        deadline = time.monotonic() + 120
         # past the first round (n describe calls): the kill lands among the validation / second-round calls
-        while time.monotonic() < deadline and len(list(cache_dir.glob("??/[0-9a-f]*.json"))) < n + 3:
-            assert proc.poll() is None, proc.communicate()[1][-3000:]
-            time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        assert proc.returncode == KILLED
+        kill_9_when(proc, lambda: len(list(cache_dir.glob(_CACHE_ENTRIES))) >= n + 3, timeout_s=120, poll_s=0.02)
         time.sleep(0.5)
-        stored = {json.loads(p.read_text())["key"] for p in cache_dir.glob("??/[0-9a-f]*.json")}
+        stored = _stored(cache_dir)
         assert not dl.lake.exists("stats/descriptions", layer=LAYER)
         assert not dl.lake.exists("stats/description_candidates", layer=LAYER)
         calls_before = server.messages_calls
 
-        instance = dg.DagsterInstance.ephemeral()
-        instance.add_dynamic_partitions(LAYER_PARTITIONS_NAME, [str(LAYER)])
-        describer = DescriberResource(backend="anthropic", model="claude-haiku-4-5", base_url=server.base_url,
-                                      api_key="test-key", concurrency=2, sdk_max_retries=0)
-        result = dg.materialize([descriptions], partition_key=str(LAYER), instance=instance,
-                                resources={"lake": LakeResource(root=str(tmp_path), namespace="t"),
-                                           "describer": describer},
-                                run_config={"ops": {"descriptions": {"config": {"n_candidates": 2}}}})
+        result = _rerun_descriptions(tmp_path, server, n_candidates=2)
         rerun_calls = server.messages_calls - calls_before
-        final = {json.loads(p.read_text())["key"] for p in cache_dir.glob("??/[0-9a-f]*.json")}
+        final = _stored(cache_dir)
     assert result.success
     cands = dl.lake.read("stats/description_candidates", layer=LAYER).to_pylist()
     keys = [(c["feature_id"], c["candidate"]) for c in cands]

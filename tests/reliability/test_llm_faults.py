@@ -1,16 +1,19 @@
-"""Promise 2, LLM faults: every fault of the Anthropic API is retried as the SDK's semantics say; when the
-retries run out the feature is ``failed`` with its error, listed in the asset's ``failures`` metadata, and
-never classified nor probed as if described. No feature is ever silently dropped.
+"""Promise 2, LLM faults: every fault of the Anthropic API, and of the OpenAI-compatible chat-completions
+protocol (vLLM, llama.cpp's server, Ollama), is retried as the SDK's semantics say; when the retries run out
+the feature is ``failed`` with its error, listed in the asset's ``failures`` metadata, and never classified,
+scored nor probed as if described. No feature is ever silently dropped.
 
-All against the local Anthropic-protocol server (``dagster_project/testing/anthropic_server.py``), whose
-fault kinds are: 429 with ``retry-after``, 529 with ``retry-after``, 500, connection reset, timeout,
+The fault tests run once per backend (``[anthropic-...]``, ``[openai-...]``), against the local servers
+(``dagster_project/testing/anthropic_server.py``, ``dagster_project/testing/openai_server.py``), whose fault
+kinds are: 429 with ``retry-after``, 529 (OpenAI: 503) with ``retry-after``, 500, connection reset, timeout,
 malformed JSON body, a reply that is not the JSON asked for, an empty reply, and a refusal.
 
 Already covered elsewhere (not repeated here): every fault kind retried by the runner's own loop with the
 SDK's retries off (``tests/lib/test_describers.py::test_sdk_completes_every_feature_despite_every_fault_kind``),
 ``retry-after`` reaching the runner's backoff (``::test_rate_limit_retry_after_reaches_the_retry_loop``),
 what each kind looks like to the SDK (``tests/lib/test_anthropic_server.py::test_every_fault_kind_reaches_the_sdk_as_expected``)
-and a mixed-fault run of the describe assets (``tests/assets/test_describe_assets.py::test_anthropic_backend_faults_failure_cache_and_secret``).
+and a mixed-fault run of the describe assets (``tests/assets/test_describe_assets.py::test_anthropic_backend_faults_failure_cache_and_secret``);
+the OpenAI backend's ``kill -9`` and key tests are in ``tests/reliability/test_openai_faults.py``.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import asyncio
 import json
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,32 +30,30 @@ import dagster as dg
 import pyarrow as pa
 import pytest
 
-from assets.describe import classifications, descriptions
+from assets.describe import classifications, descriptions, detection_scores
 from dagster_project.describer_resource import DescriberResource
 from dagster_project.lib.describers import AnthropicDescriber, RetryPolicy, run_describe
+from dagster_project.lib.describers.openai_backend import OpenAICompatDescriber
 from dagster_project.partitions import LAYER_PARTITIONS_NAME
 from dagster_project.resources import LakeResource
 from dagster_project.testing import synthetic_features
-from dagster_project.testing.anthropic_server import (
-    FAULT_KINDS,
-    AnthropicTestServer,
-    FaultPlan,
-    FaultRule,
-    default_responder,
-    request_texts,
-    task_of,
-)
+from dagster_project.testing.anthropic_server import AnthropicTestServer
 from dagster_project.testing.describe_lake import build_describe_lake
+from dagster_project.testing.fault_server import FaultServer
+from dagster_project.testing.faults import FAULT_KINDS, FaultPlan, FaultRule
+from dagster_project.testing.openai_server import OpenAITestServer
+from dagster_project.testing.responders import default_responder, request_texts, task_of
+from tests.reliability.helpers import completed_calls, materialize_layer
 
 LAYER = 1
 MODEL = "claude-haiku-4-5"
+OPENAI_MODEL = "Qwen/Qwen2.5-7B-Instruct"
 # Kinds the SDK retries by itself (HTTP 408/409/429/5xx, connection errors, timeouts); the others are
 # well-formed HTTP 200 answers the SDK hands over, which the runner's own loop retries.
 SDK_RETRIED = {"rate_limit", "overloaded", "server_error", "reset", "timeout"}
-# What the failed feature's recorded error says, per kind.
+# What the failed feature's recorded error says, per kind (``overloaded``: per backend, below).
 ERROR_TEXT = {
     "rate_limit": "HTTP 429",
-    "overloaded": "HTTP 529",
     "server_error": "HTTP 500",
     "reset": "connection error",
     "timeout": "timeout after",
@@ -62,14 +64,51 @@ ERROR_TEXT = {
 }
 
 
+@dataclass(frozen=True)
+class Backend:
+    """One describer backend and the local server that speaks its protocol."""
+
+    name: str
+    server: type[FaultServer]
+    model: str
+    overloaded_error: str  # what a failed feature's error says after ``overloaded`` faults
+    assets: tuple[Any, ...]  # the describe assets run by the outlasting-fault test
+    config: Mapping[str, Any]  # those assets' config beyond the fast retries
+
+    def describer(self, server: FaultServer, **kw: Any) -> Any:
+        """The library backend against ``server``."""
+        if self.name == "anthropic":
+            return AnthropicDescriber(api_key="test-key", model=self.model, base_url=server.base_url, **kw)
+        return OpenAICompatDescriber(base_url=server.base_url, model=self.model, **kw)
+
+    def resource(self, server: FaultServer) -> DescriberResource:
+        """The describer resource against ``server``: concurrency 4, no SDK retries, 0.5 s timeout."""
+        key = {"api_key": "test-key"} if self.name == "anthropic" else {}
+        return DescriberResource(backend=self.name, model=self.model, concurrency=4, base_url=server.base_url,
+                                 sdk_max_retries=0, timeout_s=0.5, **key)
+
+
+BACKENDS = {
+    # one description per feature (no best-of-n): the assertions count each feature's describe attempts
+    "anthropic": Backend("anthropic", AnthropicTestServer, MODEL, "HTTP 529", (descriptions, classifications),
+                         {"n_candidates": 1}),
+    # the OpenAI run scores detection too
+    "openai": Backend("openai", OpenAITestServer, OPENAI_MODEL, "HTTP 503",
+                      (descriptions, classifications, detection_scores), {}),
+}
+# The OpenAI run's calls of describe, classify and detection scoring (other scorers are not counted).
+OPENAI_TASKS = {"describe-feature", "classify-description", "detect-activations"}
+
+
 @pytest.mark.parametrize("kind", FAULT_KINDS)
-def test_each_fault_kind_is_retried_by_the_sdk_or_by_the_runner(kind: str) -> None:
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_each_fault_kind_is_retried_by_the_sdk_or_by_the_runner(backend: str, kind: str) -> None:
+    b = BACKENDS[backend]
     plan = FaultPlan(schedule={1: kind}, retry_after_s=0.4, timeout_sleep_s=1.5)
-    with AnthropicTestServer(faults=plan) as server:
+    with b.server(faults=plan) as server:
 
         async def go() -> Any:
-            d = AnthropicDescriber(api_key="test-key", model=MODEL, base_url=server.base_url, timeout_s=0.5,
-                                   sdk_max_retries=1, max_concurrency=1)
+            d = b.describer(server, timeout_s=0.5, sdk_max_retries=1, max_concurrency=1)
             try:
                 return await run_describe(synthetic_features(1), d, None,
                                           retry=RetryPolicy(max_attempts=2, base_delay_s=0.01))
@@ -81,24 +120,12 @@ def test_each_fault_kind_is_retried_by_the_sdk_or_by_the_runner(kind: str) -> No
         elapsed = time.monotonic() - t0
     assert record.status == "ok", record.error
     assert server.messages_calls == 2 and dict(server.faults_injected) == {kind: 1}
+    if isinstance(server, OpenAITestServer):
+        assert server.chat_calls == 2
     # the SDK's retry is inside one attempt of the runner; a 200 reply it accepts costs the runner an attempt
     assert record.call.attempts == (1 if kind in SDK_RETRIED else 2)
     if kind in ("rate_limit", "overloaded"):
         assert elapsed >= 0.4  # the SDK waited what the server's retry-after asked
-
-
-def _describe_and_classify(root: Path, server: AnthropicTestServer, **config: Any) -> dg.ExecuteInProcessResult:
-    instance = dg.DagsterInstance.ephemeral()
-    instance.add_dynamic_partitions(LAYER_PARTITIONS_NAME, [str(LAYER)])
-    describer = DescriberResource(backend="anthropic", model=MODEL, concurrency=4, base_url=server.base_url,
-                                  api_key="test-key", sdk_max_retries=0, timeout_s=0.5)
-    # one description per feature (no best-of-n): the assertions count each feature's describe attempts
-    cfg = {"max_attempts": 2, "retry_base_delay_s": 0.01, "retry_max_delay_s": 0.05, "n_candidates": 1, **config}
-    return dg.materialize(
-        [descriptions, classifications], partition_key=str(LAYER), instance=instance,
-        resources={"lake": LakeResource(root=str(root), namespace="t"), "describer": describer},
-        run_config={"ops": {"descriptions": {"config": cfg}, "classifications": {"config": cfg}}},
-    )
 
 
 def _meta(result: dg.ExecuteInProcessResult, node: str) -> dict[str, Any]:
@@ -107,15 +134,24 @@ def _meta(result: dg.ExecuteInProcessResult, node: str) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("kind", FAULT_KINDS)
-def test_fault_that_outlasts_the_retries_fails_its_feature_only_and_is_reported(tmp_path: Path, kind: str) -> None:
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_fault_that_outlasts_the_retries_fails_its_feature_only_and_is_reported(
+    tmp_path: Path, backend: str, kind: str
+) -> None:
+    b = BACKENDS[backend]
+    error_text = {**ERROR_TEXT, "overloaded": b.overloaded_error}[kind]
     dl = build_describe_lake(tmp_path)
     doomed, flaky = 21, 3  # feature 21 fires on 'zanzibar', feature 3 on 'rlhf'
     plan = FaultPlan(rules=[FaultRule(kind, match="<<zanzibar", times=None),  # every attempt of one feature
                             FaultRule(kind, match="<<rlhf", times=1)],  # one attempt of another
                      timeout_sleep_s=1.0)
-    with AnthropicTestServer(faults=plan) as server:
-        result = _describe_and_classify(tmp_path, server)
-        completed = server.completed_by_prompt_hash
+    with b.server(faults=plan) as server:
+        result = materialize_layer(
+            b.assets, tmp_path, b.resource(server), raise_on_error=backend == "anthropic",  # as each backend's ran
+            config={"max_attempts": 2, "retry_base_delay_s": 0.01, "retry_max_delay_s": 0.05, **b.config},
+        )
+        completed = server.completed_by_prompt_hash if backend == "anthropic" else completed_calls(
+            server, OPENAI_TASKS)
     assert result.success  # a failed feature is a row, not a failed run
 
     desc = {r["feature_id"]: r for r in dl.lake.read("stats/descriptions", layer=LAYER).to_pylist()}
@@ -124,16 +160,26 @@ def test_fault_that_outlasts_the_retries_fails_its_feature_only_and_is_reported(
     assert all(r["status"] == "ok" and r["error"] is None for f, r in desc.items() if f != doomed)
     bad = desc[doomed]
     assert bad["description"] is None and bad["confidence"] is None and bad["attempts"] == 2
-    assert ERROR_TEXT[kind] in bad["error"] and "attempt 2" in bad["error"], bad["error"]
+    assert error_text in bad["error"] and "attempt 2" in bad["error"], bad["error"]
+    if backend == "openai":
+        assert bad["backend"] == "openai" and bad["model"] == OPENAI_MODEL
     assert desc[flaky]["attempts"] == 2  # retried once, then fine
+    if backend == "openai":
+        # tokens of every answered call are recorded; a local model costs nothing
+        assert all(r["input_tokens"] > 0 and r["output_tokens"] > 0 and r["cost_usd"] == 0.0
+                   for f, r in desc.items() if f != doomed)
 
     meta = _meta(result, "descriptions")
     assert (meta["ok"], meta["failed"]) == (len(dl.feature_ids) - 1, 1)
-    assert f"| {doomed} |" in meta["failures"] and ERROR_TEXT[kind] in meta["failures"]
+    assert f"| {doomed} |" in meta["failures"] and error_text in meta["failures"]
 
     cls = {r["feature_id"] for r in dl.lake.read("stats/classifications", layer=LAYER).to_pylist()}
     assert cls == set(dl.feature_ids) - {doomed}  # a failed description is never classified
     assert _meta(result, "classifications")["skipped_failed_descriptions"] == 1
+    if backend == "openai":
+        det = dl.lake.read("stats/detection_scores", layer=LAYER).to_pylist()
+        assert det and doomed not in {r["feature_id"] for r in det}  # nor scored
+        assert all(r["status"] == "ok" for r in det)
     assert max(completed.values()) == 1  # and no completed call was made twice
 
 

@@ -1,21 +1,17 @@
-"""Promises 1 and 2 for the OpenAI-compatible backend (vLLM, llama.cpp's server, Ollama): every fault of the
-chat-completions protocol is retried; a feature whose retries run out is ``failed`` with its error and never
-classified or scored as if described; a ``kill -9`` in the middle of describe, classify and scoring loses no
-completed call and, after a rerun, leaves one row per feature in each table, none duplicated.
+"""Promises 1 and 6 for the OpenAI-compatible backend (vLLM, llama.cpp's server, Ollama): a ``kill -9`` in the
+middle of describe, classify and scoring loses no completed call and, after a rerun, leaves one row per feature
+in each table, none duplicated; the API key reaches the server and no record.
 
 All against the local OpenAI-protocol server (``dagster_project/testing/openai_server.py``), with the fault
-kinds of the Anthropic tests (``tests/reliability/test_llm_faults.py``): 429 with ``retry-after``, 503 with
-``retry-after``, 500, connection reset, timeout, malformed JSON body, a reply that is not the JSON asked for,
-an empty reply and a refusal.
+kinds of the Anthropic tests: 429 with ``retry-after``, 503 with ``retry-after``, 500, connection reset,
+timeout, malformed JSON body, a reply that is not the JSON asked for, an empty reply and a refusal. Each kind
+retried, and each outlasting the retries, is tested for both backends in ``tests/reliability/test_llm_faults.py``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
 import secrets
-import signal
 import time
 from collections import Counter
 from pathlib import Path
@@ -28,57 +24,14 @@ from dagster._serdes import serialize_value
 from assets.describe import classifications, descriptions, detection_scores
 from dagster_project.config import DescriberSpec
 from dagster_project.describer_resource import DescriberResource, describer_resource
-from dagster_project.lib.describers import RetryPolicy, run_describe
-from dagster_project.lib.openai_backend import OpenAICompatDescriber
 from dagster_project.partitions import LAYER_PARTITIONS_NAME
-from dagster_project.resources import LakeResource
-from dagster_project.testing import synthetic_features
 from dagster_project.testing.describe_lake import build_describe_lake, many_features
-from dagster_project.testing.openai_server import FAULT_KINDS, FaultPlan, FaultRule, OpenAITestServer
-from tests.reliability.helpers import KILLED, run_python
+from dagster_project.testing.openai_server import FAULT_KINDS, FaultPlan, OpenAITestServer
+from tests.reliability.helpers import completed_calls, kill_9_when, materialize_layer, run_python
 
 LAYER = 1
 MODEL = "Qwen/Qwen2.5-7B-Instruct"
 ASSETS = [descriptions, classifications, detection_scores]
-# Kinds the SDK retries by itself (HTTP 408/409/429/5xx, connection errors, timeouts); the others are
-# well-formed HTTP 200 answers the SDK hands over, which the runner's own loop retries.
-SDK_RETRIED = {"rate_limit", "overloaded", "server_error", "reset", "timeout"}
-ERROR_TEXT = {
-    "rate_limit": "HTTP 429",
-    "overloaded": "HTTP 503",
-    "server_error": "HTTP 500",
-    "reset": "connection error",
-    "timeout": "timeout after",
-    "malformed_body": "malformed response body",
-    "malformed_reply": "ReplyParseError",
-    "empty": "EmptyReplyError",
-    "refusal": "RefusalError",
-}
-
-
-@pytest.mark.parametrize("kind", FAULT_KINDS)
-def test_each_fault_kind_is_retried_by_the_sdk_or_by_the_runner(kind: str) -> None:
-    plan = FaultPlan(schedule={1: kind}, retry_after_s=0.4, timeout_sleep_s=1.5)
-    with OpenAITestServer(faults=plan) as server:
-
-        async def go() -> Any:
-            d = OpenAICompatDescriber(base_url=server.base_url, model=MODEL, timeout_s=0.5, sdk_max_retries=1,
-                                      max_concurrency=1)
-            try:
-                return await run_describe(synthetic_features(1), d, None,
-                                          retry=RetryPolicy(max_attempts=2, base_delay_s=0.01))
-            finally:
-                await d.aclose()
-
-        t0 = time.monotonic()
-        (record,) = asyncio.run(go())
-        elapsed = time.monotonic() - t0
-    assert record.status == "ok", record.error
-    assert server.chat_calls == 2 and dict(server.faults_injected) == {kind: 1}
-    # the SDK's retry is inside one attempt of the runner; a 200 reply it accepts costs the runner an attempt
-    assert record.call.attempts == (1 if kind in SDK_RETRIED else 2)
-    if kind in ("rate_limit", "overloaded"):
-        assert elapsed >= 0.4  # the SDK waited what the server's retry-after asked
 
 
 def _resource(server: OpenAITestServer, **kw: Any) -> DescriberResource:
@@ -89,20 +42,8 @@ def _resource(server: OpenAITestServer, **kw: Any) -> DescriberResource:
 
 def _materialize(root: Path, describer: DescriberResource, instance: dg.DagsterInstance | None = None,
                  **config: Any) -> dg.ExecuteInProcessResult:
-    if instance is None:
-        instance = dg.DagsterInstance.ephemeral()
-        instance.add_dynamic_partitions(LAYER_PARTITIONS_NAME, [str(LAYER)])
     cfg = {"max_attempts": 2, "retry_base_delay_s": 0.01, "retry_max_delay_s": 0.05, **config}
-    return dg.materialize(
-        ASSETS, partition_key=str(LAYER), instance=instance, raise_on_error=False,
-        resources={"lake": LakeResource(root=str(root), namespace="t"), "describer": describer},
-        run_config={"ops": {a.op.name: {"config": cfg} for a in ASSETS}},
-    )
-
-
-def _meta(result: dg.ExecuteInProcessResult, node: str) -> dict[str, Any]:
-    (mat,) = result.asset_materializations_for_node(node)
-    return {k: getattr(v, "value", v) for k, v in mat.metadata.items()}
+    return materialize_layer(ASSETS, root, describer, instance=instance, raise_on_error=False, config=cfg)
 
 
 # The calls of describe, classify and detection scoring (the three tables checked here), by the server's task
@@ -113,50 +54,11 @@ KINDS = {"describe", "classify", "detect"}
 
 def _completed(server: OpenAITestServer) -> Counter[str]:
     """Calls answered normally, per prompt, of the three tasks."""
-    return Counter(e["prompt_hash"] for e in list(server.log)
-                   if e["task"] in TASKS and e["fault"] is None and e["status"] == 200)
+    return completed_calls(server, TASKS)
 
 
 def _rows(lake: Any, table: str) -> list[dict[str, Any]]:
     return lake.read(f"stats/{table}", layer=LAYER).to_pylist()
-
-
-@pytest.mark.parametrize("kind", FAULT_KINDS)
-def test_fault_that_outlasts_the_retries_fails_its_feature_only_and_is_reported(tmp_path: Path, kind: str) -> None:
-    dl = build_describe_lake(tmp_path)
-    doomed, flaky = 21, 3  # feature 21 fires on 'zanzibar', feature 3 on 'rlhf'
-    plan = FaultPlan(rules=[FaultRule(kind, match="<<zanzibar", times=None),  # every attempt of one feature
-                            FaultRule(kind, match="<<rlhf", times=1)],  # one attempt of another
-                     timeout_sleep_s=1.0)
-    with OpenAITestServer(faults=plan) as server:
-        result = _materialize(tmp_path, _resource(server))
-        completed = _completed(server)
-    assert result.success  # a failed feature is a row, not a failed run
-
-    desc = {r["feature_id"]: r for r in _rows(dl.lake, "descriptions")}
-    assert sorted(desc) == sorted(dl.feature_ids)  # none dropped: one row per selected feature
-    assert {f for f, r in desc.items() if r["status"] == "failed"} == {doomed}
-    assert all(r["status"] == "ok" and r["error"] is None for f, r in desc.items() if f != doomed)
-    bad = desc[doomed]
-    assert bad["description"] is None and bad["confidence"] is None and bad["attempts"] == 2
-    assert ERROR_TEXT[kind] in bad["error"] and "attempt 2" in bad["error"], bad["error"]
-    assert bad["backend"] == "openai" and bad["model"] == MODEL
-    assert desc[flaky]["attempts"] == 2  # retried once, then fine
-    # tokens of every answered call are recorded; a local model costs nothing
-    assert all(r["input_tokens"] > 0 and r["output_tokens"] > 0 and r["cost_usd"] == 0.0
-               for f, r in desc.items() if f != doomed)
-
-    meta = _meta(result, "descriptions")
-    assert (meta["ok"], meta["failed"]) == (len(dl.feature_ids) - 1, 1)
-    assert f"| {doomed} |" in meta["failures"] and ERROR_TEXT[kind] in meta["failures"]
-
-    cls = {r["feature_id"] for r in _rows(dl.lake, "classifications")}
-    assert cls == set(dl.feature_ids) - {doomed}  # a failed description is never classified
-    assert _meta(result, "classifications")["skipped_failed_descriptions"] == 1
-    det = _rows(dl.lake, "detection_scores")
-    assert det and doomed not in {r["feature_id"] for r in det}  # nor scored
-    assert all(r["status"] == "ok" for r in det)
-    assert max(completed.values()) == 1  # and no completed call was made twice
 
 
 # --------------------------------------------------------------------------------------- kill -9
@@ -228,13 +130,7 @@ def test_kill_9_during_describe_classify_scoring_loses_nothing_and_repeats_nothi
     detect_before = [0]
     with OpenAITestServer(faults=FAULTS, latency_s=0.05) as server:
         proc = run_python(_RUN, str(tmp_path), server.base_url, wait=False)
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and not time_to_kill():
-            assert proc.poll() is None, proc.communicate()[1][-3000:]
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        assert proc.returncode == KILLED
+        kill_9_when(proc, time_to_kill, timeout_s=300, poll_s=0.05)
         time.sleep(0.5)  # the server finishes the requests the dead client had in flight (latency 0.05 s)
         stored = watch.keys()
         if kill_in == "classify":
