@@ -175,7 +175,7 @@ def build_catalog(lake: Lake) -> tuple[LakePath, list[str]]:
         names = create_views(con, lake)
     finally:
         con.close()
-    os.replace(tmp, lake.catalog_path)
+    os.replace(str(tmp), str(lake.catalog_path))
     Path(str(tmp) + ".wal").unlink(missing_ok=True)
     return lake.catalog_path, names
 

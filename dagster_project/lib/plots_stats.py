@@ -32,7 +32,7 @@ def selectivity_histogram(
     sel = np.asarray(rows["selectivity"].drop_null().to_numpy(zero_copy_only=False), dtype=np.float64)
     fig = Figure(figsize=(6.4, 3.6))
     ax = fig.add_subplot()
-    ax.hist(sel, bins=np.linspace(-1.0, 1.0, bins + 1), color="#4c72b0")
+    ax.hist(sel, bins=np.linspace(-1.0, 1.0, bins + 1).tolist(), color="#4c72b0")
     if sel.size:
         ax.set_yscale("log")
     if min_selectivity is not None:

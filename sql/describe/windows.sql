@@ -75,8 +75,7 @@ sample_info as (
         sample_lengths.n_tokens
     from samples
     inner join sample_lengths
-        on samples.dataset = sample_lengths.dataset
-        and samples.sample_id = sample_lengths.sample_id
+        using (dataset, sample_id)
 ),
 
 activating as (
@@ -104,8 +103,7 @@ activating as (
             labelled_activations.max_act
         from labelled_activations
         inner join sample_lengths
-            on labelled_activations.dataset = sample_lengths.dataset
-            and labelled_activations.sample_id = sample_lengths.sample_id
+            using (dataset, sample_id)
         where labelled_activations.layer = $layer
             and labelled_activations.feature_id in (select feature_id from features)
             and labelled_activations.max_act > 0

@@ -36,8 +36,7 @@ with_tokens as (
         tokens.char_end
     from top_activations
     inner join samples
-        on top_activations.dataset = samples.dataset
-        and top_activations.sample_id = samples.sample_id
+        using (dataset, sample_id)
     left join tokens
         on top_activations.dataset = tokens.dataset
         and top_activations.sample_id = tokens.sample_id

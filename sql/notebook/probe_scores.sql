@@ -38,8 +38,7 @@ final as (
         scores.score
     from scores
     left join samples
-        on scores.dataset = samples.dataset
-        and scores.sample_id = samples.sample_id
+        using (dataset, sample_id)
 )
 
 select * from final

@@ -1,6 +1,7 @@
 -- feature_windows: the top windows of some features: the samples where each fires hardest, with the
 -- tokens around its peak and the feature's activation on each of them.
 --
+-- Uses   : views/feature_token_activations
 -- Inputs : views `activations` (argmax_token), `tokens` (token_text), `token_activations` (act),
 --          `samples` (label, is_positive, role).
 -- Params : $layer integer, $feature_ids integer[], $top_k integer (windows per feature),
@@ -34,8 +35,7 @@ sample_lengths as (
         max(tokens.token_pos) + 1 as n_tokens
     from tokens
     semi join ranked
-        on tokens.dataset = ranked.dataset
-        and tokens.sample_id = ranked.sample_id
+        using (dataset, sample_id)
     group by tokens.dataset, tokens.sample_id
 ),
 
@@ -52,15 +52,8 @@ window_tokens as (
 ),
 
 token_acts as (
-    select
-        dataset,
-        sample_id,
-        token_pos,
-        feature_id,
-        act
-    from token_activations
-    where layer = $layer
-        and list_contains($feature_ids::integer[], feature_id)
+    select *
+    from feature_token_activations($layer, $feature_ids)
 ),
 
 final as (

@@ -1,5 +1,6 @@
 -- token_rows: per-token SAE activations of chosen features, the design of token-level SAE probes.
 --
+-- Uses   : views/feature_token_activations
 -- Inputs : view `token_activations` (layer, dataset, sample_id, token_pos, feature_id, act).
 -- Params : $layer        integer    the layer
 --          $datasets     varchar[]  datasets to read
@@ -10,16 +11,9 @@
 with
 
 final as (
-    select
-        dataset,
-        sample_id,
-        token_pos,
-        feature_id,
-        act
-    from token_activations
-    where layer = $layer
-        and list_contains($datasets::varchar[], dataset)
-        and list_contains($feature_ids::integer[], feature_id)
+    select *
+    from feature_token_activations($layer, $feature_ids)
+    where list_contains($datasets::varchar[], dataset)
         and act > 0
 )
 

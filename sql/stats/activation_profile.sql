@@ -60,8 +60,7 @@ per_sample as (
         coalesce(active_counts.n_active, 0) as n_active
     from dataset_samples
     left join active_counts
-        on dataset_samples.dataset = active_counts.dataset
-        and dataset_samples.sample_id = active_counts.sample_id
+        using (dataset, sample_id)
 ),
 
 sample_summary as (

@@ -64,18 +64,7 @@ final as (
         layer,
         feature_id,
         rank,
-        direction,
-        selectivity,
-        abs_selectivity,
-        freq,
-        pos_mean,
-        neg_mean,
-        pos_freq,
-        neg_freq,
-        max_act,
-        selectivity_mean_act,
-        p_value,
-        q_value,
+        * exclude (layer, feature_id, rank),  -- direction, selectivity, ... q_value: the candidates' columns
         printf(
             'selectivity %+.3f (|s| >= %.2f): mean max_act %.3f on positives vs %.3f on negatives; '
             || 'fires on %.1f%% of positive and %.1f%% of negative training samples (peak %.2f)',

@@ -60,8 +60,7 @@ train_activations as (
         selected_activations.max_act
     from selected_activations
     semi join train_samples
-        on selected_activations.dataset = train_samples.dataset
-        and selected_activations.sample_id = train_samples.sample_id
+        using (dataset, sample_id)
 ),
 
 train_means as (

@@ -15,5 +15,4 @@ select
     samples.* exclude (dataset, sample_id)
 from activations
 inner join samples
-    on activations.dataset = samples.dataset
-    and activations.sample_id = samples.sample_id
+    using (dataset, sample_id)

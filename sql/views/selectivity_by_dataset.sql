@@ -63,16 +63,7 @@ means as (
 
 select
     cast(at_layer as integer) as layer,
-    dataset,
-    role,
-    feature_id,
-    n_pos,
-    n_neg,
-    pos_mean,
-    neg_mean,
-    pos_freq,
-    neg_freq,
-    max_act,
+    *,  -- dataset, role, feature_id, n_pos, n_neg, pos_mean, neg_mean, pos_freq, neg_freq, max_act
     (pos_mean - neg_mean) / nullif(pos_mean + neg_mean, 0) as selectivity,
     max_act >= min_act as is_active
 from means

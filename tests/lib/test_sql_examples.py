@@ -193,6 +193,9 @@ def test_view_installs_on_the_fixture_lake(con: duckdb.DuckDBPyConnection, path:
     name = f"views/{path.stem}"
     cur = con.cursor()
     try:
+        # the fixture lake has no per-token activations: an empty stand-in with their columns
+        cur.execute("create temp table token_activations (layer integer, dataset varchar, sample_id integer, "
+                    "token_pos integer, feature_id integer, act float)")
         order = sql.install_views(cur, name) + [name]
         for view in order:
             cur.execute(sql.render(view))
