@@ -23,27 +23,35 @@ after a crash, makes only the calls not yet made. The API key lives in the descr
 """
 
 import asyncio
-import io
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any, TypedDict, TypeVar
 
 import dagster as dg
 import pyarrow as pa
-from pydantic import Field
 
+from dagster_project.describe_config import DescribeConfig
 from dagster_project.describer_resource import DescriberResource
-from dagster_project.lib.autointerp import (
-    DEFAULT_PROMPT_VERSION,
-    DEFAULT_RUBRIC,
-    CallInfo,
-    DescriptionRecord,
-    PromptError,
-    load_rubric,
-)
+from dagster_project.lib.autointerp import DescriptionRecord, PromptError, load_rubric
 from dagster_project.lib.catalog import views_connection
 from dagster_project.lib.describe_examples import ExamplesError, ExampleSettings, LayerExamples, load_examples
+from dagster_project.lib.describe_summary import call_metadata, failures_md, mean, scorer_means
+from dagster_project.lib.describe_tables import (
+    CANDIDATES,
+    CLASSIFICATIONS,
+    DESCRIPTIONS,
+    DETECTION,
+    EXPLANATION_SCORES,
+    THEMES,
+    candidate_row,
+    description_records,
+    description_rows,
+    record_row,
+    score_rows,
+    theme_rows,
+    write_rows,
+)
 from dagster_project.lib.describers import (
     Describer,
     LLMConfigError,
@@ -57,7 +65,16 @@ from dagster_project.lib.describers import (
 from dagster_project.lib.lake import Lake, LakeError
 from dagster_project.lib.llm_cache import LLMCache
 from dagster_project.lib.markdown import md_rows, png_md
-from dagster_project.lib.scorers import SCORERS, complete_scores, embedding_scores
+from dagster_project.lib.plots_describe import score_histogram_png
+from dagster_project.lib.scorers import complete_scores, embedding_scores
+from dagster_project.lib.tables import (
+    CANDIDATES_SCHEMA,
+    CLASSIFICATIONS_SCHEMA,
+    DESCRIPTIONS_SCHEMA,
+    DETECTION_SCHEMA,
+    EXPLANATION_SCORES_SCHEMA,
+    THEMES_SCHEMA,
+)
 from dagster_project.lib.themes import EmbeddingModelError, cluster_descriptions
 from dagster_project.partitions import layer_partitions
 from dagster_project.provenance import check_layer
@@ -66,206 +83,6 @@ from dagster_project.resources import LakeResource
 GROUP = "describe"
 KINDS = {"duckdb", "parquet"}
 T = TypeVar("T")
-
-DESCRIPTIONS = "stats/descriptions"
-CLASSIFICATIONS = "stats/classifications"
-DETECTION = "stats/detection_scores"
-THEMES = "stats/themes"
-CANDIDATES = "stats/description_candidates"
-EXPLANATION_SCORES = "stats/explanation_scores"
-
-_IDS = pa.list_(pa.string())
-CALL_FIELDS: list[tuple[str, pa.DataType]] = [
-    ("backend", pa.string()),
-    ("model", pa.string()),
-    ("prompt_version", pa.string()),
-    ("input_tokens", pa.int64()),
-    ("output_tokens", pa.int64()),
-    ("cache_creation_input_tokens", pa.int64()),
-    ("cache_read_input_tokens", pa.int64()),
-    ("cost_usd", pa.float64()),
-    ("cached", pa.bool_()),
-    ("attempts", pa.int32()),
-    ("cache_key", pa.string()),
-]
-DESCRIPTIONS_SCHEMA = pa.schema(
-    [
-        ("feature_id", pa.int32()),
-        ("feature_rank", pa.int32()),
-        ("direction", pa.string()),
-        ("selectivity", pa.float64()),
-        ("status", pa.string()),
-        ("description", pa.string()),
-        ("confidence", pa.int32()),
-        ("error", pa.string()),
-        *CALL_FIELDS,
-        ("top_sample_ids", _IDS),
-        ("negative_sample_ids", _IDS),
-        ("holdout_sample_ids", _IDS),
-        ("holdout_negative_sample_ids", _IDS),
-        ("top_max_act", pa.float64()),
-        ("candidate", pa.int32()),
-        ("n_candidates", pa.int32()),
-        ("validation_balanced_accuracy", pa.float64()),
-    ]
-)
-CANDIDATES_SCHEMA = pa.schema(
-    [
-        ("feature_id", pa.int32()),
-        ("candidate", pa.int32()),
-        ("is_best", pa.bool_()),
-        ("status", pa.string()),
-        ("description", pa.string()),
-        ("confidence", pa.int32()),
-        ("error", pa.string()),
-        *CALL_FIELDS,
-        ("top_sample_ids", _IDS),
-        ("negative_sample_ids", _IDS),
-        ("validation_status", pa.string()),
-        ("validation_error", pa.string()),
-        ("validation_balanced_accuracy", pa.float64()),
-        ("validation_accuracy", pa.float64()),
-        ("validation_n", pa.int32()),
-        ("validation_sample_ids", _IDS),
-        ("validation_cache_key", pa.string()),
-    ]
-)
-EXPLANATION_SCORES_SCHEMA = pa.schema(
-    [
-        ("feature_id", pa.int32()),
-        ("scorer", pa.string()),
-        ("score", pa.float64()),
-        ("n", pa.int32()),
-        ("status", pa.string()),
-        ("metric", pa.string()),
-        ("balanced_accuracy", pa.float64()),
-        ("n_activating", pa.int32()),
-        ("error", pa.string()),
-        ("description", pa.string()),
-        ("description_cache_key", pa.string()),
-        ("window_sample_ids", _IDS),
-        ("window_is_activating", pa.list_(pa.bool_())),
-        ("chosen", pa.list_(pa.int32())),
-        *CALL_FIELDS,
-    ]
-)
-CLASSIFICATIONS_SCHEMA = pa.schema(
-    [
-        ("feature_id", pa.int32()),
-        ("status", pa.string()),
-        ("score", pa.int32()),
-        ("category", pa.string()),
-        ("themes", pa.list_(pa.string())),
-        ("error", pa.string()),
-        ("rubric_version", pa.string()),
-        ("batched", pa.bool_()),
-        ("description", pa.string()),
-        ("description_cache_key", pa.string()),
-        *CALL_FIELDS,
-    ]
-)
-DETECTION_SCHEMA = pa.schema(
-    [
-        ("feature_id", pa.int32()),
-        ("status", pa.string()),
-        ("error", pa.string()),
-        ("accuracy", pa.float64()),
-        ("balanced_accuracy", pa.float64()),
-        ("precision", pa.float64()),
-        ("recall", pa.float64()),
-        ("true_positives", pa.int32()),
-        ("false_positives", pa.int32()),
-        ("true_negatives", pa.int32()),
-        ("false_negatives", pa.int32()),
-        ("n_windows", pa.int32()),
-        ("n_activating", pa.int32()),
-        ("chosen", pa.list_(pa.int32())),
-        ("window_sample_ids", _IDS),
-        ("window_is_activating", pa.list_(pa.bool_())),
-        *CALL_FIELDS,
-    ]
-)
-THEMES_SCHEMA = pa.schema(
-    [
-        ("feature_id", pa.int32()),
-        ("theme_id", pa.int32()),
-        ("theme_name", pa.string()),
-        ("theme_size", pa.int32()),
-        ("top_terms", pa.list_(pa.string())),
-        ("description", pa.string()),
-    ]
-)
-
-
-class DescribeConfig(dg.Config):
-    """Launchpad config of the describe assets (group ``describe``).
-
-    ``descriptions`` uses the example fields (how many windows of each kind, how wide) and records them in
-    its Parquet metadata; ``detection_scores`` reads them back from there, so its held-out windows are
-    exactly those the describer never saw. ``classifications`` uses the rubric; ``themes`` the threshold.
-    """
-
-    top_k: int = Field(5, ge=1, description="activating windows shown to the describer (drawn by `sampling`)")
-    n_negatives: int = Field(5, ge=0, description="matched zero-activation windows shown to the describer")
-    n_holdout: int = Field(10, ge=0, description="activating windows held out for scoring (drawn by holdout_sampling)")
-    n_holdout_negatives: int = Field(10, ge=0, description="zero-activation windows held out for scoring")
-    sampling: str = Field("top", description="describer's activating windows: top | deciles | random")
-    holdout_sampling: str = Field("deciles", description="held-out windows: next (ranks after top_k) | deciles "
-                                  "(round-robin over activation deciles: n_holdout >= 10 covers each) | random")
-    negatives: str = Field("matched", description="negatives: matched (class, dataset, length) | near_miss "
-                           "(class, then nearest pooled residual)")
-    sampling_seed: int = Field(0, description="seeds the deciles / random draws and the candidate subsets")
-    n_candidates: int = Field(2, ge=1, description="candidate descriptions per feature (best-of-n on validation)")
-    n_validation: int = Field(5, ge=0, description="activating validation windows for best-of-n (n_candidates > 1)")
-    n_validation_negatives: int = Field(5, ge=0, description="zero-activation validation windows for best-of-n")
-    scorers: list[str] = Field(["detection", "fuzzing", "embedding"],
-                               description="explanation_scores scorers (detection always runs)")
-    embedding_max_windows: int | None = Field(8, ge=2, description="held-out windows the embedding scorer "
-                                              "embeds per feature, half of each kind (None: all)")
-    window_tokens: int = Field(12, ge=0, description="tokens each side of a window's peak")
-    max_features: int | None = Field(None, ge=1, description="describe the first N selected features; None: all")
-    prompt_version: str = Field(DEFAULT_PROMPT_VERSION, description="prompt templates (dagster_project/prompts)")
-    rubric: str = Field(DEFAULT_RUBRIC, description="rubric name (dagster_project/rubrics) or a YAML path")
-    threshold_frac: float = Field(0.2, gt=0, lt=1, description="tokens above this fraction of the peak are marked")
-    max_attempts: int = Field(4, ge=1, description="attempts per call (transport errors and invalid replies)")
-    retry_base_delay_s: float = Field(2.0, ge=0, description="first backoff (doubles; the server's retry-after wins)")
-    retry_max_delay_s: float = Field(60.0, ge=0, description="longest backoff between attempts")
-    classify_batch_size: int = Field(1, ge=1, description="descriptions per classify call (1: one call each)")
-    detection_seed: int = Field(0, description="seeds the order of the held-out windows")
-    theme_distance_threshold: float = Field(0.45, gt=0, lt=2, description="cosine distance merging themes")
-
-    def examples(self) -> ExampleSettings:
-        many = self.n_candidates > 1
-        try:
-            return ExampleSettings(
-                top_k=self.top_k,
-                n_negatives=self.n_negatives,
-                n_holdout=self.n_holdout,
-                n_holdout_negatives=self.n_holdout_negatives,
-                window=self.window_tokens,
-                max_features=self.max_features,
-                sampling=self.sampling,
-                holdout_sampling=self.holdout_sampling,
-                negatives=self.negatives,
-                n_validation=self.n_validation if many else 0,
-                n_validation_negatives=self.n_validation_negatives if many else 0,
-                seed=self.sampling_seed,
-            )
-        except ExamplesError as e:
-            raise dg.Failure(f"describe config: {e}") from e
-
-    def scorer_list(self) -> list[str]:
-        bad = [s for s in self.scorers if s not in SCORERS]
-        if bad:
-            raise dg.Failure(f"describe config: unknown scorers {bad}; expected some of {list(SCORERS)}")
-        return ["detection", *[s for s in SCORERS if s in self.scorers and s != "detection"]]
-
-    def retry(self) -> RetryPolicy:
-        return RetryPolicy(
-            max_attempts=self.max_attempts,
-            base_delay_s=self.retry_base_delay_s,
-            max_delay_s=max(self.retry_max_delay_s, self.retry_base_delay_s),
-        )
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -290,6 +107,27 @@ def _progress(context: dg.AssetExecutionContext, what: str, every_s: float = 10.
             context.log.info(f"{what}: {done}/{total}")
 
     return report
+
+
+class _RunnerArgs(TypedDict):
+    prompt_version: str
+    retry: RetryPolicy
+    concurrency: int
+    use_message_batches: bool
+    progress: Callable[[int, int], None]
+
+
+def _runner_args(
+    context: dg.AssetExecutionContext, config: DescribeConfig, describer: DescriberResource, what: str
+) -> _RunnerArgs:
+    """What every runner takes from the step: the prompts, retries, concurrency, batching and a progress log."""
+    return _RunnerArgs(
+        prompt_version=config.prompt_version,
+        retry=config.retry(),
+        concurrency=describer.concurrency,
+        use_message_batches=describer.use_message_batches,
+        progress=_progress(context, what),
+    )
 
 
 def _run(describer: Describer, work: Callable[[Describer], Awaitable[T]]) -> T:
@@ -321,105 +159,11 @@ def _read(lake: Lake, table: str, layer: int, producer: str) -> pa.Table:
         raise dg.Failure(f"{table} of layer {layer} is not in the lake: materialize {producer} first ({e})") from e
 
 
-def _write(lake: Lake, table: str, rows: list[dict[str, Any]], schema: pa.Schema, layer: int,
-           meta: dict[str, Any]) -> str:
-    data = pa.Table.from_pylist(rows, schema=schema)
-    return str(lake.write(table, data, layer=layer, meta=meta))
-
-
-def _call_row(info: CallInfo) -> dict[str, Any]:
-    return {
-        "backend": info.backend,
-        "model": info.model,
-        "prompt_version": info.prompt_version,
-        "input_tokens": info.input_tokens,
-        "output_tokens": info.output_tokens,
-        "cache_creation_input_tokens": info.cache_creation_input_tokens,
-        "cache_read_input_tokens": info.cache_read_input_tokens,
-        "cost_usd": info.cost_usd,
-        "cached": info.cached,
-        "attempts": info.attempts,
-        "cache_key": info.cache_key,
-    }
-
-
-def call_metadata(records: Sequence[Any], cache: LLMCache) -> dict[str, Any]:
-    """Counts, cache hits/misses, tokens and cost of a runner's records (cost of this run's calls only)."""
-    ok = sum(1 for r in records if r.status == "ok")
-    fresh = [r for r in records if not r.call.cached]
-    costs = [r.call.cost_usd for r in fresh]
-    all_costs = [r.call.cost_usd for r in records]
-    meta: dict[str, Any] = {
-        "ok": ok,
-        "failed": len(records) - ok,
-        "from_cache": len(records) - len(fresh),
-        "cache_hits": cache.stats.hits,
-        "cache_misses": cache.stats.misses,
-        "attempts": sum(r.call.attempts for r in fresh),
-        "input_tokens": sum(r.call.input_tokens for r in fresh),
-        "output_tokens": sum(r.call.output_tokens for r in fresh),
-    }
-    if any(c is None for c in costs):
-        meta["cost_usd"] = dg.MetadataValue.text("unknown (a model without a price)")
-    else:
-        meta["cost_usd"] = float(sum(costs))  # type: ignore[arg-type]
-    if all(c is not None for c in all_costs):
-        meta["cost_usd_incl_cached"] = float(sum(all_costs))  # type: ignore[arg-type]
-    return meta
-
-
-def _mean(xs: Sequence[float]) -> float:
-    return float(sum(xs) / len(xs)) if xs else 0.0
-
-
-def failures_md(records: Sequence[Any], limit: int = 50) -> str:
-    failed = [{"feature_id": r.feature_id, "error": r.error} for r in records if r.status != "ok"]
-    return md_rows(failed, ["feature_id", "error"], limit) if failed else "_(none)_"
-
-
-def score_histogram_png(scores: Sequence[int], title: str) -> bytes:
-    """Bars of the 0-10 relevance scores (matplotlib Agg, no pyplot state)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    counts = Counter(scores)
-    fig = Figure(figsize=(6.0, 3.2))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    ax.bar(range(11), [counts.get(s, 0) for s in range(11)], color="#4c72b0")
-    ax.set_xticks(range(11))
-    ax.set_xlabel("relevance score (0-10)")
-    ax.set_ylabel("features")
-    ax.set_title(title)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    return buf.getvalue()
-
-
 def read_descriptions(lake: Lake, layer: int) -> tuple[list[DescriptionRecord], dict[str, Any]]:
     """The layer's description records (as the runners take them) and the metadata they were written with."""
     table = _read(lake, DESCRIPTIONS, layer, "descriptions")
     meta = lake.read_meta(DESCRIPTIONS, layer=layer)
-    records = [
-        DescriptionRecord(
-            layer=layer,
-            feature_id=int(r["feature_id"]),
-            status=r["status"],
-            description=r["description"],
-            confidence=r["confidence"],
-            error=r["error"],
-            top_sample_ids=list(r["top_sample_ids"] or []),
-            negative_sample_ids=list(r["negative_sample_ids"] or []),
-            call=CallInfo(
-                backend=r["backend"] or "",
-                model=r["model"] or "",
-                prompt_version=r["prompt_version"] or "",
-                cache_key=r["cache_key"] or "",
-            ),
-        )
-        for r in table.to_pylist()
-    ]
-    return records, meta
+    return description_records(table, layer), meta
 
 
 def layer_examples(context: dg.AssetExecutionContext, lake: Lake, layer: int, settings: ExampleSettings) -> LayerExamples:
@@ -484,48 +228,15 @@ def descriptions(
             cache,
             n_candidates=config.n_candidates,
             seed=config.sampling_seed,
-            prompt_version=config.prompt_version,
-            retry=config.retry(),
-            concurrency=describer.concurrency,
             threshold_frac=config.threshold_frac,
-            use_message_batches=describer.use_message_batches,
-            progress=_progress(context, f"layer {layer} describe"),
+            **_runner_args(context, config, describer, f"layer {layer} describe"),
         ),
     )
     seconds = time.perf_counter() - t0
     if [r.feature_id for r in records] != [fx.feature_id for fx in ex.examples]:
         raise dg.Failure("describe returned records that do not match the features asked (lost or duplicated)")
-    features = {r["feature_id"]: r for r in ex.features.to_pylist()}
-    by_id = ex.by_id
-    best = {cs[0].description.feature_id: next(c for c in cs if c.is_best) for cs in candidates if cs}
-    n_cands = {cs[0].description.feature_id: len(cs) for cs in candidates if cs}
-    rows = []
-    for rec in records:
-        fx = by_id[rec.feature_id]
-        sel = features[rec.feature_id]
-        kept = best[rec.feature_id]
-        rows.append(
-            {
-                "feature_id": rec.feature_id,
-                "feature_rank": sel["feature_rank"],
-                "direction": sel["direction"],
-                "selectivity": sel["selectivity"],
-                "status": rec.status,
-                "description": rec.description,
-                "confidence": rec.confidence,
-                "error": rec.error,
-                **_call_row(rec.call),
-                "top_sample_ids": rec.top_sample_ids,
-                "negative_sample_ids": rec.negative_sample_ids,
-                "holdout_sample_ids": [w.ref for w in fx.holdout],
-                "holdout_negative_sample_ids": [w.ref for w in fx.holdout_negatives],
-                "top_max_act": fx.scale,
-                "candidate": kept.candidate,
-                "n_candidates": n_cands[rec.feature_id],
-                "validation_balanced_accuracy": kept.validation_score,
-            }
-        )
-    cand_rows = [_candidate_row(c) for cs in candidates for c in cs]
+    rows = description_rows(records, candidates, ex)
+    cand_rows = [candidate_row(c) for cs in candidates for c in cs]
     meta = {
         "layer": layer,
         "examples": settings.record(),
@@ -535,8 +246,8 @@ def descriptions(
         "describer": describer.identity(),
     }
     # candidates first: the descriptions table is the one downstream steps read, written last
-    _write(lk, CANDIDATES, cand_rows, CANDIDATES_SCHEMA, layer, meta)
-    path = _write(lk, DESCRIPTIONS, rows, DESCRIPTIONS_SCHEMA, layer, meta)
+    write_rows(lk, CANDIDATES, cand_rows, CANDIDATES_SCHEMA, layer, meta)
+    path = write_rows(lk, DESCRIPTIONS, rows, DESCRIPTIONS_SCHEMA, layer, meta)
     stats = call_metadata(records, cache)
     context.log.info(
         f"layer {layer}: {stats['ok']} described, {stats['failed']} failed, {stats['from_cache']} from cache "
@@ -564,29 +275,6 @@ def descriptions(
     )
 
 
-def _candidate_row(c: Any) -> dict[str, Any]:
-    rec, val = c.description, c.validation
-    return {
-        "feature_id": rec.feature_id,
-        "candidate": c.candidate,
-        "is_best": c.is_best,
-        "status": rec.status,
-        "description": rec.description,
-        "confidence": rec.confidence,
-        "error": rec.error,
-        **_call_row(rec.call),
-        "top_sample_ids": rec.top_sample_ids,
-        "negative_sample_ids": rec.negative_sample_ids,
-        "validation_status": val.status if val is not None else None,
-        "validation_error": val.error if val is not None else None,
-        "validation_balanced_accuracy": c.validation_score,
-        "validation_accuracy": val.accuracy if val is not None else None,
-        "validation_n": val.n_windows if val is not None else 0,
-        "validation_sample_ids": val.window_sample_ids if val is not None else [],
-        "validation_cache_key": val.call.cache_key if val is not None else None,
-    }
-
-
 @dg.asset(partitions_def=layer_partitions, group_name=GROUP, deps=[descriptions], kinds=KINDS, pool="describer")
 def classifications(
     context: dg.AssetExecutionContext, config: DescribeConfig, lake: LakeResource, describer: DescriberResource
@@ -612,33 +300,14 @@ def classifications(
             d,
             cache,
             rubric=rubric,
-            prompt_version=config.prompt_version,
-            retry=config.retry(),
-            concurrency=describer.concurrency,
             batch_size=config.classify_batch_size,
-            use_message_batches=describer.use_message_batches,
-            progress=_progress(context, f"layer {layer} classify"),
+            **_runner_args(context, config, describer, f"layer {layer} classify"),
         ),
     )
-    rows = [
-        {
-            "feature_id": r.feature_id,
-            "status": r.status,
-            "score": r.score,
-            "category": r.category,
-            "themes": list(r.themes),
-            "error": r.error,
-            "rubric_version": r.rubric_version,
-            "batched": r.batched,
-            "description": r.description,
-            "description_cache_key": r.description_cache_key,
-            **_call_row(r.call),
-        }
-        for r in records
-    ]
+    rows = [record_row(CLASSIFICATIONS_SCHEMA, r, themes=list(r.themes)) for r in records]
     meta = {"layer": layer, "rubric": rubric.version, "prompt_version": config.prompt_version,
             "describer": describer.identity()}
-    path = _write(lk, CLASSIFICATIONS, rows, CLASSIFICATIONS_SCHEMA, layer, meta)
+    path = write_rows(lk, CLASSIFICATIONS, rows, CLASSIFICATIONS_SCHEMA, layer, meta)
     ok = [r for r in records if r.status == "ok"]
     categories = Counter(r.category for r in ok)
     scores = [int(r.score) for r in ok if r.score is not None]
@@ -709,36 +378,11 @@ def detection_scores(
             recs,
             d,
             cache,
-            prompt_version=config.prompt_version,
             seed=config.detection_seed,
-            retry=config.retry(),
-            concurrency=describer.concurrency,
-            use_message_batches=describer.use_message_batches,
-            progress=_progress(context, f"layer {layer} detection"),
+            **_runner_args(context, config, describer, f"layer {layer} detection"),
         ),
     )
-    rows = [
-        {
-            "feature_id": r.feature_id,
-            "status": r.status,
-            "error": r.error,
-            "accuracy": r.accuracy,
-            "balanced_accuracy": r.balanced_accuracy,
-            "precision": r.precision,
-            "recall": r.recall,
-            "true_positives": r.true_positives,
-            "false_positives": r.false_positives,
-            "true_negatives": r.true_negatives,
-            "false_negatives": r.false_negatives,
-            "n_windows": r.n_windows,
-            "n_activating": r.n_activating,
-            "chosen": r.chosen,
-            "window_sample_ids": r.window_sample_ids,
-            "window_is_activating": r.window_is_activating,
-            **_call_row(r.call),
-        }
-        for r in records
-    ]
+    rows = [record_row(DETECTION_SCHEMA, r) for r in records]
     meta = {"layer": layer, "examples": recorded, "seed": config.detection_seed,
             "prompt_version": config.prompt_version, "describer": describer.identity()}
     scorers = config.scorer_list()
@@ -747,10 +391,9 @@ def detection_scores(
         scored["fuzzing"] = _run(
             _build(describer),
             lambda d: run_fuzzing(
-                features, recs, d, cache, prompt_version=config.prompt_version, seed=config.detection_seed,
-                threshold_frac=float(dmeta.get("threshold_frac", config.threshold_frac)), retry=config.retry(),
-                concurrency=describer.concurrency, use_message_batches=describer.use_message_batches,
-                progress=_progress(context, f"layer {layer} fuzzing"),
+                features, recs, d, cache, seed=config.detection_seed,
+                threshold_frac=float(dmeta.get("threshold_frac", config.threshold_frac)),
+                **_runner_args(context, config, describer, f"layer {layer} fuzzing"),
             ),
         )
     if "embedding" in scorers:
@@ -758,20 +401,20 @@ def detection_scores(
             scored["embedding"] = embedding_scores(features, recs, max_windows=config.embedding_max_windows)
         except EmbeddingModelError as e:
             raise dg.Failure(f"EmbeddingModelError: {e}") from e
-    score_rows = _score_rows(complete_scores(ex.examples, recs, scored), recs)
-    path = _write(lk, DETECTION, rows, DETECTION_SCHEMA, layer, meta)
-    _write(lk, EXPLANATION_SCORES, score_rows, EXPLANATION_SCORES_SCHEMA, layer, {**meta, "scorers": scorers})
+    scores = score_rows(complete_scores(ex.examples, recs, scored), recs)
+    path = write_rows(lk, DETECTION, rows, DETECTION_SCHEMA, layer, meta)
+    write_rows(lk, EXPLANATION_SCORES, scores, EXPLANATION_SCORES_SCHEMA, layer, {**meta, "scorers": scorers})
     ok = [r for r in records if r.status == "ok"]
     context.log.info(f"layer {layer}: detection scored {len(ok)} features -> {path}")
-    summary = _scorer_summary(score_rows)
+    summary = scorer_means(scores)
     return dg.MaterializeResult(
         metadata={
             "dagster/row_count": len(rows),
             **call_metadata(records, cache),
             "skipped_no_holdout": len(no_holdout),
             "examples_changed": len(changed),
-            "mean_accuracy": _mean([r.accuracy for r in ok if r.accuracy is not None]),
-            "mean_balanced_accuracy": _mean([r.balanced_accuracy for r in ok if r.balanced_accuracy is not None]),
+            "mean_accuracy": mean([r.accuracy for r in ok if r.accuracy is not None]),
+            "mean_balanced_accuracy": mean([r.balanced_accuracy for r in ok if r.balanced_accuracy is not None]),
             "scorers": dg.MetadataValue.md(md_rows(summary, ["scorer", "metric", "ok", "failed", "mean", "std"],
                                                    len(summary))),
             "failures": dg.MetadataValue.md(failures_md(records)),
@@ -782,43 +425,6 @@ def detection_scores(
             "path": dg.MetadataValue.path(path),
         }
     )
-
-
-def _score_rows(records: Sequence[Any], descs: Sequence[DescriptionRecord]) -> list[dict[str, Any]]:
-    by_id = {d.feature_id: d for d in descs}
-    rows = []
-    for r in records:
-        d = by_id.get(r.feature_id)
-        rows.append({
-            "feature_id": r.feature_id,
-            "scorer": r.scorer,
-            "score": r.score,
-            "n": r.n,
-            "status": r.status,
-            "metric": r.metric,
-            "balanced_accuracy": r.balanced_accuracy,
-            "n_activating": r.n_activating,
-            "error": r.error,
-            "description": d.description if d is not None else None,
-            "description_cache_key": d.call.cache_key if d is not None else None,
-            "window_sample_ids": r.window_sample_ids,
-            "window_is_activating": r.window_is_activating,
-            "chosen": r.chosen,
-            **_call_row(r.call),
-        })
-    return rows
-
-
-def _scorer_summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    out = []
-    for scorer in dict.fromkeys(r["scorer"] for r in rows):
-        sub = [r for r in rows if r["scorer"] == scorer]
-        vals = [r["score"] for r in sub if r["status"] == "ok" and r["score"] is not None]
-        mean = _mean(vals)
-        std = (sum((v - mean) ** 2 for v in vals) / len(vals)) ** 0.5 if vals else 0.0
-        out.append({"scorer": scorer, "metric": sub[0]["metric"], "ok": len(vals), "failed": len(sub) - len(vals),
-                    "mean": mean, "std": std})
-    return out
 
 
 @dg.asset(partitions_def=layer_partitions, group_name=GROUP, deps=[descriptions], kinds=KINDS)
@@ -834,22 +440,10 @@ def themes(context: dg.AssetExecutionContext, config: DescribeConfig, lake: Lake
         clustering = cluster_descriptions(items, distance_threshold=config.theme_distance_threshold)
     except EmbeddingModelError as e:
         raise dg.Failure(str(e)) from e
-    text = dict(items)
-    rows = [
-        {
-            "feature_id": int(fid),
-            "theme_id": c.cluster_id,
-            "theme_name": c.name,
-            "theme_size": c.size,
-            "top_terms": c.top_terms,
-            "description": text[fid],
-        }
-        for c in clustering.clusters
-        for fid in c.members
-    ]
+    rows = theme_rows(clustering, dict(items))
     meta = {"layer": layer, "distance_threshold": config.theme_distance_threshold,
             "embedding_model": clustering.embedding_model}
-    path = _write(lk, THEMES, rows, THEMES_SCHEMA, layer, meta)
+    path = write_rows(lk, THEMES, rows, THEMES_SCHEMA, layer, meta)
     summary = [
         {"theme_id": c.cluster_id, "theme_name": c.name, "size": c.size,
          "features": ", ".join(str(m) for m in c.members[:8]) + (" ..." if c.size > 8 else "")}

@@ -8,12 +8,12 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from assets.describe import EXPLANATION_SCORES_SCHEMA
 from benchmarks import scorers as bench
 from dagster_project.lib import evaluation as ev
 from dagster_project.lib.catalog import views_connection
 from dagster_project.lib.lake import Lake, LakeError
 from dagster_project.lib.probes import ProbeGridConfig
+from dagster_project.lib.tables import EXPLANATION_SCORES_SCHEMA
 from tests.lib.fixtures_probes import LAYER, build_probe_lake
 
 GRID = ProbeGridConfig(top_n=(8,), include_all=False, penalties=("l1",), Cs=(0.3,), transforms=("raw",),
