@@ -51,9 +51,7 @@ token_acts as (
         token_activations.act
     from token_activations
     semi join window_samples
-        on token_activations.feature_id = window_samples.feature_id
-        and token_activations.dataset = window_samples.dataset
-        and token_activations.sample_id = window_samples.sample_id
+        using (feature_id, dataset, sample_id)
     where token_activations.layer = $layer
         and token_activations.feature_id in (select feature_id from window_samples)
 ),
@@ -70,10 +68,7 @@ final as (
         cast(coalesce(token_acts.act, 0) as double) as act
     from window_tokens
     left join token_acts
-        on window_tokens.dataset = token_acts.dataset
-        and window_tokens.sample_id = token_acts.sample_id
-        and window_tokens.token_pos = token_acts.token_pos
-        and window_tokens.feature_id = token_acts.feature_id
+        using (dataset, sample_id, token_pos, feature_id)
 )
 
 select * from final

@@ -170,9 +170,7 @@ candidates as (
     from features
     cross join sample_info
     anti join activating
-        on activating.feature_id = features.feature_id
-        and activating.dataset = sample_info.dataset
-        and activating.sample_id = sample_info.sample_id
+        using (feature_id, dataset, sample_id)
 ),
 
 pairs as (

@@ -73,10 +73,7 @@ final as (
         coalesce(token_acts.act, 0) as act
     from window_tokens
     left join token_acts
-        on window_tokens.dataset = token_acts.dataset
-        and window_tokens.sample_id = token_acts.sample_id
-        and window_tokens.token_pos = token_acts.token_pos
-        and window_tokens.feature_id = token_acts.feature_id
+        using (dataset, sample_id, token_pos, feature_id)
     left join samples
         on window_tokens.dataset = samples.dataset
         and window_tokens.sample_id = samples.sample_id
