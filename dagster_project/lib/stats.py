@@ -1,4 +1,5 @@
-"""Feature statistics computed in DuckDB from the lake's views (``sql/stats``, ``sql/checks``).
+"""Feature statistics computed in DuckDB from the lake's views (``sql/stats``, ``sql/checks``; the relations
+they share are in ``sql/views``).
 
 Every function takes a DuckDB connection that already has the lake views (``samples``, ``tokens``,
 ``activations``; the catalog or an asset creates them) and returns a ``pyarrow.Table``. Inputs that are
