@@ -8,9 +8,9 @@ non-zero entries leave the device as sparse rows. Optionally the hooked layer's 
 float16 vector per real token (``token_residuals``, for token-level dense probes; see
 :func:`~dagster_project.lib.extraction.pooling.float16_scaled`).
 
-The package, along the pipeline's seams:
+The package, along the pipeline's seams (the Arrow schemas of the tables it writes are the table
+registry's, :mod:`dagster_project.lib.tables`):
 
-- :mod:`.schemas`: the Arrow schemas of the lake tables an extraction writes;
 - :mod:`.batching`: tokenizing, the ``tokens`` rows, batch planning by length, padded batches;
 - :mod:`.pooling`: the SAE encode and pooling on the device, the sparse device batches and their Arrow tables;
 - :mod:`.forward`: the hooked forward pass, the pipelined batch loop (``extract``), the batch budget by
@@ -53,15 +53,15 @@ from dagster_project.lib.extraction.pooling import (
     pool_device,
     real_token_index,
 )
-from dagster_project.lib.extraction.schemas import (
-    LAYER_TABLES,
+from dagster_project.lib.extraction.writers import extract_to_lake
+from dagster_project.lib.tables import ACTIVATION_TABLES as LAYER_TABLES  # what a (layer, dataset) holds
+from dagster_project.lib.tables import (
     POOLED_SCHEMA,
     TOKEN_ACTS_SCHEMA,
     TOKENS_SCHEMA,
     residual_schema,
     token_residual_schema,
 )
-from dagster_project.lib.extraction.writers import extract_to_lake
 
 __all__ = [
     "FLOAT16_MAX",

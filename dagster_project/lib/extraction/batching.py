@@ -11,8 +11,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from dagster_project.lib.extraction.schemas import TOKENS_SCHEMA
 from dagster_project.lib.model import to_device
+from dagster_project.lib.tables import TOKENS_SCHEMA
 
 
 @dataclass

@@ -13,14 +13,14 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from dagster_project.lib.extraction.schemas import (
+from dagster_project.lib.model import to_device
+from dagster_project.lib.sae import LoadedSAE
+from dagster_project.lib.tables import (
     POOLED_SCHEMA,
     TOKEN_ACTS_SCHEMA,
     residual_schema,
     token_residual_schema,
 )
-from dagster_project.lib.model import to_device
-from dagster_project.lib.sae import LoadedSAE
 
 
 @dataclass

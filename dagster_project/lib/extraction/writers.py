@@ -12,15 +12,15 @@ import numpy as np
 from dagster_project.lib.extraction.batching import Tokenized, tokens_table
 from dagster_project.lib.extraction.forward import ExtractStats, extract
 from dagster_project.lib.extraction.pooling import DeviceBatch
-from dagster_project.lib.extraction.schemas import (
-    LAYER_TABLES,
+from dagster_project.lib.model import LoadedModel
+from dagster_project.lib.sae import LoadedSAE
+from dagster_project.lib.tables import (
+    ACTIVATION_TABLES,
     POOLED_SCHEMA,
     TOKEN_ACTS_SCHEMA,
     residual_schema,
     token_residual_schema,
 )
-from dagster_project.lib.model import LoadedModel
-from dagster_project.lib.sae import LoadedSAE
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def extract_to_lake(
     wanted = {"activations": True, "token_activations": with_tokens, "residuals": with_residuals,
               "token_residuals": with_token_residuals}
     scaled = {layer: 0 for layer in layers}  # token residuals stored with a scale > 1 (beyond float16's range)
-    tables = [t for t in LAYER_TABLES if wanted[t]]
+    tables = [t for t in ACTIVATION_TABLES if wanted[t]]
 
     busy: dict[tuple[str, int], float] = {}  # seconds each file's thread spent (only that thread writes it)
     waited = [0.0]  # seconds the device loop stood still waiting for the writers
