@@ -2,6 +2,7 @@
 --
 -- Inputs : view `describe_windows` (the output of describe/windows.sql; the caller registers it under
 --          this name), views `tokens` (token_text) and `token_activations` (act).
+-- Uses   : views/tokens_around
 -- Params : $layer  integer  the layer
 --          $window integer  tokens each side of a window's center
 -- Output : one row per token of each window (token_pos in center - $window .. center + $window, clipped
@@ -23,15 +24,8 @@ windows as (
 ),
 
 window_tokens as (
-    select
-        windows.*,
-        tokens.token_pos,
-        tokens.token_text
-    from windows
-    inner join tokens
-        on windows.dataset = tokens.dataset
-        and windows.sample_id = tokens.sample_id
-        and tokens.token_pos between windows.center - $window and windows.center + $window
+    select *
+    from tokens_around('windows', 'center', $window)
 ),
 
 window_samples as (

@@ -1,7 +1,7 @@
 -- top_selective_features: which features separate the classes best at a layer, and how often does
 -- each fire on every dataset (train, test and ood), per class?
 --
--- Uses   : views/layer_class_sizes, views/labelled_activations
+-- Uses   : views/firing_rates
 -- Inputs : views `feature_stats`, `activations`, `samples`.
 -- Params : $layer integer, $limit integer (how many features, e.g. 20)
 -- Output : one row per (top feature, dataset): the feature's rank by |selectivity| among active
@@ -26,20 +26,6 @@ top_features as (
     qualify rank <= $limit
 ),
 
-firing as (
-    select
-        labelled_activations.dataset,
-        labelled_activations.feature_id,
-        count(*) as n_firing,
-        count(*) filter (where labelled_activations.is_positive) as n_firing_pos,
-        count(*) filter (where not labelled_activations.is_positive) as n_firing_neg
-    from labelled_activations
-    semi join top_features
-        on labelled_activations.feature_id = top_features.feature_id
-    where labelled_activations.layer = $layer
-    group by labelled_activations.dataset, labelled_activations.feature_id
-),
-
 final as (
     select
         top_features.rank,
@@ -47,16 +33,14 @@ final as (
         top_features.selectivity,
         top_features.pos_mean,
         top_features.neg_mean,
-        dataset_sizes.dataset,
-        dataset_sizes.role,
-        coalesce(firing.n_firing, 0) / dataset_sizes.n_samples as firing_rate,
-        coalesce(firing.n_firing_pos, 0) / nullif(dataset_sizes.n_pos, 0) as firing_rate_pos,
-        coalesce(firing.n_firing_neg, 0) / nullif(dataset_sizes.n_neg, 0) as firing_rate_neg
+        firing.dataset,
+        firing.role,
+        firing.firing_rate,
+        firing.firing_rate_pos,
+        firing.firing_rate_neg
     from top_features
-    cross join layer_class_sizes($layer) as dataset_sizes
-    left join firing
+    inner join firing_rates('top_features', $layer, false) as firing
         on top_features.feature_id = firing.feature_id
-        and dataset_sizes.dataset = firing.dataset
 )
 
 select * from final

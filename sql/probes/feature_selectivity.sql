@@ -8,13 +8,7 @@
 with
 
 final as (
-    select
-        feature_id,
-        selectivity,
-        pos_mean,
-        neg_mean,
-        pos_freq,
-        neg_freq
+    select feature_id, selectivity, pos_mean, neg_mean, pos_freq, neg_freq
     from feature_stats
     where layer = $layer
         and list_contains($feature_ids::integer[], feature_id)

@@ -1,7 +1,7 @@
 -- feature_windows: the top windows of some features: the samples where each fires hardest, with the
 -- tokens around its peak and the feature's activation on each of them.
 --
--- Uses   : views/feature_token_activations
+-- Uses   : views/feature_token_activations, views/tokens_around
 -- Inputs : views `activations` (argmax_token), `tokens` (token_text), `token_activations` (act),
 --          `samples` (label, is_positive, role).
 -- Params : $layer integer, $feature_ids integer[], $top_k integer (windows per feature),
@@ -40,15 +40,8 @@ sample_lengths as (
 ),
 
 window_tokens as (
-    select
-        ranked.*,
-        tokens.token_pos,
-        tokens.token_text
-    from ranked
-    inner join tokens
-        on ranked.dataset = tokens.dataset
-        and ranked.sample_id = tokens.sample_id
-        and tokens.token_pos between ranked.argmax_token - $window and ranked.argmax_token + $window
+    select *
+    from tokens_around('ranked', 'argmax_token', $window)
 ),
 
 token_acts as (

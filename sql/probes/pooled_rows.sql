@@ -8,12 +8,7 @@
 with
 
 final as (
-    select
-        dataset,
-        sample_id,
-        feature_id,
-        max_act,
-        mean_act
+    select dataset, sample_id, feature_id, max_act, mean_act
     from activations
     where layer = $layer
         and list_contains($datasets::varchar[], dataset)

@@ -10,11 +10,7 @@
 with
 
 final as (
-    select
-        dataset,
-        sample_id,
-        token_pos,
-        resid
+    select dataset, sample_id, token_pos, resid
     from token_residuals
     where layer = $layer
         and list_contains($datasets::varchar[], dataset)

@@ -1,6 +1,6 @@
 -- selected_transfer: do the selected features still fire, and as strongly, on each dataset?
 --
--- Uses   : views/layer_class_sizes
+-- Uses   : views/layer_class_sizes, views/share_of
 -- Inputs : views `selected_features` (layer, feature_id, direction), `samples` (dataset, sample_id, role)
 --          and `activations` (layer, dataset, sample_id, feature_id, max_act).
 -- Params : $layer          integer  the layer
@@ -91,7 +91,7 @@ per_feature as (
         selected.feature_id,
         selected.direction,
         dataset_sums.sum_act is not null as fires,
-        coalesce(dataset_sums.sum_act, 0) / dataset_sizes.n_samples as mean_act,
+        share_of(dataset_sums.sum_act, dataset_sizes.n_samples) as mean_act,
         train_means.train_mean_act
     from dataset_sizes
     cross join selected
