@@ -21,18 +21,10 @@ import duckdb
 import polars as pl
 import pyarrow as pa
 
-from dagster_project.lib.evaluation.schemas import PROBE_METRICS_SCHEMA
 from dagster_project.lib.metrics import evaluate_scores, threshold_at_fpr
+from dagster_project.lib.tables import ENSEMBLE_SCHEMA  # probe_metrics columns by name, plus its own
 
 ENSEMBLE_TABLE = "stats/probe_ensemble_metrics"
-
-# The columns of ``probe_metrics`` an ensemble has (by name, so the two stay one contract), plus its own.
-_SHARED = ("probe", "kind", "feature_set", "aggregation", "is_best", "eval_dataset", "eval_role", "auroc",
-           "auroc_ci_low", "auroc_ci_high", "accuracy", "tpr_at_1pct_fpr", "fpr_at_1pct_fpr", "detection_rate",
-           "mean_score", "train_threshold", "fpr1_threshold", "threshold_source", "selection", "n", "n_pos",
-           "n_neg", "train_datasets", "by_label")
-ENSEMBLE_SCHEMA = pa.schema([PROBE_METRICS_SCHEMA.field(n) for n in _SHARED]
-                            + [pa.field("layers", pa.list_(pa.int64())), pa.field("members", pa.list_(pa.string()))])
 
 
 def _frame(con: duckdb.DuckDBPyConnection, sql: str) -> pl.DataFrame:

@@ -64,13 +64,8 @@ from dagster_project.lib.evaluation.report import (
 )
 from dagster_project.lib.evaluation.schemas import (
     CROSS_TABLE,
-    LODO_SCHEMA,
     LODO_TABLE,
     METRICS_TABLE,
-    PROBE_CROSS_SCHEMA,
-    PROBE_METRICS_SCHEMA,
-    PROBE_SCORES_SCHEMA,
-    PROBES_SCHEMA,
     PROBES_TABLE,
     SCORES_TABLE,
     TOKEN_ACTIVATIONS_VIEW,
@@ -105,6 +100,13 @@ from dagster_project.lib.evaluation.training import (
     save_probes,
     saved_dir,
     train_probes,
+)
+from dagster_project.lib.tables import (
+    LODO_SCHEMA,
+    PROBE_CROSS_SCHEMA,
+    PROBE_METRICS_SCHEMA,
+    PROBE_SCORES_SCHEMA,
+    PROBES_SCHEMA,
 )
 
 __all__ = [

@@ -14,11 +14,6 @@ import polars as pl
 import pyarrow as pa
 
 from dagster_project.lib.evaluation.data import LayerData
-from dagster_project.lib.evaluation.schemas import (
-    PROBE_CROSS_SCHEMA,
-    PROBE_METRICS_SCHEMA,
-    PROBE_SCORES_SCHEMA,
-)
 from dagster_project.lib.evaluation.settings import EvalSettings
 from dagster_project.lib.evaluation.training import LoadedProbe
 from dagster_project.lib.metrics import evaluate_scores
@@ -28,6 +23,11 @@ from dagster_project.lib.probes import (
     evaluate_probe,
     fit_probe,
     select_columns,
+)
+from dagster_project.lib.tables import (
+    PROBE_CROSS_SCHEMA,
+    PROBE_METRICS_SCHEMA,
+    PROBE_SCORES_SCHEMA,
 )
 
 

@@ -26,7 +26,6 @@ from dagster_project.lib.evaluation.data import (
     read_selectivity,
     resolve_train_datasets,
 )
-from dagster_project.lib.evaluation.schemas import LODO_SCHEMA, PROBES_SCHEMA
 from dagster_project.lib.evaluation.settings import (
     CALIBRATION,
     CHECK,
@@ -60,6 +59,7 @@ from dagster_project.lib.probes import (
 )
 from dagster_project.lib.probes.fitted import written_aside
 from dagster_project.lib.selection import group_weights, lodo_splits, near_duplicate_clusters
+from dagster_project.lib.tables import LODO_SCHEMA, PROBES_SCHEMA
 
 logger = logging.getLogger(__name__)
 
