@@ -246,7 +246,7 @@ def test_remove_partition(lake: Lake) -> None:
 def test_sparse_tables_dictionary_encode_only_their_key_columns(lake: Lake) -> None:
     """token_activations / activations: dictionary pages on the repeating keys, plain zstd on feature ids and
     values (faster to write, no larger); other tables keep the defaults; every value reads back."""
-    from dagster_project.lib.extraction import TOKEN_ACTS_SCHEMA
+    from dagster_project.lib.tables import TOKEN_ACTS_SCHEMA
 
     n = 5000
     rng = np.random.default_rng(0)
@@ -302,7 +302,8 @@ def _token_residuals(x: np.ndarray, sample_id: list[int], token_pos: list[int]) 
     """token_residuals rows as the extraction writes them (float16 and a power-of-two scale per row)."""
     import torch
 
-    from dagster_project.lib.extraction import float16_scaled, token_residual_schema
+    from dagster_project.lib.extraction import float16_scaled
+    from dagster_project.lib.tables import token_residual_schema
 
     q, scale = float16_scaled(torch.from_numpy(x))
     d = x.shape[1]
