@@ -19,19 +19,13 @@ wanted as (
 ),
 
 fired as (
-    select
-        labelled_activations.feature_id,
-        labelled_activations.dataset,
-        count(*) as n_fired,
-        count(*) filter (where labelled_activations.is_positive) as n_fired_pos,
-        count(*) filter (where not labelled_activations.is_positive) as n_fired_neg,
-        sum(labelled_activations.max_act) as sum_max_act
+    select feature_id, dataset, count(*) as n_fired, sum(max_act) as sum_max_act,
+        count(*) filter (where is_positive) as n_fired_pos,
+        count(*) filter (where not is_positive) as n_fired_neg
     from labelled_activations
-    semi join wanted
-        on labelled_activations.feature_id = wanted.feature_id
-    where labelled_activations.layer = at_layer
-        and (not active_only or labelled_activations.max_act > 0)
-    group by labelled_activations.feature_id, labelled_activations.dataset
+    semi join wanted using (feature_id)
+    where layer = at_layer and (not active_only or max_act > 0)
+    group by feature_id, dataset
 )
 
 select
