@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dagster_project.config import PROFILES, Profile, load_profile
 from dagster_project.lib.lake import Lake, LakeError
 from dagster_project.lib.provenance_record import RECORD_KEYS, ProvenanceRecord
 from dagster_project.lib.tables import ACTIVATION_TABLES
+
+if TYPE_CHECKING:
+    from dagster_project.resources import ModelResource, SAEResource
 
 # ACTIVATION_TABLES: every table of a (layer, dataset) partition. An optional one (``token_residuals``, written
 # only where the run or profile asks) that is absent is simply not checked: only the files present must carry
@@ -48,20 +51,20 @@ def activation_record(model: Any, sae_id: str, hook: str, config_hash: str) -> d
     ).to_dict()
 
 
-def current_record(lake: Lake, layer: int, profile: Profile | None = None) -> dict[str, Any] | None:
-    """The record the current profile writes at ``layer``; ``None`` when the lake is not its namespace.
+def current_record(
+    lake: Lake, layer: int, model: ModelResource, sae: SAEResource, profile: Profile | None = None
+) -> dict[str, Any] | None:
+    """The record the current profile writes at ``layer`` with the run's ``model`` and ``sae`` resources;
+    ``None`` when the lake is not the profile's namespace.
 
     Loads the layer's SAE (its id holds a digest of the weights), so an SAE retrained or replaced in place
     is told apart from the one the activations were made with.
     """
     from dagster_project.lib.sae import SAEError
-    from dagster_project.resources import resources_for
 
     profile = profile or load_profile()
     if profile.name != lake.namespace:
         return None
-    res = resources_for(profile, lake.root)
-    model, sae = res["model"], res["sae"]
     try:
         sae_id = sae.load(int(layer), lake).sae_id
     except SAEError as e:
@@ -113,18 +116,28 @@ def partitions(lake: Lake, layer: int, tables: Sequence[str] = ACTIVATION_TABLES
 
 
 def check_layer(
-    lake: Lake, layer: int, expected: dict[str, Any] | None | str = "current", datasets: Sequence[str] | None = None
+    lake: Lake, layer: int, expected: dict[str, Any] | None | str = "current", datasets: Sequence[str] | None = None,
+    *, model: ModelResource | None = None, sae: SAEResource | None = None,
 ) -> dict[str, Any]:
     """Check every activation file of ``layer`` (of ``datasets``, default all) and return their record.
 
     ``expected``: ``"current"`` (the default) compares with :func:`current_record`; a dict compares with it;
-    ``None`` only requires the files to agree with each other. Raises :class:`LakeError` naming the file and
-    how to re-extract it. Returns ``{}`` when the layer has no activations (callers say what is missing).
+    ``None`` only requires the files to agree with each other. ``model`` and ``sae``: the run's resources the
+    current record is made with (a caller that passes none gets the profile's, from ``resources_for``).
+    Raises :class:`LakeError` naming the file and how to re-extract it. Returns ``{}`` when the layer has no
+    activations (callers say what is missing).
     """
     profile = None
     if expected == "current":
         profile = load_profile()
-        expected = current_record(lake, layer, profile)
+        expected = None
+        if profile.name == lake.namespace:
+            if model is None or sae is None:
+                from dagster_project.resources import resources_for
+
+                res = resources_for(profile, lake.root)
+                model, sae = model or res["model"], sae or res["sae"]
+            expected = current_record(lake, layer, model, sae, profile)
     assert not isinstance(expected, str)
     found = [(t, d) for t, d in partitions(lake, layer) if datasets is None or d in datasets]
     seen: dict[str, tuple[str, str]] = {}
