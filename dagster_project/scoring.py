@@ -19,8 +19,7 @@ import pyarrow as pa
 from dagster_project.config import Profile
 from dagster_project.lib.lake import Lake, local_copy
 from dagster_project.lib.probes import FittedProbe, dense_design, load_probe
-
-CHECKED = ("model_id", "sae_id", "hook", "config_hash")
+from dagster_project.lib.provenance_record import SCORE_KEYS, ProvenanceRecord
 
 
 class ScoreError(ValueError):
@@ -89,8 +88,8 @@ def read_texts(path: str, stdin_text: str | None = None) -> list[str]:
 
 def check_provenance(probe: FittedProbe, current: dict[str, Any], probe_id: str) -> None:
     prov = probe.provenance
-    diffs = [f"{k}: probe has {prov.get(k)!r}, profile has {current.get(k)!r}"
-             for k in CHECKED if prov.get(k) != current.get(k)]
+    differs = ProvenanceRecord.from_dict(prov).differences(ProvenanceRecord.from_dict(current), SCORE_KEYS)
+    diffs = [f"{k}: probe has {a!r}, profile has {b!r}" for k, (a, b) in differs.items()]
     if diffs:
         raise ScoreError(
             f"probe {probe_id!r} was trained on activations of another model/SAE/config ({'; '.join(diffs)}). "

@@ -53,13 +53,9 @@ def test_activation_record_writes_the_same_json_as_before() -> None:
 
 
 def test_the_probe_and_score_keys_are_those_the_probe_stage_compares() -> None:
-    """evaluation's PROVENANCE_KEYS and scoring's CHECKED, wherever they live now, until they use the type."""
-    import importlib
+    """The probe stage keeps, and scoring compares, the record type's key lists (not lists of their own)."""
+    from dagster_project import scoring
+    from dagster_project.lib import evaluation
 
-    for module, name, keys in (("dagster_project.lib.evaluation", "PROVENANCE_KEYS", PROBE_KEYS),
-                               ("dagster_project.scoring", "CHECKED", SCORE_KEYS)):
-        try:
-            value = getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError):
-            continue  # moved or replaced by the record type's keys
-        assert tuple(value) == keys
+    assert evaluation.PROVENANCE_KEYS == PROBE_KEYS == ("model_id", "sae_id", "hook", "dtype", "config_hash")
+    assert scoring.SCORE_KEYS == SCORE_KEYS == ("model_id", "sae_id", "hook", "config_hash")

@@ -31,6 +31,7 @@ from dagster_project.lib.probes import (
     dense_design,
     sparse_design,
 )
+from dagster_project.lib.provenance_record import ProvenanceRecord
 from dagster_project.lib.sql import relation
 from dagster_project.lib.token_probes import TokenMatrix, token_matrix_from_rows
 
@@ -301,7 +302,7 @@ def activation_provenance(lake: Lake, layer: int, datasets: Sequence[str]) -> di
     seen: dict[str, dict[str, Any]] = {}
     for d in datasets:
         meta = lake.read_meta("activations", layer, d)
-        seen[d] = {k: meta.get(k) for k in PROVENANCE_KEYS}
+        seen[d] = ProvenanceRecord.from_dict(meta).to_dict(PROVENANCE_KEYS)
     distinct = {json.dumps(v, sort_keys=True) for v in seen.values()}
     if len(distinct) > 1:
         detail = "; ".join(f"{d}: {v}" for d, v in seen.items())

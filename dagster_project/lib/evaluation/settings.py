@@ -9,8 +9,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from dagster_project.lib.probes import ProbeGridConfig
+from dagster_project.lib.provenance_record import PROBE_KEYS
 
-PROVENANCE_KEYS = ("model_id", "sae_id", "hook", "dtype", "config_hash")
+PROVENANCE_KEYS = PROBE_KEYS  # the part of the activations' provenance record a saved probe keeps
 CONTROL_ROLE = "control"
 CALIBRATION, CHECK = "calibration", "check"  # the two halves of a control set: even / odd sample_id
 

@@ -58,6 +58,7 @@ from dagster_project.lib.probes import (
     token_specs,
 )
 from dagster_project.lib.probes.fitted import written_aside
+from dagster_project.lib.provenance_record import ProvenanceRecord
 from dagster_project.lib.selection import group_weights, lodo_splits, near_duplicate_clusters
 from dagster_project.lib.tables import LODO_SCHEMA, PROBES_SCHEMA
 
@@ -424,12 +425,12 @@ def best_provenance(probes_table: pa.Table) -> dict[str, Any]:
 
 def check_probes_match(layer: int, loaded: Sequence[LoadedProbe], current: Mapping[str, Any]) -> None:
     """The saved probes were trained on activations like the layer's current ones (else rerun ``probes``)."""
-    stale = [p.probe_id for p in loaded
-             if current and any(p.probe.provenance.get(k) != current.get(k) for k in PROVENANCE_KEYS)]
+    now = ProvenanceRecord.from_dict(current)
+    differs = {p.probe_id: ProvenanceRecord.from_dict(p.probe.provenance).differences(now, PROVENANCE_KEYS)
+               for p in loaded}
+    stale = [p.probe_id for p in loaded if current and differs[p.probe_id]]
     if stale:
-        prov = next(p.probe.provenance for p in loaded if p.probe_id == stale[0])
-        diff = "; ".join(f"{k}: probe has {prov.get(k)!r}, lake has {current.get(k)!r}"
-                         for k in PROVENANCE_KEYS if prov.get(k) != current.get(k))
+        diff = "; ".join(f"{k}: probe has {a!r}, lake has {b!r}" for k, (a, b) in differs[stale[0]].items())
         raise EvaluationError(
             f"{len(stale)} saved probes of layer {layer} were trained on activations of another model/SAE/config "
             f"than the layer's activations now ({diff}): materialize probes for layer {layer} again"
