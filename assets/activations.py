@@ -57,6 +57,7 @@ def extract_dataset(
 
 
 @dg.asset(
+    metadata=column_schema_metadata("activations"),
     partitions_def=layer_dataset_partitions,
     group_name="activations",
     deps=["samples", "sae"],

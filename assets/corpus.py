@@ -10,6 +10,7 @@ from dagster_project.table_metadata import column_schema_metadata
 
 
 @dg.asset(
+    metadata=column_schema_metadata("samples"),
     partitions_def=dataset_partitions,
     group_name="corpus",
     kinds={"parquet"},

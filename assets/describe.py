@@ -79,6 +79,7 @@ from dagster_project.lib.themes import EmbeddingModelError, cluster_descriptions
 from dagster_project.partitions import layer_partitions
 from dagster_project.provenance import check_layer
 from dagster_project.resources import LakeResource
+from dagster_project.table_metadata import column_schema_metadata
 
 GROUP = "describe"
 KINDS = {"duckdb", "parquet"}
@@ -195,6 +196,7 @@ def layer_examples(context: dg.AssetExecutionContext, lake: Lake, layer: int, se
 
 
 @dg.asset(
+    metadata=column_schema_metadata("stats/descriptions"),
     partitions_def=layer_partitions,
     group_name=GROUP,
     deps=["selected_features", "activations"],
@@ -275,7 +277,14 @@ def descriptions(
     )
 
 
-@dg.asset(partitions_def=layer_partitions, group_name=GROUP, deps=[descriptions], kinds=KINDS, pool="describer")
+@dg.asset(
+    metadata=column_schema_metadata("stats/classifications"),
+    partitions_def=layer_partitions,
+    group_name=GROUP,
+    deps=[descriptions],
+    kinds=KINDS,
+    pool="describer",
+)
 def classifications(
     context: dg.AssetExecutionContext, config: DescribeConfig, lake: LakeResource, describer: DescriberResource
 ) -> dg.MaterializeResult:
@@ -330,7 +339,14 @@ def classifications(
     )
 
 
-@dg.asset(partitions_def=layer_partitions, group_name=GROUP, deps=[descriptions], kinds=KINDS, pool="describer")
+@dg.asset(
+    metadata=column_schema_metadata("stats/detection_scores"),
+    partitions_def=layer_partitions,
+    group_name=GROUP,
+    deps=[descriptions],
+    kinds=KINDS,
+    pool="describer",
+)
 def detection_scores(
     context: dg.AssetExecutionContext, config: DescribeConfig, lake: LakeResource, describer: DescriberResource
 ) -> dg.MaterializeResult:
@@ -427,7 +443,13 @@ def detection_scores(
     )
 
 
-@dg.asset(partitions_def=layer_partitions, group_name=GROUP, deps=[descriptions], kinds=KINDS)
+@dg.asset(
+    metadata=column_schema_metadata("stats/themes"),
+    partitions_def=layer_partitions,
+    group_name=GROUP,
+    deps=[descriptions],
+    kinds=KINDS,
+)
 def themes(context: dg.AssetExecutionContext, config: DescribeConfig, lake: LakeResource) -> dg.MaterializeResult:
     """Themes of a layer's features: the ``ok`` descriptions embedded with the bundled MiniLM model and
     clustered (average linkage, cosine distance below ``theme_distance_threshold``), each cluster named by

@@ -29,6 +29,7 @@ from dagster_project.lib.markdown import md_table, png_md
 from dagster_project.partitions import layer_partitions
 from dagster_project.provenance import check_layer, partitions
 from dagster_project.resources import LakeResource, SAEResource
+from dagster_project.table_metadata import column_schema_metadata
 
 GROUP = "statistics"
 KINDS = {"duckdb", "parquet"}
@@ -110,7 +111,13 @@ def top_by_abs_selectivity(table: pa.Table, n: int) -> pa.Table:
 # ------------------------------------------------------------------------------------------ assets
 
 
-@dg.asset(partitions_def=layer_partitions, group_name=GROUP, deps=["activations"], kinds=KINDS)
+@dg.asset(
+    metadata=column_schema_metadata("stats/feature_stats"),
+    partitions_def=layer_partitions,
+    group_name=GROUP,
+    deps=["activations"],
+    kinds=KINDS,
+)
 def feature_stats(
     context: dg.AssetExecutionContext, config: StatsConfig, lake: LakeResource
 ) -> dg.MaterializeResult:
@@ -184,7 +191,13 @@ def feature_stats(
     )
 
 
-@dg.asset(partitions_def=layer_partitions, group_name=GROUP, deps=["activations"], kinds=KINDS)
+@dg.asset(
+    metadata=column_schema_metadata("stats/activation_profile"),
+    partitions_def=layer_partitions,
+    group_name=GROUP,
+    deps=["activations"],
+    kinds=KINDS,
+)
 def activation_profile(
     context: dg.AssetExecutionContext, lake: LakeResource, sae: SAEResource
 ) -> dg.MaterializeResult:
@@ -215,7 +228,13 @@ def activation_profile(
     )
 
 
-@dg.asset(partitions_def=layer_partitions, group_name=GROUP, deps=["feature_stats"], kinds=KINDS)
+@dg.asset(
+    metadata=column_schema_metadata("stats/selected_features"),
+    partitions_def=layer_partitions,
+    group_name=GROUP,
+    deps=["feature_stats"],
+    kinds=KINDS,
+)
 def selected_features(
     context: dg.AssetExecutionContext, config: StatsConfig, lake: LakeResource
 ) -> dg.MaterializeResult:
@@ -282,24 +301,28 @@ def selected_features(
     specs=[
         dg.AssetSpec(
             "cross_distribution",
+            metadata=column_schema_metadata("stats/cross_distribution"),
             deps=["activations"],
             kinds=KINDS,
             description="Jaccard overlap of the active feature sets of every ordered pair of datasets.",
         ),
         dg.AssetSpec(
             "dataset_selectivity",
+            metadata=column_schema_metadata("stats/dataset_selectivity"),
             deps=["activations"],
             kinds=KINDS,
             description="Per (dataset, feature) selectivity on every dataset with both classes.",
         ),
         dg.AssetSpec(
             "selectivity_rank_correlation",
+            metadata=column_schema_metadata("stats/selectivity_rank_correlation"),
             deps=["activations"],
             kinds=KINDS,
             description="Spearman / Pearson correlation of per-dataset selectivity, per dataset pair.",
         ),
         dg.AssetSpec(
             "selected_transfer",
+            metadata=column_schema_metadata("stats/selected_transfer"),
             deps=["activations", "selected_features"],
             kinds=KINDS,
             description="Per dataset and direction: how many selected features fire, how strongly "

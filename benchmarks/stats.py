@@ -50,6 +50,8 @@ def generate(out: Path, n: int, dense: bool, seed: int = 0) -> dict[str, float]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from dagster_project.lib.tables import POOLED_SCHEMA
+
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
     # per-feature firing rates with a heavy tail, scaled to ~ACTIVE_PER_SAMPLE active per sample
@@ -83,16 +85,7 @@ def generate(out: Path, n: int, dense: bool, seed: int = 0) -> dict[str, float]:
         samples_dir / "part-0.parquet",
         compression="zstd",
     )
-    schema = pa.schema(
-        [
-            ("sample_id", pa.int32()),
-            ("feature_id", pa.int32()),
-            ("max_act", pa.float32()),
-            ("mean_act", pa.float32()),
-            ("argmax_token", pa.int32()),
-            ("n_active_tokens", pa.int32()),
-        ]
-    )
+    schema = POOLED_SCHEMA  # the registry's, without importing torch (this measures peak memory)
     dense_max = dense_mean = None
     if dense:
         np.save(out / "is_positive.npy", is_positive)

@@ -33,3 +33,28 @@ def test_metadata_entry() -> None:
     value = md[COLUMN_SCHEMA_KEY]
     assert isinstance(value, dg.TableSchemaMetadataValue)
     assert [c.name for c in value.schema.columns][-1] == "dataset"
+
+
+# Every asset that writes a registered table: the asset key, and the table whose columns the UI shows for it.
+ASSET_TABLES = {
+    "samples": "samples", "activations": "activations",
+    "feature_stats": "stats/feature_stats", "activation_profile": "stats/activation_profile",
+    "selected_features": "stats/selected_features", "cross_distribution": "stats/cross_distribution",
+    "dataset_selectivity": "stats/dataset_selectivity",
+    "selectivity_rank_correlation": "stats/selectivity_rank_correlation",
+    "selected_transfer": "stats/selected_transfer", "descriptions": "stats/descriptions",
+    "classifications": "stats/classifications", "detection_scores": "stats/detection_scores",
+    "themes": "stats/themes", "probes": "stats/probes", "evaluation": "stats/probe_metrics",
+    "probe_ensemble": "stats/probe_ensemble_metrics",
+}
+
+
+@pytest.mark.parametrize("asset", sorted(ASSET_TABLES))
+def test_every_table_asset_shows_its_columns(asset: str) -> None:
+    """The UI lists each table's columns, declared on the asset (also emitted with each materialization of
+    samples and activations)."""
+    from dagster_project.definitions import defs
+
+    declared = defs.resolve_asset_graph().get(dg.AssetKey(asset)).metadata.get(COLUMN_SCHEMA_KEY)
+    assert declared is not None, f"asset {asset} declares no {COLUMN_SCHEMA_KEY}"
+    assert declared.schema == column_schema(ASSET_TABLES[asset])

@@ -38,7 +38,6 @@ from typing import Any, ClassVar, Unpack
 from dagster_project.testing.fault_server import FaultHandler, FaultServer, ServerOptions, serve_main
 from dagster_project.testing.faults import FAULT_KINDS, TRANSPORT_FAULTS, FaultKind, FaultPlan, FaultRule
 from dagster_project.testing.responders import (
-    _DESC,
     Responder,
     approx_tokens,
     default_responder,
@@ -55,7 +54,6 @@ log = logging.getLogger(__name__)
 # The fault plan and responders are named from here too: tests import them beside the server.
 __all__ = [
     "FAULT_KINDS",
-    "_DESC",
     "AnthropicTestServer",
     "FaultKind",
     "FaultPlan",

@@ -15,9 +15,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from dagster_project.lib.datasets import SAMPLES_SCHEMA
-from dagster_project.lib.extraction import POOLED_SCHEMA, TOKEN_ACTS_SCHEMA, TOKENS_SCHEMA
 from dagster_project.lib.lake import Lake
+from dagster_project.lib.tables import POOLED_SCHEMA, SAMPLES_SCHEMA, TOKEN_ACTS_SCHEMA, TOKENS_SCHEMA
 
 FILLER = (
     "the user asks about a topic and I think about how to answer it well with care so that my reply "

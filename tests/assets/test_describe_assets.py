@@ -514,7 +514,7 @@ def test_near_miss_negatives_are_the_nearest_silent_texts_by_residual(tmp_path: 
 
 
 def test_fuzzing_and_best_of_n_through_the_anthropic_backend(tmp_path: Path) -> None:
-    from dagster_project.testing.anthropic_server import _DESC, default_responder, request_texts, task_of
+    from dagster_project.testing.responders import _DESC, default_responder, request_texts, task_of
 
     dl = build_describe_lake(tmp_path)
 

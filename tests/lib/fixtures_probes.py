@@ -20,15 +20,15 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from dagster_project.lib.datasets import SAMPLES_SCHEMA
-from dagster_project.lib.extraction import (
+from dagster_project.lib.lake import Lake
+from dagster_project.lib.tables import (
     POOLED_SCHEMA,
+    SAMPLES_SCHEMA,
     TOKEN_ACTS_SCHEMA,
     TOKENS_SCHEMA,
     residual_schema,
     token_residual_schema,
 )
-from dagster_project.lib.lake import Lake
 
 LAYER = 1
 WIDTH = 64
