@@ -41,7 +41,7 @@ def table_globs(lake: Lake) -> dict[str, str]:
 HIVE_TYPES = {"layer": "BIGINT", "dataset": "VARCHAR"}
 
 # Views that show a table's stored form decoded: ``token_residuals`` stores float16 vectors and a power-of-two
-# scale per row (float16 alone overflows on Gemma's largest residual values; ``lib/extraction.py``,
+# scale per row (float16 alone overflows on Gemma's largest residual values; ``lib/extraction/pooling.py``,
 # ``float16_scaled``); its view gives the vectors as FLOAT[] with the scale applied, and no scale column
 # that a query could apply twice.
 VIEW_SELECT = {"token_residuals": "* EXCLUDE (resid_scale) REPLACE ([x * resid_scale for x in resid] AS resid)"}

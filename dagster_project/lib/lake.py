@@ -601,7 +601,7 @@ class TokenResiduals(NamedTuple):
 def read_token_residuals(lake: Lake, layer: int, datasets: Sequence[str] | str) -> TokenResiduals:
     """Every token's residual vector at ``layer`` in ``datasets`` as float32 (``resid * resid_scale``).
 
-    The files hold float16 and a power-of-two scale per row (``lib/extraction.py``, ``float16_scaled``), so
+    The files hold float16 and a power-of-two scale per row (``lib/extraction/pooling.py``, ``float16_scaled``), so
     each value is the layer's output to float16's relative precision (2**-11). Like every activation reader,
     check the partitions' provenance first (``dagster_project.provenance.check_layer``); a dataset extracted
     without token residuals is a :class:`LakeError` that says how to extract them.

@@ -1,7 +1,7 @@
 """The OpenAI-compatible backend and the local chat-completions server it is tested against.
 
 The server (``dagster_project/testing/openai_server.py``) speaks what vLLM, llama.cpp's server and Ollama
-speak; the backend (``dagster_project/lib/openai_backend.py``) goes through the official ``openai`` SDK.
+speak; the backend (``dagster_project/lib/describers/openai_backend.py``) goes through the official ``openai`` SDK.
 """
 
 from __future__ import annotations
