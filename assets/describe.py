@@ -93,6 +93,12 @@ def _layer(context: dg.AssetExecutionContext) -> int:
     return int(context.partition_key)
 
 
+def _layer_asset(table: str, **kwargs: Any) -> Callable[[Callable[..., Any]], dg.AssetsDefinition]:
+    """A layer-partitioned asset of this stage writing the lake table ``table`` (its columns shown in the UI)."""
+    return dg.asset(metadata=column_schema_metadata(table), partitions_def=layer_partitions, group_name=GROUP,
+                    kinds=KINDS, **kwargs)
+
+
 def llm_cache(lake: Lake) -> LLMCache:
     """The lake's call cache (``<lake>/<profile>/llm_cache``; the catalog makes no view of it)."""
     return LLMCache(lake.base / "llm_cache")
@@ -195,14 +201,7 @@ def layer_examples(context: dg.AssetExecutionContext, lake: Lake, layer: int, se
 # ------------------------------------------------------------------------------------------ assets
 
 
-@dg.asset(
-    metadata=column_schema_metadata("stats/descriptions"),
-    partitions_def=layer_partitions,
-    group_name=GROUP,
-    deps=["selected_features", "activations"],
-    kinds=KINDS,
-    pool="describer",
-)
+@_layer_asset("stats/descriptions", deps=["selected_features", "activations"], pool="describer")
 def descriptions(
     context: dg.AssetExecutionContext, config: DescribeConfig, lake: LakeResource, describer: DescriberResource
 ) -> dg.MaterializeResult:
@@ -277,14 +276,7 @@ def descriptions(
     )
 
 
-@dg.asset(
-    metadata=column_schema_metadata("stats/classifications"),
-    partitions_def=layer_partitions,
-    group_name=GROUP,
-    deps=[descriptions],
-    kinds=KINDS,
-    pool="describer",
-)
+@_layer_asset("stats/classifications", deps=[descriptions], pool="describer")
 def classifications(
     context: dg.AssetExecutionContext, config: DescribeConfig, lake: LakeResource, describer: DescriberResource
 ) -> dg.MaterializeResult:
@@ -339,14 +331,7 @@ def classifications(
     )
 
 
-@dg.asset(
-    metadata=column_schema_metadata("stats/detection_scores"),
-    partitions_def=layer_partitions,
-    group_name=GROUP,
-    deps=[descriptions],
-    kinds=KINDS,
-    pool="describer",
-)
+@_layer_asset("stats/detection_scores", deps=[descriptions], pool="describer")
 def detection_scores(
     context: dg.AssetExecutionContext, config: DescribeConfig, lake: LakeResource, describer: DescriberResource
 ) -> dg.MaterializeResult:
@@ -443,13 +428,7 @@ def detection_scores(
     )
 
 
-@dg.asset(
-    metadata=column_schema_metadata("stats/themes"),
-    partitions_def=layer_partitions,
-    group_name=GROUP,
-    deps=[descriptions],
-    kinds=KINDS,
-)
+@_layer_asset("stats/themes", deps=[descriptions])
 def themes(context: dg.AssetExecutionContext, config: DescribeConfig, lake: LakeResource) -> dg.MaterializeResult:
     """Themes of a layer's features: the ``ok`` descriptions embedded with the bundled MiniLM model and
     clustered (average linkage, cosine distance below ``theme_distance_threshold``), each cluster named by

@@ -294,40 +294,26 @@ def selected_features(
     )
 
 
+def _stat_spec(name: str, deps: list[str], description: str) -> dg.AssetSpec:
+    """One table of the cross-distribution step, ``stats/<name>``, with its registered columns."""
+    return dg.AssetSpec(name, metadata=column_schema_metadata(f"stats/{name}"), deps=deps, kinds=KINDS,
+                        description=description)
+
+
 @dg.multi_asset(
     name="cross_distribution",
     partitions_def=layer_partitions,
     group_name=GROUP,
     specs=[
-        dg.AssetSpec(
-            "cross_distribution",
-            metadata=column_schema_metadata("stats/cross_distribution"),
-            deps=["activations"],
-            kinds=KINDS,
-            description="Jaccard overlap of the active feature sets of every ordered pair of datasets.",
-        ),
-        dg.AssetSpec(
-            "dataset_selectivity",
-            metadata=column_schema_metadata("stats/dataset_selectivity"),
-            deps=["activations"],
-            kinds=KINDS,
-            description="Per (dataset, feature) selectivity on every dataset with both classes.",
-        ),
-        dg.AssetSpec(
-            "selectivity_rank_correlation",
-            metadata=column_schema_metadata("stats/selectivity_rank_correlation"),
-            deps=["activations"],
-            kinds=KINDS,
-            description="Spearman / Pearson correlation of per-dataset selectivity, per dataset pair.",
-        ),
-        dg.AssetSpec(
-            "selected_transfer",
-            metadata=column_schema_metadata("stats/selected_transfer"),
-            deps=["activations", "selected_features"],
-            kinds=KINDS,
-            description="Per dataset and direction: how many selected features fire, how strongly "
-            "relative to the training datasets.",
-        ),
+        _stat_spec("cross_distribution", ["activations"],
+                   "Jaccard overlap of the active feature sets of every ordered pair of datasets."),
+        _stat_spec("dataset_selectivity", ["activations"],
+                   "Per (dataset, feature) selectivity on every dataset with both classes."),
+        _stat_spec("selectivity_rank_correlation", ["activations"],
+                   "Spearman / Pearson correlation of per-dataset selectivity, per dataset pair."),
+        _stat_spec("selected_transfer", ["activations", "selected_features"],
+                   "Per dataset and direction: how many selected features fire, how strongly "
+                   "relative to the training datasets."),
     ],
 )
 def cross_distribution(
