@@ -38,6 +38,12 @@ KINDS = {"duckdb", "parquet"}
 # ------------------------------------------------------------------------------------------ helpers
 
 
+def _layer_asset(table: str, **kwargs: Any) -> Callable[[Callable[..., Any]], dg.AssetsDefinition]:
+    """A layer-partitioned statistics asset writing the lake table ``table`` (its columns shown in the UI)."""
+    return dg.asset(metadata=column_schema_metadata(table), partitions_def=layer_partitions, group_name=GROUP,
+                    kinds=KINDS, **kwargs)
+
+
 def sae_width(sae: SAEResource, lake: Lake, layer: int) -> int:
     """Number of features of the layer's SAE: the configured width when trained here, else the loaded SAE's."""
     return sae.n_features(layer, lake)
@@ -111,13 +117,7 @@ def top_by_abs_selectivity(table: pa.Table, n: int) -> pa.Table:
 # ------------------------------------------------------------------------------------------ assets
 
 
-@dg.asset(
-    metadata=column_schema_metadata("stats/feature_stats"),
-    partitions_def=layer_partitions,
-    group_name=GROUP,
-    deps=["activations"],
-    kinds=KINDS,
-)
+@_layer_asset("stats/feature_stats", deps=["activations"])
 def feature_stats(
     context: dg.AssetExecutionContext, config: StatsConfig, lake: LakeResource
 ) -> dg.MaterializeResult:
@@ -191,13 +191,7 @@ def feature_stats(
     )
 
 
-@dg.asset(
-    metadata=column_schema_metadata("stats/activation_profile"),
-    partitions_def=layer_partitions,
-    group_name=GROUP,
-    deps=["activations"],
-    kinds=KINDS,
-)
+@_layer_asset("stats/activation_profile", deps=["activations"])
 def activation_profile(
     context: dg.AssetExecutionContext, lake: LakeResource, sae: SAEResource
 ) -> dg.MaterializeResult:
@@ -228,13 +222,7 @@ def activation_profile(
     )
 
 
-@dg.asset(
-    metadata=column_schema_metadata("stats/selected_features"),
-    partitions_def=layer_partitions,
-    group_name=GROUP,
-    deps=["feature_stats"],
-    kinds=KINDS,
-)
+@_layer_asset("stats/selected_features", deps=["feature_stats"])
 def selected_features(
     context: dg.AssetExecutionContext, config: StatsConfig, lake: LakeResource
 ) -> dg.MaterializeResult:
