@@ -45,11 +45,11 @@ def compare(a: Path, b: Path, name: str, ignore: set[str], con: duckdb.DuckDBPyC
         glob = str(root / name / "**" / "*.parquet")
         return f"read_parquet('{glob}', hive_partitioning = true, union_by_name = true)"
 
-    cols_a = [r[0] for r in con.execute(f"describe select * from {rel(a)}").fetchall()]
+    types = {r[0]: r[1] for r in con.execute(f"describe select * from {rel(a)}").fetchall()}
+    cols_a = list(types)
     cols_b = [r[0] for r in con.execute(f"describe select * from {rel(b)}").fetchall()]
     if cols_a != cols_b:
         return "DIFFERS", f"columns {cols_a} != {cols_b}"
-    types = dict(con.execute(f"describe select * from {rel(a)}").fetchall()[i][:2] for i in range(len(cols_a)))
     cols = [c for c in cols_a if c not in ignore]
 
     def sel(root: Path) -> str:

@@ -116,14 +116,13 @@ def partitions(lake: Lake, layer: int, tables: Sequence[str] = ACTIVATION_TABLES
 
 
 def check_layer(
-    lake: Lake, layer: int, expected: dict[str, Any] | None | str = "current", datasets: Sequence[str] | None = None,
-    *, model: ModelResource | None = None, sae: SAEResource | None = None,
+    lake: Lake, layer: int, expected: dict[str, Any] | None | str = "current", datasets: Sequence[str] | None = None
 ) -> dict[str, Any]:
     """Check every activation file of ``layer`` (of ``datasets``, default all) and return their record.
 
     ``expected``: ``"current"`` (the default) compares with :func:`current_record`; a dict compares with it;
-    ``None`` only requires the files to agree with each other. ``model`` and ``sae``: the run's resources the
-    current record is made with (a caller that passes none gets the profile's, from ``resources_for``).
+    ``None`` only requires the files to agree with each other. The current record is made with the profile's
+    model and SAE resources (``resources_for``: the assets that call this take no model or SAE resource).
     Raises :class:`LakeError` naming the file and how to re-extract it. Returns ``{}`` when the layer has no
     activations (callers say what is missing).
     """
@@ -132,12 +131,10 @@ def check_layer(
         profile = load_profile()
         expected = None
         if profile.name == lake.namespace:
-            if model is None or sae is None:
-                from dagster_project.resources import resources_for
+            from dagster_project.resources import resources_for
 
-                res = resources_for(profile, lake.root)
-                model, sae = model or res["model"], sae or res["sae"]
-            expected = current_record(lake, layer, model, sae, profile)
+            res = resources_for(profile, lake.root)
+            expected = current_record(lake, layer, res["model"], res["sae"], profile)
     assert not isinstance(expected, str)
     found = [(t, d) for t, d in partitions(lake, layer) if datasets is None or d in datasets]
     seen: dict[str, tuple[str, str]] = {}
