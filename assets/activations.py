@@ -13,7 +13,7 @@ from dagster_project.lib.tables import ACTIVATION_TABLES
 from dagster_project.partitions import layer_dataset_partitions, split_keys
 from dagster_project.provenance import activation_record
 from dagster_project.resources import LakeResource, ModelResource, SAEResource
-from dagster_project.table_metadata import column_schema_metadata
+from dagster_project.table_metadata import table_asset
 
 
 def provenance(model: ModelResource, sae_id: str, hook: str) -> dict[str, object]:
@@ -56,8 +56,8 @@ def extract_dataset(
                            with_token_residuals=cfg.token_residuals(load_profile()))
 
 
-@dg.asset(
-    metadata=column_schema_metadata("activations"),
+@table_asset(
+    "activations",
     partitions_def=layer_dataset_partitions,
     group_name="activations",
     deps=["samples", "sae"],
@@ -97,6 +97,5 @@ def activations(context: dg.AssetExecutionContext, config: ExtractionConfig, lak
             "partitions": dg.MetadataValue.json({d: v for d, v in by_dataset.items()}),
             "model_id": model.model_id,
             "sae_source": sae.source,
-            **column_schema_metadata("activations"),
         }
     )

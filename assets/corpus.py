@@ -6,11 +6,11 @@ import dagster as dg
 from dagster_project.lib.datasets import get_spec, load_dataset, parse_registry
 from dagster_project.partitions import dataset_partitions
 from dagster_project.resources import LakeResource
-from dagster_project.table_metadata import column_schema_metadata
+from dagster_project.table_metadata import table_asset
 
 
-@dg.asset(
-    metadata=column_schema_metadata("samples"),
+@table_asset(
+    "samples",
     partitions_def=dataset_partitions,
     group_name="corpus",
     kinds={"parquet"},
@@ -42,6 +42,5 @@ def samples(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.Materia
             "label_counts": dg.MetadataValue.json(ds.label_counts),
             "path": dg.MetadataValue.path(str(path)),
             "preview": dg.MetadataValue.md(preview.to_markdown(index=False)),
-            **column_schema_metadata("samples"),
         }
     )

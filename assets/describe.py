@@ -23,6 +23,7 @@ after a crash, makes only the calls not yet made. The API key lives in the descr
 """
 
 import asyncio
+import functools
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -79,7 +80,7 @@ from dagster_project.lib.themes import EmbeddingModelError, cluster_descriptions
 from dagster_project.partitions import layer_partitions
 from dagster_project.provenance import check_layer
 from dagster_project.resources import LakeResource
-from dagster_project.table_metadata import column_schema_metadata
+from dagster_project.table_metadata import table_asset
 
 GROUP = "describe"
 KINDS = {"duckdb", "parquet"}
@@ -93,10 +94,8 @@ def _layer(context: dg.AssetExecutionContext) -> int:
     return int(context.partition_key)
 
 
-def _layer_asset(table: str, **kwargs: Any) -> Callable[[Callable[..., Any]], dg.AssetsDefinition]:
-    """A layer-partitioned asset of this stage writing the lake table ``table`` (its columns shown in the UI)."""
-    return dg.asset(metadata=column_schema_metadata(table), partitions_def=layer_partitions, group_name=GROUP,
-                    kinds=KINDS, **kwargs)
+# A layer-partitioned asset of this stage writing the lake table it names.
+_layer_asset = functools.partial(table_asset, partitions_def=layer_partitions, group_name=GROUP, kinds=KINDS)
 
 
 def llm_cache(lake: Lake) -> LLMCache:

@@ -47,7 +47,7 @@ from dagster_project.lib.markdown import markdown_images, markdown_table
 from dagster_project.partitions import layer_partitions
 from dagster_project.provenance import check_layer
 from dagster_project.resources import LakeResource
-from dagster_project.table_metadata import column_schema_metadata
+from dagster_project.table_metadata import table_asset
 
 _PREVIEW_PROBES = ["probe_id", "kind", "n_features", "n_nonzero", "rank", "selection_score", "lodo_mean_auroc",
                    "cv_auroc", "cv_rank", "degenerate"]
@@ -61,8 +61,8 @@ def _read(lake: Lake, table: str, layer: int, producer: str) -> pa.Table:
     return lake.read(table, layer=layer)
 
 
-@dg.asset(
-    metadata=column_schema_metadata("stats/probes"),
+@table_asset(
+    "stats/probes",
     partitions_def=layer_partitions,
     group_name="probes",
     deps=["activations", "feature_stats", "classifications"],
@@ -151,8 +151,8 @@ def probes(context: dg.AssetExecutionContext, config: ProbeConfig, lake: LakeRes
     return dg.MaterializeResult(metadata=metadata)
 
 
-@dg.asset(
-    metadata=column_schema_metadata("stats/probe_metrics"),
+@table_asset(
+    "stats/probe_metrics",
     partitions_def=layer_partitions,
     group_name="probes",
     deps=[probes],
@@ -267,8 +267,8 @@ def probe_report(context: dg.AssetExecutionContext, config: ProbeConfig, lake: L
     )
 
 
-@dg.asset(
-    metadata=column_schema_metadata("stats/probe_ensemble_metrics"),
+@table_asset(
+    "stats/probe_ensemble_metrics",
     group_name="probes",
     deps=[evaluation],
     kinds={"parquet"},

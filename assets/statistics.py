@@ -11,6 +11,7 @@ they are computed together from every dataset that has activations at the layer.
 after adding a dataset.
 """
 
+import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from dagster_project.lib.markdown import md_table, png_md
 from dagster_project.partitions import layer_partitions
 from dagster_project.provenance import check_layer, partitions
 from dagster_project.resources import LakeResource, SAEResource
-from dagster_project.table_metadata import column_schema_metadata
+from dagster_project.table_metadata import column_schema_metadata, table_asset
 
 GROUP = "statistics"
 KINDS = {"duckdb", "parquet"}
@@ -38,10 +39,8 @@ KINDS = {"duckdb", "parquet"}
 # ------------------------------------------------------------------------------------------ helpers
 
 
-def _layer_asset(table: str, **kwargs: Any) -> Callable[[Callable[..., Any]], dg.AssetsDefinition]:
-    """A layer-partitioned statistics asset writing the lake table ``table`` (its columns shown in the UI)."""
-    return dg.asset(metadata=column_schema_metadata(table), partitions_def=layer_partitions, group_name=GROUP,
-                    kinds=KINDS, **kwargs)
+# A layer-partitioned statistics asset writing the lake table it names.
+_layer_asset = functools.partial(table_asset, partitions_def=layer_partitions, group_name=GROUP, kinds=KINDS)
 
 
 def sae_width(sae: SAEResource, lake: Lake, layer: int) -> int:

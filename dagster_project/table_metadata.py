@@ -8,6 +8,9 @@ lists each asset's columns with their Arrow types and nullability. The hive part
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import dagster as dg
 import pyarrow as pa
 
@@ -41,3 +44,9 @@ def column_schema(name: str, d_model: int | None = None) -> dg.TableSchema:
 def column_schema_metadata(name: str, d_model: int | None = None) -> dict[str, dg.MetadataValue]:
     """``{"dagster/column_schema": ...}`` of the lake table ``name``, for an asset's materialization."""
     return {COLUMN_SCHEMA_KEY: dg.MetadataValue.table_schema(column_schema(name, d_model))}
+
+
+def table_asset(table: str, **kwargs: Any) -> Callable[[Callable[..., Any]], dg.AssetsDefinition]:
+    """``@dg.asset(**kwargs)`` for an asset writing the lake table ``table``: its registered columns are
+    declared on the asset, so the UI shows them before the first materialization."""
+    return dg.asset(metadata=column_schema_metadata(table), **kwargs)

@@ -51,8 +51,7 @@ ASSET_TABLES = {
 
 @pytest.mark.parametrize("asset", sorted(ASSET_TABLES))
 def test_every_table_asset_shows_its_columns(asset: str) -> None:
-    """The UI lists each table's columns, declared on the asset (also emitted with each materialization of
-    samples and activations)."""
+    """The UI lists each table's columns, declared on the asset."""
     from dagster_project.definitions import defs
 
     declared = defs.resolve_asset_graph().get(dg.AssetKey(asset)).metadata.get(COLUMN_SCHEMA_KEY)
